@@ -1,0 +1,5 @@
+import sys
+
+from blt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,175 @@
+"""The `blt` command line.
+
+    blt train configs/tiny.yaml [key=value ...]         # run dir: config.yaml, metrics.jsonl, checkpoints/
+    blt eval runs/tiny [--data FILE ...]                 # one JSON line: bpb, bytes, loss, avg_patch_size
+    blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P]
+    blt patch runs/tiny --text TEXT                      # how a text splits into patches, with entropies
+    blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _cmd_train(args) -> None:
+    from blt.config import load_config
+    from blt.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    print(json.dumps(result))
+
+
+def _load(path: str, device: str):
+    from blt.train.checkpoint import load_model_from_checkpoint
+    from blt.train.loop import build_patcher
+
+    model, cfg, step_dir = load_model_from_checkpoint(path, device)
+    patcher = build_patcher(cfg, device)
+    if cfg.model.arch == "blt" and cfg.patching.mode == "entropy":
+        state = json.loads((step_dir / "state.json").read_text())
+        patcher.threshold = state.get("threshold", cfg.patching.threshold)
+    return model, cfg, patcher, step_dir
+
+
+def _cmd_eval(args) -> None:
+    import numpy as np
+
+    from blt.data import encode_files, prepare_data, read_tokens
+    from blt.evaluate import evaluate
+
+    model, cfg, patcher, step_dir = _load(args.checkpoint, args.device)
+    if args.data:
+        tokens = encode_files(args.data, cfg.data.text_field, cfg.data.sample_by)
+        source = args.data
+    else:
+        tokens = np.asarray(read_tokens(prepare_data(cfg.data).val))
+        source = "validation split of the run's data config"
+    result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, args.device)
+    print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
+
+
+def _cmd_generate(args) -> None:
+    from blt.generate import generate_ids, stream_text
+
+    model, cfg, patcher, _ = _load(args.checkpoint, args.device)
+    prompt = args.prompt.encode("utf-8")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    ids = generate_ids(model, patcher, prompt, args.max_bytes, cfg.data.seq_len, args.temperature,
+                       args.top_k, args.top_p, args.seed, args.device)
+    stream_text(ids, write)
+    sys.stdout.write("\n")
+
+
+def _cmd_patch(args) -> None:
+    import torch
+
+    from blt.data import decode, encode
+
+    model, cfg, patcher, _ = _load(args.checkpoint, "cpu")
+    ids = torch.from_numpy(encode(args.text, bos=True, eos=False).astype("int64"))[None]
+    ent = patcher.entropies(ids)[0] if patcher.model is not None else None
+    starts = patcher.starts(ids, ent[None] if ent is not None else None)[0]
+    bounds = torch.nonzero(starts).flatten().tolist() + [ids.shape[1]]
+    patches = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        raw = decode(ids[0, a:b])
+        patches.append({
+            "text": raw.decode("utf-8", errors="backslashreplace"),
+            "bytes": b - a,
+            "entropies": [round(float(e), 3) for e in ent[a:b]] if ent is not None else None,
+        })
+    if args.json:
+        print(json.dumps({"mode": cfg.patching.mode, "threshold": patcher.threshold, "patches": patches}))
+        return
+    th = f", threshold {patcher.threshold:.3f}" if patcher.threshold is not None else ""
+    print(f"{len(patches)} patches, mean {sum(p['bytes'] for p in patches) / len(patches):.2f} bytes "
+          f"({cfg.patching.mode}{th}); BOS is the first patch")
+    print("|" + "|".join(p["text"].replace("\n", "\\n") for p in patches) + "|")
+    if ent is not None:
+        for p in patches:
+            ents = " ".join(f"{e:.2f}" if e != float("inf") else "inf" for e in p["entropies"])
+            print(f"{p['text']!r:>24}  {ents}")
+
+
+def _cmd_info(args) -> None:
+    from blt.config import load_config
+    from blt.model import build_model
+    from blt.model.flops import flops_report
+
+    cfg = load_config(args.config, args.overrides)
+    model = build_model(cfg.model)
+    params = sum(p.numel() for p in model.parameters())
+    ps = 1.0 if cfg.model.arch == "byte_lm" else (
+        float(cfg.patching.patch_size) if cfg.patching.mode == "static" else cfg.patching.target_patch_size)
+    print(json.dumps({"arch": cfg.model.arch, "assumed_patch_size": ps,
+                      **flops_report(cfg.model, cfg.data.seq_len, ps, params).__dict__}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer trainer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a model from a YAML config")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.steps=100")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="bits per byte of a checkpoint on held-out text")
+    e.add_argument("checkpoint", help="run dir or checkpoint dir")
+    e.add_argument("--data", nargs="+", help="text/jsonl/parquet files or globs (default: the run's validation split)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--max-bytes", type=int, default=None)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("generate", help="sample bytes from a checkpoint")
+    g.add_argument("checkpoint")
+    g.add_argument("--prompt", default="")
+    g.add_argument("--max-bytes", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="cpu")
+    g.set_defaults(func=_cmd_generate)
+
+    pa = sub.add_parser("patch", help="show how a text splits into patches")
+    pa.add_argument("checkpoint")
+    pa.add_argument("--text", required=True)
+    pa.add_argument("--json", action="store_true")
+    pa.set_defaults(func=_cmd_patch)
+
+    i = sub.add_parser("info", help="parameter count and FLOPs per byte of a config")
+    i.add_argument("config")
+    i.add_argument("overrides", nargs="*")
+    i.set_defaults(func=_cmd_info)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from blt.errors import USER_ERRORS
+
+    try:
+        args.func(args)
+    except USER_ERRORS as e:
+        print(f"blt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"blt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,343 @@
+"""One typed config tree for every `blt` job: defaults < YAML < `a.b=c` overrides.
+
+    cfg = load_config("configs/tiny.yaml", ["training.steps=50", "model.global_model.layers=2"])
+
+Unknown keys and wrong types raise ConfigError with a one-line message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from blt.errors import UserError
+
+
+class ConfigError(UserError):
+    """A config problem the user can fix; the message is one line naming the key."""
+
+
+# ----------------------------------------------------------------------------- model
+
+
+@dataclass
+class TransformerConfig:
+    dim: int = 128  # hidden size
+    layers: int = 2  # number of Transformer blocks
+    heads: int = 4  # attention heads (dim must divide by heads)
+    window: Optional[int] = None  # causal sliding-window length in positions; None = full causal
+    ffn_mult: float = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["blt", "byte_lm"] = "blt"  # blt = encoder/global/decoder; byte_lm = plain byte Transformer
+    encoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=1, window=512))
+    global_model: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=256, layers=4))
+    decoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=2, window=512))
+    lm: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=4))  # byte_lm only
+    cross_attn_k: int = 2  # patch queries per patch in the encoder pooling (and keys per patch in the decoder)
+    cross_attn_heads: int = 4  # heads of the encoder/decoder cross-attention
+    hash_ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
+    hash_buckets: int = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
+    hash_functions: int = 1  # hash functions per n-gram size
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    init_std: float = 0.02  # std of the normal init of Linear/Embedding weights
+    tie_embeddings: bool = False  # byte_lm only: share input embedding and output head
+
+
+# ----------------------------------------------------------------------------- patching
+
+
+@dataclass
+class PatchingConfig:
+    mode: Literal["static", "space", "entropy"] = "entropy"  # how bytes are cut into patches
+    patch_size: int = 4  # static: bytes per patch
+    threshold: Optional[float] = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
+    threshold_mode: Literal["global", "monotonic"] = "global"  # H_t > th, or H_t - H_{t-1} > th
+    target_patch_size: float = 4.5  # entropy with threshold=None: choose th for this mean patch size
+    max_patch_length: Optional[int] = 16  # every mode: cut a patch that reaches this many bytes
+    entropy_model: Optional[str] = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
+    entropy_cache: bool = True  # entropy: precompute entropies for the dataset once (else compute per batch)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    train: list[str] = field(default_factory=list)  # files/globs (txt, jsonl, json, parquet); [] = bundled Shakespeare
+    val: list[str] = field(default_factory=list)  # held-out files/globs; [] = split val_fraction of train documents
+    val_fraction: float = 0.05  # share of documents held out when val is empty (deterministic by seed)
+    hub_dataset: Optional[str] = None  # a HF hub dataset name (needs a network); used instead of train
+    text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
+    sample_by: Literal["document", "paragraph", "line"] = "document"  # what one plain-text document is
+    seq_len: int = 1024  # bytes per training sequence
+    cache_dir: Optional[str] = None  # where packed memmaps go; None = ~/.cache/blt
+    seed: int = 0  # data order and split seed
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3e-3  # peak learning rate
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: float = 1e-8  # AdamW epsilon
+    weight_decay: float = 0.1  # applied to matrices only (not norms, biases, embeddings)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 100  # linear warmup from 0
+    decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warmup
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 1000  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch (per process)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    seed: int = 0  # model init seed
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
+    threads: int = 0  # torch CPU threads; 0 = all cores
+    max_minutes: Optional[float] = None  # stop (and checkpoint) after this wall time
+
+
+@dataclass
+class EvalConfig:
+    every: int = 200  # validate every N steps (and at the end); 0 = only at the end
+    max_bytes: Optional[int] = None  # cap on validation bytes per evaluation; None = whole split
+    batch_size: int = 8  # sequences per evaluation batch
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # write a metrics.jsonl line every N steps
+    progress: bool = True  # show a progress bar with ETA, loss, BPB and bytes/s
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # save every N steps (and at the end)
+    keep_last: int = 2  # checkpoints kept (older ones are deleted)
+    resume: str = "auto"  # auto = continue from the newest checkpoint in run_dir; none; or a checkpoint path
+
+
+@dataclass
+class Config:
+    name: str = "blt"  # run name
+    run_dir: Optional[str] = None  # where config.yaml, metrics.jsonl, checkpoints/ go; None = runs/<name>
+    model: ModelConfig = field(default_factory=ModelConfig)
+    patching: PatchingConfig = field(default_factory=PatchingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        return Path(self.run_dir if self.run_dir else f"runs/{self.name}")
+
+
+# ----------------------------------------------------------------------------- building and checking
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list[{_type_name(typing.get_args(tp)[0])}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against annotation `tp`; returns the value (ints accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key + ".")
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(tp):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is bool or tp is str:
+        if isinstance(value, tp):
+            return value
+    else:  # pragma: no cover - every annotation above is covered
+        raise TypeError(f"unsupported annotation {tp} for {key}")
+    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in values.items():
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"unknown config key '{prefix}{k}'{hint}")
+        kwargs[k] = _coerce(v, hints[k], prefix + k)
+    obj = cls()
+    for k, v in kwargs.items():
+        default = getattr(obj, k)
+        if dataclasses.is_dataclass(default) and dataclasses.is_dataclass(v):
+            # merge nested sections field by field so YAML can set only some of them
+            for f in dataclasses.fields(v):
+                if f.name in values[k]:
+                    setattr(default, f.name, getattr(v, f.name))
+        else:
+            setattr(obj, k, v)
+    return obj
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b=c` -> {"a": {"b": c}} with c parsed as YAML (so 3, 1e-3, true, null, [3,4] work)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value (e.g. training.steps=100)")
+    key, raw = text.split("=", 1)
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    out: dict = value
+    for part in reversed(key.split(".")):
+        out = {part: out}
+    return out
+
+
+def config_from_dict(values: dict) -> Config:
+    return _build(Config, values)
+
+
+def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+    """Defaults < YAML file < overrides; validated, then cross-checked."""
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file '{p}' not found (pass a YAML file such as configs/tiny.yaml)")
+        try:
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{p}' must hold a mapping at the top level")
+        values = loaded
+    for o in overrides:
+        values = _deep_merge(values, parse_override(o))
+    cfg = config_from_dict(values)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg: Config) -> None:
+    """Cross-field checks, each a one-line ConfigError."""
+    m = cfg.model
+    for name in ("encoder", "global_model", "decoder", "lm"):
+        t: TransformerConfig = getattr(m, name)
+        if t.dim <= 0 or t.heads <= 0 or t.dim % t.heads:
+            raise ConfigError(f"model.{name}.dim ({t.dim}) must be a positive multiple of model.{name}.heads ({t.heads})")
+        if (t.dim // t.heads) % 2:
+            raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
+        if t.layers < 0 or (t.window is not None and t.window <= 0):
+            raise ConfigError(f"model.{name}: layers must be >= 0 and window positive or null")
+    if m.arch == "blt":
+        if m.encoder.dim != m.decoder.dim:
+            raise ConfigError(
+                f"model.decoder.dim ({m.decoder.dim}) must equal model.encoder.dim ({m.encoder.dim}): "
+                "the decoder starts from the encoder's byte states"
+            )
+        if m.encoder.dim % m.cross_attn_heads:
+            raise ConfigError(f"model.cross_attn_heads ({m.cross_attn_heads}) must divide model.encoder.dim")
+        if m.cross_attn_k < 1:
+            raise ConfigError("model.cross_attn_k must be >= 1")
+    if any(n < 1 for n in m.hash_ngram_sizes) or m.hash_buckets < 0 or m.hash_functions < 0:
+        raise ConfigError("model.hash_ngram_sizes must be >= 1 and hash_buckets, hash_functions >= 0")
+    p = cfg.patching
+    if p.mode == "static" and p.patch_size < 1:
+        raise ConfigError("patching.patch_size must be >= 1")
+    if p.max_patch_length is not None and p.max_patch_length < 1:
+        raise ConfigError("patching.max_patch_length must be >= 1 or null")
+    if m.arch == "blt" and p.mode == "entropy" and not p.entropy_model:
+        raise ConfigError(
+            "patching.mode=entropy needs patching.entropy_model (train one with "
+            "`blt train configs/entropy_tiny.yaml`, then set patching.entropy_model=runs/entropy_tiny)"
+        )
+    if p.mode == "entropy" and p.threshold is None and p.target_patch_size < 1:
+        raise ConfigError("patching.target_patch_size must be >= 1")
+    if cfg.data.seq_len < 2:
+        raise ConfigError("data.seq_len must be >= 2")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise ConfigError("data.val_fraction must be in [0, 1)")
+    t = cfg.training
+    if t.steps < 0 or t.batch_size < 1 or t.grad_accum < 1:
+        raise ConfigError("training.steps must be >= 0, batch_size and grad_accum >= 1")
+    if len(cfg.optimizer.betas) != 2:
+        raise ConfigError("optimizer.betas must be a list of two floats")
+    if cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.keep_last must be >= 1")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

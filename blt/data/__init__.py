@@ -1,0 +1,20 @@
+"""Bytes in, token batches out: byte ids (tokens), cached packed corpora (corpus), batches (loader)."""
+
+from blt.data.corpus import (
+    BUNDLED_DIR,
+    DataError,
+    PackedData,
+    PackedSplit,
+    encode_files,
+    prepare_data,
+    read_tokens,
+    resolve_files,
+)
+from blt.data.loader import ByteLoader, eval_windows
+from blt.data.tokens import BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, decode, encode, encode_documents
+
+__all__ = [
+    "BOS_ID", "BUNDLED_DIR", "ByteLoader", "DataError", "EOS_ID", "OFFSET", "PAD_ID", "PackedData",
+    "PackedSplit", "VOCAB_SIZE", "decode", "encode", "encode_documents", "encode_files", "eval_windows",
+    "prepare_data", "read_tokens", "resolve_files",
+]

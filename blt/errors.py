@@ -1,0 +1,9 @@
+"""The base of every error a user can fix (bad config key, missing file, wrong checkpoint):
+the CLI prints its one-line message instead of a traceback."""
+
+
+class UserError(ValueError):
+    """A problem with the user's input; str(e) is one line naming the problem and the fix."""
+
+
+USER_ERRORS = (UserError,)

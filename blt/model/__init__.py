@@ -1,0 +1,13 @@
+"""Single-device PyTorch models: BLT and the plain byte LM (baseline and entropy model).
+Nothing here imports an engine, a logger or the trainer."""
+
+from blt.config import ModelConfig
+from blt.model.blt import BLT
+from blt.model.byte_lm import ByteLM
+
+
+def build_model(cfg: ModelConfig):
+    return BLT(cfg) if cfg.arch == "blt" else ByteLM(cfg)
+
+
+__all__ = ["BLT", "ByteLM", "build_model"]

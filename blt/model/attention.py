@@ -1,0 +1,129 @@
+"""Attention kernels for BLT on any device, with dense masked references for the tests.
+
+Self-attention is causal SDPA (optionally a sliding window). The two cross-attentions of BLT are
+exact gather/segment kernels, linear in bytes (../shared/FLEX.md measured them 10-14x faster than
+SDPA with a boolean mask on CPU):
+- encoder pooling: each patch query attends only to the bytes of its own patch (segment softmax);
+- decoder: each byte attends only to the k states of the patch before its own.
+All tensors are (B, H, L, hd); `patch_ids` (B, T) is the patch index of every byte.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
+    """(T, T) bool, True where query i may see key j: i - window < j <= i."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    return (j <= i) & (j > i - window)
+
+
+def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Causal attention over (B, H, T, hd), limited to the last `window` positions when window < T."""
+    T = q.shape[-2]
+    if window is None or window >= T:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if T <= 2 * window:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, q.device))
+    return blocked_window_attention(q, k, v, window)
+
+
+def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+    """Exact sliding-window attention, linear in T: queries in blocks of `window` positions, each
+    block attending to its own and the previous block's keys (2 * window keys) under a band mask."""
+    B, H, T, hd = q.shape
+    W = window
+    nb = -(-T // W)
+    pad = nb * W - T
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+
+    def blocks(x):  # (B, H, nb*W, hd) -> (B*nb, H, W, hd)
+        return x.view(B, H, nb, W, hd).transpose(1, 2).reshape(B * nb, H, W, hd)
+
+    def with_previous(x):  # (B, H, nb*W, hd) -> (B*nb, H, 2W, hd): previous block then own block
+        xb = x.view(B, H, nb, W, hd)
+        prev = torch.cat([torch.zeros_like(xb[:, :, :1]), xb[:, :, :-1]], dim=2)
+        return torch.cat([prev, xb], dim=3).transpose(1, 2).reshape(B * nb, H, 2 * W, hd)
+
+    i = torch.arange(W, device=q.device)[:, None]  # query offset in its block
+    j = torch.arange(2 * W, device=q.device)[None, :]  # key offset from the previous block's start
+    band = (j - W <= i) & (j - W > i - W)  # (W, 2W): key position within (query - W, query]
+    first = band & (j >= W)  # block 0 has no previous block
+    mask = torch.stack([first] + [band] * (nb - 1)).repeat(B, 1, 1)[:, None]  # (B*nb, 1, W, 2W)
+    out = F.scaled_dot_product_attention(blocks(q), with_previous(k), with_previous(v), attn_mask=mask)
+    out = out.view(B, nb, H, W, hd).transpose(1, 2).reshape(B, H, nb * W, hd)
+    return out[:, :, :T]
+
+
+def patch_pooling_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patch_ids: torch.Tensor, cross_k: int
+) -> torch.Tensor:
+    """Patch queries attend to their own patch's bytes (segment softmax).
+
+    q: (B, H, P*cross_k, hd) patch-level queries; k, v: (B, H, T, hd) byte-level.
+    Returns (B, H, P*cross_k, hd); a patch with no bytes gets zeros.
+    """
+    B, H, PK, hd = q.shape
+    T = k.shape[2]
+    P = PK // cross_k
+    qp = q.view(B, H, P, cross_k, hd)
+    idx = patch_ids.view(B, 1, T, 1, 1).expand(B, H, T, cross_k, hd)
+    q_of_byte = qp.gather(2, idx)  # (B, H, T, k, hd): each byte's patch queries
+    scores = (q_of_byte * k.unsqueeze(3)).sum(-1) * hd**-0.5  # (B, H, T, k)
+    sidx = patch_ids.view(B, 1, T, 1).expand(B, H, T, cross_k)
+    seg_max = torch.full((B, H, P, cross_k), float("-inf"), device=q.device, dtype=scores.dtype)
+    seg_max = seg_max.scatter_reduce(2, sidx, scores.detach(), reduce="amax", include_self=True)
+    e = torch.exp(scores - seg_max.gather(2, sidx))  # (B, H, T, k)
+    denom = torch.zeros_like(seg_max).scatter_add(2, sidx, e)
+    w = e / denom.gather(2, sidx)
+    out = torch.zeros(B, H, P, cross_k, hd, device=q.device, dtype=v.dtype)
+    out = out.scatter_add(2, idx, w.unsqueeze(-1).to(v.dtype) * v.unsqueeze(3))  # (B, H, P, k, hd)
+    return out.view(B, H, PK, hd)
+
+
+def previous_patch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patch_ids: torch.Tensor, cross_k: int
+) -> torch.Tensor:
+    """Byte queries attend to the cross_k states of the patch before their own.
+
+    q: (B, H, T, hd) byte-level; k, v: (B, H, P*cross_k, hd) patch-level.
+    Bytes of patch 0 have nothing to see and get zeros. Returns (B, H, T, hd).
+    """
+    B, H, T, hd = q.shape
+    P = k.shape[2] // cross_k
+    prev = patch_ids - 1  # (B, T)
+    valid = prev >= 0
+    idx = prev.clamp(min=0).view(B, 1, T, 1, 1).expand(B, H, T, cross_k, hd)
+    kg = k.view(B, H, P, cross_k, hd).gather(2, idx)  # (B, H, T, k, hd)
+    vg = v.view(B, H, P, cross_k, hd).gather(2, idx)
+    scores = (q.unsqueeze(3) * kg).sum(-1) * hd**-0.5  # (B, H, T, k)
+    w = torch.softmax(scores.float(), dim=-1).to(v.dtype)
+    w = w * valid.view(B, 1, T, 1).to(w.dtype)
+    return (w.unsqueeze(-1) * vg).sum(3)  # (B, H, T, hd)
+
+
+# ----------------------------------------------------------------------------- dense references
+
+
+def pooling_mask(patch_ids: torch.Tensor, num_patches: int, cross_k: int) -> torch.Tensor:
+    """(B, P*cross_k, T) bool: patch query j may see byte t iff t belongs to patch j // cross_k."""
+    P = torch.arange(num_patches, device=patch_ids.device).repeat_interleave(cross_k)  # (P*k,)
+    return P[None, :, None] == patch_ids[:, None, :]
+
+
+def decoder_mask(patch_ids: torch.Tensor, num_patches: int, cross_k: int) -> torch.Tensor:
+    """(B, T, P*cross_k) bool: byte t may see the keys of patch patch_ids[t] - 1 only."""
+    P = torch.arange(num_patches, device=patch_ids.device).repeat_interleave(cross_k)
+    return P[None, None, :] == (patch_ids - 1)[:, :, None]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Plain softmax attention with a (B, Q, K) bool mask; fully masked rows give zeros."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # (B, H, Q, K)
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    w = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return w @ v

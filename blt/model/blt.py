@@ -1,0 +1,136 @@
+"""The Byte Latent Transformer: bytes -> local encoder -> patches -> global model -> local decoder.
+
+    model = BLT(cfg.model)
+    logits = model(tokens, patch_ids)   # tokens (B, T) byte ids, patch_ids (B, T) -> (B, T, 260)
+
+Logits at byte t predict byte t+1 and depend only on bytes <= t: the encoder is causal, a patch
+summary pools only its own bytes, and a byte reads only the global state of the patch before its
+own (which has seen nothing past that patch's end). Module names follow HF transformers'
+BltModel (local_encoder / global_transformer / local_decoder) so weights map one to one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from blt.config import ModelConfig
+from blt.data.tokens import VOCAB_SIZE
+from blt.model.attention import patch_pooling_attention, previous_patch_attention
+from blt.model.hash_embed import HashNgramEmbedding
+from blt.model.layers import RMSNorm, Transformer
+
+
+class CrossAttention(nn.Module):
+    """Queries from one sequence, keys/values from another (bytes <-> patches), pre-normed,
+    with a residual; the kernel decides who sees whom."""
+
+    def __init__(self, dim: int, heads: int, eps: float):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q_norm, self.k_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int):
+        B, Q, D = x.shape
+        K = ctx.shape[1]
+        c = self.k_norm(ctx)
+        q = self.q_proj(self.q_norm(x)).view(B, Q, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Q, hd)
+        k = self.k_proj(c).view(B, K, self.heads, self.head_dim).transpose(1, 2)  # (B, H, K, hd)
+        v = self.v_proj(c).view(B, K, self.heads, self.head_dim).transpose(1, 2)
+        y = kernel(q, k, v, patch_ids, cross_k)  # (B, H, Q, hd)
+        return x + self.o_proj(y.transpose(1, 2).reshape(B, Q, D))
+
+
+class LocalEncoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, k = cfg.encoder.dim, cfg.cross_attn_k
+        self.k = k
+        self.embed_tokens = nn.Embedding(VOCAB_SIZE, D)
+        self.hash_embed = (
+            HashNgramEmbedding(D, cfg.hash_ngram_sizes, cfg.hash_buckets, cfg.hash_functions)
+            if cfg.hash_buckets > 0 and cfg.hash_functions > 0 and cfg.hash_ngram_sizes
+            else None
+        )
+        self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.rope_theta)
+        self.patch_embedding_projection = nn.Linear(D, D * k, bias=False)
+        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
+
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor, num_patches: int):
+        B, T = tokens.shape
+        h = self.embed_tokens(tokens)  # (B, T, D) byte-level
+        if self.hash_embed is not None:
+            h = h + self.hash_embed(tokens)
+        h = self.transformer(h)  # (B, T, D) byte-level
+        # initial patch queries: max-pool each patch's bytes, then project to k queries per patch
+        D = h.shape[-1]
+        pooled = torch.full((B, num_patches, D), float("-inf"), device=h.device, dtype=h.dtype)
+        pooled = pooled.scatter_reduce(1, patch_ids[..., None].expand(B, T, D), h, reduce="amax", include_self=True)
+        pooled = torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled)  # empty (padding) patches
+        queries = self.patch_embedding_projection(pooled).view(B, num_patches * self.k, D)  # (B, P*k, D)
+        patches = self.cross_attn(queries, h, patch_pooling_attention, patch_ids, self.k)  # (B, P*k, D)
+        return h, patches.view(B, num_patches, self.k * D)  # (B, T, D) bytes, (B, P, k*D) patches
+
+
+class LocalDecoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D, k = cfg.decoder.dim, cfg.cross_attn_k
+        self.k = k
+        self.patch_embedding_projection = nn.Linear(cfg.global_model.dim, D * k, bias=False)
+        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
+        self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.rope_theta)
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
+
+    def forward(self, h: torch.Tensor, g: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        B, P, _ = g.shape
+        D = h.shape[-1]
+        kv = self.patch_embedding_projection(g).view(B, P * self.k, D)  # (B, P*k, D) patch-level
+        h = self.cross_attn(h, kv, previous_patch_attention, patch_ids, self.k)  # (B, T, D) byte-level
+        h = self.transformer(h)
+        return self.lm_head(self.norm(h))  # (B, T, V)
+
+
+class GlobalTransformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.token_embedding_projection = nn.Linear(cfg.encoder.dim * cfg.cross_attn_k, cfg.global_model.dim, bias=False)
+        self.transformer = Transformer(cfg.global_model, cfg.norm_eps, cfg.rope_theta)
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        return self.transformer(self.token_embedding_projection(patches))  # (B, P, Dg) patch-level
+
+
+class BLT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.local_encoder = LocalEncoder(cfg)
+        self.global_transformer = GlobalTransformer(cfg)
+        self.local_decoder = LocalDecoder(cfg)
+        init_weights(self, cfg.init_std)
+
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T), patch_ids (B, T) non-decreasing from 0 -> logits (B, T, V)."""
+        num_patches = int(patch_ids.max()) + 1
+        h, patches = self.local_encoder(tokens, patch_ids, num_patches)  # (B, T, D), (B, P, k*D)
+        g = self.global_transformer(patches)  # (B, P, Dg)
+        return self.local_decoder(h, g, patch_ids)
+
+
+def init_weights(model: nn.Module, std: float) -> None:
+    """Normal(0, std) for Linear and Embedding weights; residual output projections (o_proj,
+    down_proj) get std / sqrt(2 * number of blocks), as in GPT-2."""
+    names = [n for n, _ in model.named_parameters()]
+    depth = max(1, sum(n.endswith("down_proj.weight") for n in names))
+    for mod in model.modules():
+        if isinstance(mod, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(mod.weight, mean=0.0, std=std)
+    for name, p in model.named_parameters():
+        if name.endswith(("o_proj.weight", "down_proj.weight")):
+            nn.init.normal_(p, mean=0.0, std=std / (2 * depth) ** 0.5)

@@ -1,0 +1,34 @@
+"""A plain byte-level Transformer LM: the baseline BLT is compared with, and the entropy model
+that decides BLT's patch boundaries.
+
+    lm = ByteLM(cfg.model)
+    logits = lm(tokens)   # (B, T) byte ids -> (B, T, 260) next-byte logits
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from blt.config import ModelConfig
+from blt.data.tokens import VOCAB_SIZE
+from blt.model.blt import init_weights
+from blt.model.layers import RMSNorm, Transformer
+
+
+class ByteLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.lm.dim
+        self.embed_tokens = nn.Embedding(VOCAB_SIZE, D)
+        self.transformer = Transformer(cfg.lm, cfg.norm_eps, cfg.rope_theta)
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
+        init_weights(self, cfg.init_std)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """tokens (B, T) -> logits (B, T, V); patch_ids is accepted and ignored (same call as BLT)."""
+        return self.lm_head(self.norm(self.transformer(self.embed_tokens(tokens))))

@@ -1,0 +1,76 @@
+"""Parameter counts and FLOPs per byte, by the BLT paper's accounting.
+
+A Transformer position costs 2 * (non-embedding parameters it touches) + 2 * layers * ctx * dim
+forward FLOPs (the Chinchilla convention the paper uses, ctx = attention span); a training step is
+3x forward. Global-model FLOPs are per patch, so per byte they are divided by the mean patch size.
+Embedding lookups (bytes and hash n-grams) cost nothing. The entropy model runs forward only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from blt.config import ModelConfig, TransformerConfig
+from blt.data.tokens import VOCAB_SIZE
+from blt.model.layers import ffn_hidden
+
+
+def block_params(t: TransformerConfig) -> int:
+    """Matmul parameters of a block stack (attention + SwiGLU; norms are negligible)."""
+    return t.layers * (4 * t.dim * t.dim + 3 * t.dim * ffn_hidden(t.dim, t.ffn_mult))
+
+
+def stack_flops(t: TransformerConfig, seq: int) -> float:
+    """Forward FLOPs per position of a causal stack over a sequence of `seq` positions."""
+    ctx = min(t.window or seq, seq)
+    return 2 * block_params(t) + 2 * t.layers * ctx * t.dim
+
+
+@dataclass
+class FlopsReport:
+    params: int  # all trainable parameters (embeddings included)
+    params_non_embedding: int
+    flops_per_byte: float  # training (fwd + bwd) FLOPs per byte, entropy model excluded
+    flops_per_byte_with_entropy: float  # plus the entropy model's forward pass
+    global_share: float  # share of flops_per_byte spent in the global model
+    local_share: float  # share spent in the local encoder/decoder (cross-attention and head included)
+
+
+def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
+                 entropy_cfg: ModelConfig | None = None) -> FlopsReport:
+    """FLOPs per byte for `cfg` on sequences of `seq_len` bytes with mean patch size `patch_size`."""
+    if cfg.arch == "byte_lm":
+        local = stack_flops(cfg.lm, seq_len) + 2 * cfg.lm.dim * VOCAB_SIZE
+        glob = 0.0
+    else:
+        D, Dg, k = cfg.encoder.dim, cfg.global_model.dim, cfg.cross_attn_k
+        patches = seq_len / patch_size
+        cross = 4 * D * D  # q, k, v, o projections of one cross-attention
+        enc = stack_flops(cfg.encoder, seq_len)
+        enc += (2 * D * D * k + 2 * k * cross / 2) / patch_size  # patch projection, q/o for k queries per patch
+        enc += 2 * cross / 2 + 4 * k * D  # k/v per byte, scores and values against k queries
+        dec = stack_flops(cfg.decoder, seq_len) + 2 * D * VOCAB_SIZE
+        dec += 2 * cross / 2 + 4 * k * D  # q/o per byte, scores and values against k keys
+        dec += (2 * Dg * D * k + 2 * k * cross / 2) / patch_size  # patch projection, k/v for k keys per patch
+        glob = (stack_flops(cfg.global_model, int(patches)) + 2 * D * k * Dg) / patch_size
+        local = enc + dec
+    fwd = local + glob
+    ent = 0.0
+    if entropy_cfg is not None:
+        ent = stack_flops(entropy_cfg.lm, seq_len) + 2 * entropy_cfg.lm.dim * VOCAB_SIZE
+    embedding_params = _embedding_params(cfg)
+    return FlopsReport(
+        params=params,
+        params_non_embedding=params - embedding_params,
+        flops_per_byte=3 * fwd,
+        flops_per_byte_with_entropy=3 * fwd + ent,
+        global_share=glob / fwd,
+        local_share=local / fwd,
+    )
+
+
+def _embedding_params(cfg: ModelConfig) -> int:
+    if cfg.arch == "byte_lm":
+        return VOCAB_SIZE * cfg.lm.dim
+    tables = cfg.hash_functions * len(cfg.hash_ngram_sizes) * cfg.hash_buckets if cfg.hash_buckets else 0
+    return (VOCAB_SIZE + tables) * cfg.encoder.dim

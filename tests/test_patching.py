@@ -1,0 +1,98 @@
+"""Patchers on hand-made inputs with known boundaries."""
+
+import math
+
+import torch
+
+from blt.config import PatchingConfig
+from blt.data import BOS_ID, encode
+from blt.patching import (
+    entropy_from_logits,
+    entropy_starts,
+    limit_patch_length,
+    patch_ids_from_starts,
+    patch_lengths,
+    patch_starts,
+    space_starts,
+    static_starts,
+    threshold_for_patch_size,
+)
+
+
+def ids_of(data, bos=False) -> torch.Tensor:
+    return torch.from_numpy(encode(data, bos=bos, eos=False).astype("int64"))[None]
+
+
+def pieces(data: bytes, starts: torch.Tensor) -> list[bytes]:
+    idx = torch.nonzero(starts[0]).flatten().tolist() + [len(data)]
+    return [data[a:b] for a, b in zip(idx[:-1], idx[1:])]
+
+
+def test_static():
+    s = static_starts(torch.zeros(2, 10, dtype=torch.long), 4)
+    assert patch_lengths(s) == [[4, 4, 2], [4, 4, 2]]
+    assert patch_ids_from_starts(s)[0].tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_space_ascii():
+    text = b"hello world, how are you?"
+    assert pieces(text, space_starts(ids_of(text))) == [b"hello ", b"world, ", b"how ", b"are ", b"you?"]
+
+
+def test_space_multibyte_utf8_stays_inside_words():
+    text = "héllo wörld 世界 ok".encode()
+    got = pieces(text, space_starts(ids_of(text)))
+    assert got == ["héllo ".encode(), "wörld ".encode(), "世界 ".encode(), b"ok"]
+    for p in got:  # no multibyte character is cut
+        p.decode("utf-8")
+
+
+def test_space_invalid_bytes_are_just_bytes():
+    text = b"ab\xff\xfe cd\x80"
+    got = pieces(text, space_starts(ids_of(text)))
+    assert got == [b"ab\xff\xfe ", b"cd\x80"]
+    assert b"".join(got) == text
+
+
+def test_entropy_global_and_monotonic():
+    H = torch.tensor([[math.inf, 0.1, 2.0, 0.5, 0.4, 3.0, 2.9, 0.2]])
+    assert entropy_starts(H, 1.0, "global")[0].tolist() == [1, 0, 1, 0, 0, 1, 1, 0]
+    # monotonic: H_t - H_{t-1} > 1.0 at t=2 (1.9) and t=5 (2.6)
+    assert entropy_starts(H, 1.0, "monotonic")[0].tolist() == [1, 0, 1, 0, 0, 1, 0, 0]
+
+
+def test_max_patch_length_cuts_long_patches_greedily():
+    s = torch.zeros(1, 11, dtype=torch.bool)
+    s[0, 0] = s[0, 7] = True
+    assert patch_lengths(limit_patch_length(s, 3)) == [[3, 3, 1, 3, 1]]
+    assert patch_lengths(limit_patch_length(s, None)) == [[7, 4]]
+
+
+def test_bos_always_starts_a_patch():
+    ids = torch.cat([ids_of(b"abcdefg"), ids_of(b"xy", bos=True)], 1)
+    cfg = PatchingConfig(mode="static", patch_size=5, max_patch_length=None)
+    s = patch_starts(ids, cfg)
+    assert s[0, 7] and ids[0, 7] == BOS_ID
+    assert patch_lengths(s) == [[5, 2, 3]]
+
+
+def test_entropy_alignment():
+    # logits at t predict byte t+1, so H[:, t+1] is the entropy of logits[:, t]
+    logits = torch.full((1, 3, 4), -1e9)
+    logits[0, 0, 0] = 0  # certain -> entropy 0
+    logits[0, 1] = 0  # uniform over 4 -> log 4
+    H = entropy_from_logits(logits)
+    assert H[0, 0] == math.inf
+    assert abs(float(H[0, 1])) < 1e-6 and abs(float(H[0, 2]) - math.log(4)) < 1e-6
+
+
+def test_threshold_for_target_patch_size():
+    g = torch.Generator().manual_seed(0)
+    H = torch.rand(4, 512, generator=g) * 3
+    for target in (2.0, 4.0, 6.0):
+        th = threshold_for_patch_size(H, target, "global", max_len=None)
+        s = entropy_starts(H, th, "global")
+        assert abs(s.numel() / float(s.sum()) - target) < 0.1 * target
+    th = threshold_for_patch_size(H, 3.0, "monotonic", max_len=8)
+    s = limit_patch_length(entropy_starts(H, th, "monotonic"), 8)
+    assert abs(s.numel() / float(s.sum()) - 3.0) < 0.3
