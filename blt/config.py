@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +19,9 @@ from typing import Any, Literal, Optional
 import yaml
 
 from blt.errors import UserError
+
+
+_YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 class ConfigError(UserError):
@@ -59,7 +63,7 @@ class ModelConfig:
 
 @dataclass
 class PatchingConfig:
-    mode: Literal["static", "space", "entropy"] = "entropy"  # how bytes are cut into patches
+    mode: Literal["static", "space", "entropy"] = "static"  # how bytes are cut into patches (entropy needs entropy_model)
     patch_size: int = 4  # static: bytes per patch
     threshold: Optional[float] = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
     threshold_mode: Literal["global", "monotonic"] = "global"  # H_t > th, or H_t - H_{t-1} > th
@@ -199,6 +203,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            return float(value)  # "3e-4": a float in YAML 1.2, a string to PyYAML's YAML 1.1
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -118,7 +118,9 @@ def train(cfg: Config) -> dict:
         th = patcher.calibrate(next(iter(sample))[:, :-1])
         print(f"entropy threshold {th:.4f} nats gives mean patch size {cfg.patching.target_patch_size} bytes")
     if cfg.model.arch == "blt" and cfg.patching.mode == "entropy":
-        cfg.patching.threshold = patcher.threshold  # the resolved config records the threshold used
+        # the resolved config records the threshold used and where the entropy model is
+        cfg.patching.threshold = patcher.threshold
+        cfg.patching.entropy_model = str(Path(cfg.patching.entropy_model).resolve())
     cache = None
     if cfg.model.arch == "blt" and cfg.patching.mode == "entropy" and cfg.patching.entropy_cache:
         cache = EntropyCache.build(patcher, train_tokens, L, data.dir)
