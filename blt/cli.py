@@ -28,11 +28,7 @@ def _load(path: str, device: str):
     from blt.train.loop import build_patcher
 
     model, cfg, step_dir = load_model_from_checkpoint(path, device)
-    patcher = build_patcher(cfg, device)
-    if cfg.model.arch == "blt" and cfg.patching.mode == "entropy":
-        state = json.loads((step_dir / "state.json").read_text())
-        patcher.threshold = state.get("threshold", cfg.patching.threshold)
-    return model, cfg, patcher, step_dir
+    return model, cfg, build_patcher(cfg, device), step_dir  # the saved config holds the threshold used
 
 
 def _cmd_eval(args) -> None:
@@ -40,13 +36,14 @@ def _cmd_eval(args) -> None:
 
     from blt.data import encode_files, prepare_data, read_tokens
     from blt.evaluate import evaluate
+    from blt.train.loop import log
 
     model, cfg, patcher, step_dir = _load(args.checkpoint, args.device)
     if args.data:
         tokens = encode_files(args.data, cfg.data.text_field, cfg.data.sample_by)
         source = args.data
     else:
-        tokens = np.asarray(read_tokens(prepare_data(cfg.data).val))
+        tokens = np.asarray(read_tokens(prepare_data(cfg.data, log=log).val))
         source = "validation split of the run's data config"
     result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, args.device)
     print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))

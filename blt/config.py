@@ -55,6 +55,7 @@ class ModelConfig:
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of Linear/Embedding weights
+    dropout: float = 0.0  # residual and embedding dropout in every Transformer (training only)
     tie_embeddings: bool = False  # byte_lm only: share input embedding and output head
 
 
@@ -314,6 +315,8 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"model.cross_attn_heads ({m.cross_attn_heads}) must divide model.encoder.dim")
         if m.cross_attn_k < 1:
             raise ConfigError("model.cross_attn_k must be >= 1")
+    if not 0 <= m.dropout < 1:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     if any(n < 1 for n in m.hash_ngram_sizes) or m.hash_buckets < 0 or m.hash_functions < 0:
         raise ConfigError("model.hash_ngram_sizes must be >= 1 and hash_buckets, hash_functions >= 0")
     p = cfg.patching

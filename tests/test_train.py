@@ -146,3 +146,34 @@ def test_console_script_runs(tmp_path):
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["params"] > 0 and 0 < info["global_share"] < 1
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir, entropy_run):
+    """A preempted job (SIGTERM) finishes its step, checkpoints, exits 0; rerunning continues it."""
+    import signal
+    import time
+
+    run = tmp_path / "preempted"
+    args = [sys.executable, "-m", "blt", *map(str, blt_args(run, cache_dir, entropy_run, "training.steps=100000",
+                                                          "checkpoint.every=100000", "training.threads=1"))]
+    env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent)}
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM" in err and "resume" in err
+    saved = json.loads((run / "checkpoints" / (run / "checkpoints" / "latest").read_text() / "state.json").read_text())
+    stopped_at = saved["step"]
+    assert 3 <= stopped_at < 100000
+    # rerun the same command with a reachable end: it continues from the saved step
+    args[args.index("training.steps=100000")] = f"training.steps={stopped_at + 2}"
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert f"at step {stopped_at}" in done.stderr
+    steps = [m["step"] for m in read_metrics(run) if "loss" in m]
+    assert steps[-2:] == [stopped_at + 1, stopped_at + 2]

@@ -56,7 +56,7 @@ class LocalEncoder(nn.Module):
             if cfg.hash_buckets > 0 and cfg.hash_functions > 0 and cfg.hash_ngram_sizes
             else None
         )
-        self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.rope_theta)
+        self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.patch_embedding_projection = nn.Linear(D, D * k, bias=False)
         self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
 
@@ -83,7 +83,7 @@ class LocalDecoder(nn.Module):
         self.k = k
         self.patch_embedding_projection = nn.Linear(cfg.global_model.dim, D * k, bias=False)
         self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
-        self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.rope_theta)
+        self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
 
@@ -100,7 +100,7 @@ class GlobalTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.token_embedding_projection = nn.Linear(cfg.encoder.dim * cfg.cross_attn_k, cfg.global_model.dim, bias=False)
-        self.transformer = Transformer(cfg.global_model, cfg.norm_eps, cfg.rope_theta)
+        self.transformer = Transformer(cfg.global_model, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.token_embedding_projection(patches))  # (B, P, Dg) patch-level

@@ -22,7 +22,7 @@ class ByteLM(nn.Module):
         self.cfg = cfg
         D = cfg.lm.dim
         self.embed_tokens = nn.Embedding(VOCAB_SIZE, D)
-        self.transformer = Transformer(cfg.lm, cfg.norm_eps, cfg.rope_theta)
+        self.transformer = Transformer(cfg.lm, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
         init_weights(self, cfg.init_std)

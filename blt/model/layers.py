@@ -76,27 +76,31 @@ class SelfAttention(nn.Module):
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + swiglu(norm(x))."""
 
-    def __init__(self, cfg: TransformerConfig, eps: float):
+    def __init__(self, cfg: TransformerConfig, eps: float, dropout: float = 0.0):
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.input_layernorm = RMSNorm(cfg.dim, eps)
         self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window)
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps)
         self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, cfg.ffn_mult))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
+        return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
 
 class Transformer(nn.Module):
     """A stack of causal blocks over one sequence axis (bytes or patches), RoPE on positions 0..T-1."""
 
-    def __init__(self, cfg: TransformerConfig, eps: float, rope_theta: float):
+    def __init__(self, cfg: TransformerConfig, eps: float, rope_theta: float, dropout: float = 0.0):
         super().__init__()
         self.cfg, self.rope_theta = cfg, rope_theta
-        self.layers = nn.ModuleList([Block(cfg, eps) for _ in range(cfg.layers)])
+        self.dropout = nn.Dropout(dropout)
+        self.layers = nn.ModuleList([Block(cfg, eps, dropout) for _ in range(cfg.layers)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); L is bytes or patches. Dropout on the input, then the blocks."""
+        x = self.dropout(x)
         T = x.shape[1]
         cos, sin = rope_tables(torch.arange(T, device=x.device), self.cfg.dim // self.cfg.heads, self.rope_theta)
         for layer in self.layers:

@@ -2,6 +2,10 @@
 byte, checkpoints, resume, metrics.jsonl and a progress bar.
 
     blt train configs/tiny.yaml training.steps=200
+
+SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) finishes the current step, saves a
+checkpoint and exits; `checkpoint.resume=auto` (the default) continues from it. A second Ctrl-C
+stops at once.
 """
 
 from __future__ import annotations
@@ -9,6 +13,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,13 +22,13 @@ import torch
 import torch.nn.functional as F
 
 from blt.config import Config, ConfigError, PatchingConfig, config_to_dict, dump_config
-from blt.data import ByteLoader, PAD_ID, prepare_data, read_tokens
+from blt.data import PAD_ID, ByteLoader, prepare_data, read_tokens
 from blt.entropy import EntropyCache, Patcher
 from blt.errors import UserError
 from blt.evaluate import evaluate
 from blt.model import build_model
 from blt.model.flops import flops_report
-from blt.train.checkpoint import find_checkpoint, CheckpointError, checkpoint_config
+from blt.train.checkpoint import CheckpointError, checkpoint_config, find_checkpoint
 from blt.train.engine import LocalEngine
 from blt.train.metrics import MetricsLogger
 from blt.train.optim import lr_at
@@ -30,6 +36,11 @@ from blt.train.optim import lr_at
 
 class RunDirError(UserError):
     """The run directory cannot be used as asked; one-line message."""
+
+
+def log(text: str) -> None:
+    """Progress messages go to stderr; stdout is kept for results."""
+    print(text, file=sys.stderr, flush=True)
 
 
 def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
@@ -41,10 +52,6 @@ def resolve_device(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
     if dtype == "auto":
         dtype = "bf16" if dev.type == "cuda" else "fp32"
     return dev, (torch.bfloat16 if dtype == "bf16" else None)
-
-
-def set_threads(n: int) -> None:
-    torch.set_num_threads(n if n > 0 else (os.cpu_count() or 1))
 
 
 def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
@@ -72,16 +79,15 @@ def prepare_run_dir(cfg: Config) -> tuple[Path, Path | None]:
     return run_dir, find_checkpoint(resume)
 
 
-def _check_resumable(cfg: Config, step_dir: Path) -> None:
-    saved = checkpoint_config(step_dir)
-    for section in ("model",):
-        a, b = config_to_dict(getattr(saved, section)), config_to_dict(getattr(cfg, section))
-        for key in a:
-            if a[key] != b[key]:
-                raise CheckpointError(
-                    f"checkpoint '{step_dir}' was trained with {section}.{key}={a[key]!r} but the config says "
-                    f"{b[key]!r}; use the same model config or a new run_dir"
-                )
+def check_resumable(cfg: Config, step_dir: Path) -> None:
+    """The model config must be the one the checkpoint was trained with."""
+    saved, now = config_to_dict(checkpoint_config(step_dir).model), config_to_dict(cfg.model)
+    for key in saved:
+        if saved[key] != now[key]:
+            raise CheckpointError(
+                f"checkpoint '{step_dir}' was trained with model.{key}={saved[key]!r} but the config says "
+                f"{now[key]!r}; use the same model config or a new run_dir"
+            )
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -95,118 +101,168 @@ def build_patcher(cfg: Config, device) -> Patcher:
     return Patcher.from_config(cfg.patching, device)
 
 
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag checked between steps (a second SIGINT interrupts at once)."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, plain behaviour
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Trainer:
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        torch.set_num_threads(cfg.training.threads or os.cpu_count() or 1)
+        self.device, self.amp_dtype = resolve_device(cfg)
+        self.run_dir, resume_from = prepare_run_dir(cfg)
+        if resume_from is not None:
+            check_resumable(cfg, resume_from)
+
+        self.data = prepare_data(cfg.data, log=log)
+        train_tokens, self.val_tokens = read_tokens(self.data.train), read_tokens(self.data.val)
+        self.loader = ByteLoader(train_tokens, cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed)
+        self.patcher = build_patcher(cfg, self.device)
+        self.entropy_cache = None
+        entropy = cfg.model.arch == "blt" and cfg.patching.mode == "entropy"
+        if entropy and cfg.patching.entropy_cache:
+            self.entropy_cache = EntropyCache.build(self.patcher, train_tokens, cfg.data.seq_len, self.data.dir, log=log)
+
+        torch.manual_seed(cfg.training.seed)
+        self.model = build_model(cfg.model).to(self.device)
+        self.engine = LocalEngine(self.model, cfg, self.device, self.amp_dtype)
+        self.step, self.state = 0, {}
+        if resume_from is not None:
+            self.state = self.engine.load(resume_from)
+            self.loader.load_state_dict(self.state["data"])
+            self.step = self.state["step"]
+            self.patcher.threshold = self.state.get("threshold", self.patcher.threshold)
+            log(f"resumed from {resume_from} at step {self.step}")
+        elif entropy and self.patcher.threshold is None:
+            sample = ByteLoader(train_tokens, cfg.data.seq_len, min(16, self.loader.num_windows), cfg.data.seed + 1)
+            th = self.patcher.calibrate(next(sample)[:, :-1])
+            log(f"entropy threshold {th:.4f} nats gives mean patch size {cfg.patching.target_patch_size} bytes")
+        if entropy:  # the resolved config records the threshold used and where the entropy model is
+            cfg.patching.threshold = self.patcher.threshold
+            cfg.patching.entropy_model = str(Path(cfg.patching.entropy_model).resolve())
+        dump_config(cfg, self.run_dir / "config.yaml")
+        info = model_info(cfg, self.model, self.patcher, self.data)
+        (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=1))
+        log(f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
+            f"{info['flops_per_byte']:.3g} train FLOPs/byte ({info['flops_per_byte_with_entropy']:.3g} with the "
+            f"entropy model), {self.data.train.num_tokens:,} train / {self.data.val.num_tokens:,} val bytes "
+            f"-> {self.run_dir}")
+
+    def train_step(self, lr: float) -> dict:
+        """One optimizer step over grad_accum micro-batches; returns counters for the metrics."""
+        accum = self.cfg.training.grad_accum
+        loss_sum, nbytes, npatches = 0.0, 0, 0
+        for _ in range(accum):
+            batch = next(self.loader)
+            inputs, targets = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)  # (B, T) bytes
+            ent = None
+            if self.entropy_cache is not None:
+                ent = self.entropy_cache.windows(self.loader.last_indices).to(self.device)
+            patch_ids = self.patcher(inputs, ent)  # (B, T)
+            loss = lm_loss(self.engine.forward(inputs, patch_ids), targets)
+            self.engine.backward(loss / accum)
+            loss_sum += float(loss.detach())
+            nbytes += inputs.numel()
+            npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
+        grad_norm = self.engine.step(lr)
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"loss became {loss_sum} at step {self.step + 1}; lower optimizer.lr")
+        return {"loss": loss_sum / accum, "grad_norm": grad_norm, "bytes": nbytes, "patches": npatches}
+
+    def validate(self) -> dict:
+        c = self.cfg
+        return evaluate(self.model, self.patcher, self.val_tokens, c.data.seq_len, c.eval.batch_size,
+                        c.eval.max_bytes, self.device, self.amp_dtype)
+
+    def save(self, last_val: dict, elapsed: float) -> Path:
+        return self.engine.save(self.run_dir, self.step, {
+            "data": self.loader.state_dict(), "threshold": self.patcher.threshold, "last_val": last_val,
+            "elapsed": elapsed,
+        })
+
+    def run(self) -> dict:
+        """Train to training.steps (or max_minutes, or a stop signal); returns the last validation."""
+        c = self.cfg
+        metrics = MetricsLogger(self.run_dir, c.training.steps, self.step, c.logging.progress)
+        last_val: dict = self.state.get("last_val", {})
+        t0, before = time.time(), self.state.get("elapsed", 0.0)
+        win = {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}  # since the last log line
+        try:
+            with StopRequest() as stop:
+                while self.step < c.training.steps:
+                    lr = lr_at(self.step, c.training.steps, c.optimizer.lr, c.schedule)
+                    out = self.train_step(lr)
+                    self.step += 1
+                    metrics.advance()
+                    win["loss"] += out["loss"]
+                    win["n"] += 1
+                    win["bytes"] += out["bytes"]
+                    win["patches"] += out["patches"]
+                    if self.step % c.logging.every == 0 or self.step == c.training.steps:
+                        dt = max(time.time() - win["t"], 1e-9)
+                        mean = win["loss"] / win["n"]
+                        metrics.log({
+                            "step": self.step, "loss": mean, "bpb": mean / math.log(2), "lr": lr,
+                            "grad_norm": out["grad_norm"], "bytes_per_s": win["bytes"] / dt,
+                            "patches_per_s": win["patches"] / dt,
+                            "avg_patch_size": win["bytes"] / max(1, win["patches"]),
+                            "elapsed": before + time.time() - t0,
+                        })
+                        win = {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}
+                    timed_out = (c.training.max_minutes is not None
+                                 and before + time.time() - t0 > 60 * c.training.max_minutes)
+                    last = self.step == c.training.steps or timed_out or stop.reason is not None
+                    if (last and stop.reason is None) or (c.eval.every and self.step % c.eval.every == 0):
+                        t_eval = time.time()
+                        last_val = self.validate()
+                        metrics.log({"step": self.step, **{f"val_{k}": v for k, v in last_val.items()}})
+                        win["t"] += time.time() - t_eval  # keep evaluation out of bytes/s
+                    if last or self.step % c.checkpoint.every == 0:
+                        path = self.save(last_val, before + time.time() - t0)
+                    if timed_out:
+                        metrics.print(f"stopping at step {self.step}: training.max_minutes={c.training.max_minutes}")
+                        break
+                    if stop.reason is not None:
+                        metrics.print(f"{stop.reason}: saved {path}; run the same command to resume")
+                        break
+        finally:
+            metrics.close()
+        return {"step": self.step, **last_val}
+
+
 def train(cfg: Config) -> dict:
     """Train as `cfg` says; returns the last validation metrics."""
-    set_threads(cfg.training.threads)
-    device, amp_dtype = resolve_device(cfg)
-    run_dir, resume_from = prepare_run_dir(cfg)
-    if resume_from is not None:
-        _check_resumable(cfg, resume_from)
-
-    data = prepare_data(cfg.data)
-    train_tokens, val_tokens = read_tokens(data.train), read_tokens(data.val)
-    L, B = cfg.data.seq_len, cfg.training.batch_size
-    loader = ByteLoader(train_tokens, L, B, cfg.data.seed)
-
-    patcher = build_patcher(cfg, device)
-    state: dict = {}
-    if resume_from is not None:
-        state = json.loads((resume_from / "state.json").read_text())
-        patcher.threshold = state.get("threshold", patcher.threshold)
-    elif cfg.model.arch == "blt" and cfg.patching.mode == "entropy" and patcher.threshold is None:
-        sample = ByteLoader(train_tokens, L, min(16, loader.num_windows), cfg.data.seed + 1)
-        th = patcher.calibrate(next(iter(sample))[:, :-1])
-        print(f"entropy threshold {th:.4f} nats gives mean patch size {cfg.patching.target_patch_size} bytes")
-    if cfg.model.arch == "blt" and cfg.patching.mode == "entropy":
-        # the resolved config records the threshold used and where the entropy model is
-        cfg.patching.threshold = patcher.threshold
-        cfg.patching.entropy_model = str(Path(cfg.patching.entropy_model).resolve())
-    cache = None
-    if cfg.model.arch == "blt" and cfg.patching.mode == "entropy" and cfg.patching.entropy_cache:
-        cache = EntropyCache.build(patcher, train_tokens, L, data.dir)
-
-    torch.manual_seed(cfg.training.seed)
-    model = build_model(cfg.model).to(device)
-    engine = LocalEngine(model, cfg, device, amp_dtype)
-    start_step = 0
-    if resume_from is not None:
-        state = engine.load(resume_from)
-        loader.load_state_dict(state["data"])
-        start_step = state["step"]
-        print(f"resumed from {resume_from} at step {start_step}")
-    dump_config(cfg, run_dir / "config.yaml")
-    info = _model_info(cfg, model, patcher, data)
-    (run_dir / "model_info.json").write_text(json.dumps(info, indent=1))
-    print(
-        f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
-        f"{info['flops_per_byte']:.3g} train FLOPs/byte ({info['flops_per_byte_with_entropy']:.3g} with the "
-        f"entropy model), {data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes -> {run_dir}"
-    )
-
-    metrics = MetricsLogger(run_dir, cfg.training.steps, start_step, cfg.logging.progress)
-    last_val: dict = state.get("last_val", {})
-    t_start = time.time()
-    elapsed_before = state.get("elapsed", 0.0)
-    window = {"bytes": 0, "patches": 0, "loss": 0.0, "n": 0, "t": time.time()}
-    step = start_step
-    try:
-        while step < cfg.training.steps:
-            lr = lr_at(step, cfg.training.steps, cfg.optimizer.lr, cfg.schedule)
-            for _ in range(cfg.training.grad_accum):
-                batch = next(loader)
-                inputs, targets = batch[:, :-1].to(device), batch[:, 1:].to(device)
-                ent = cache.windows(loader.last_indices).to(device) if cache is not None else None
-                patch_ids = patcher(inputs, ent)
-                loss = lm_loss(engine.forward(inputs, patch_ids), targets)
-                engine.backward(loss / cfg.training.grad_accum)
-                window["loss"] += float(loss.detach())
-                window["n"] += 1
-                window["bytes"] += inputs.numel()
-                window["patches"] += int(patch_ids[:, -1].sum()) + len(patch_ids)
-            grad_norm = engine.step(lr)
-            step += 1
-            metrics.advance()
-            if not math.isfinite(window["loss"]):
-                raise FloatingPointError(f"loss became {window['loss']} at step {step}; lower optimizer.lr")
-            if step % cfg.logging.every == 0 or step == cfg.training.steps:
-                dt = max(time.time() - window["t"], 1e-9)
-                mean = window["loss"] / window["n"]
-                metrics.log({
-                    "step": step, "loss": mean, "bpb": mean / math.log(2), "lr": lr, "grad_norm": grad_norm,
-                    "bytes_per_s": window["bytes"] / dt, "patches_per_s": window["patches"] / dt,
-                    "avg_patch_size": window["bytes"] / max(1, window["patches"]),
-                    "elapsed": elapsed_before + time.time() - t_start,
-                })
-                window = {"bytes": 0, "patches": 0, "loss": 0.0, "n": 0, "t": time.time()}
-            out_of_time = (cfg.training.max_minutes is not None
-                           and elapsed_before + time.time() - t_start > 60 * cfg.training.max_minutes)
-            last = step == cfg.training.steps or out_of_time
-            if last or (cfg.eval.every and step % cfg.eval.every == 0):
-                t_eval = time.time()
-                last_val = evaluate(model, patcher, val_tokens, L, cfg.eval.batch_size, cfg.eval.max_bytes,
-                                    device, amp_dtype)
-                metrics.log({"step": step, **{f"val_{k}": v for k, v in last_val.items()}})
-                window["t"] += time.time() - t_eval  # keep evaluation out of bytes/s
-            if last or step % cfg.checkpoint.every == 0:
-                engine.save(run_dir, step, {
-                    "data": loader.state_dict(), "threshold": patcher.threshold, "last_val": last_val,
-                    "elapsed": elapsed_before + time.time() - t_start,
-                })
-            if out_of_time:
-                metrics.print(f"stopping at step {step}: training.max_minutes={cfg.training.max_minutes} reached")
-                break
-    finally:
-        metrics.close()
-    return {"step": step, **last_val}
+    return Trainer(cfg).run()
 
 
-def _model_info(cfg: Config, model, patcher: Patcher, data) -> dict:
+def model_info(cfg: Config, model, patcher: Patcher, data) -> dict:
     params = sum(p.numel() for p in model.parameters())
     if cfg.model.arch == "byte_lm":
         patch_size = 1.0
     elif cfg.patching.mode == "static":
         patch_size = float(cfg.patching.patch_size)
-    else:
+    else:  # entropy: the target; space: about one word of English
         patch_size = cfg.patching.target_patch_size if cfg.patching.mode == "entropy" else 5.0
     ecfg = patcher.model.cfg if patcher.model is not None else None
     rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, params, ecfg)
