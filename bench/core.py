@@ -1,11 +1,11 @@
-"""Core benchmark: the default tiny BLT against the byte-level Transformer baseline, same data,
-same wall-clock budget, on this machine. Prints a Markdown table.
+"""Core benchmark: the default tiny BLT against the byte-level Transformer baseline on this
+machine: same data, same steps and bytes (so about the same time). Prints a Markdown table.
 
-    python bench/core.py                      # 10-minute budget each (the README numbers)
-    python bench/core.py --minutes 2          # quicker look
+    python bench/core.py                      # the README numbers
+    python bench/core.py --minutes 2          # quicker look: each run stops after 2 minutes
 
 Trains configs/entropy_tiny.yaml first (its time is reported separately), then configs/tiny.yaml
-and configs/byte_baseline_tiny.yaml with training.max_minutes=MINUTES, each into bench_runs/.
+and configs/byte_baseline_tiny.yaml (training.max_minutes=MINUTES is the guard), into bench_runs/.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def run(config: str, run_dir: Path, overrides: list[str]) -> tuple[dict, float, 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10.0, help="training budget per model")
+    ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock cap per model")
     ap.add_argument("--out", default="bench_runs", help="where the runs go (replaced)")
     args = ap.parse_args()
     out = ROOT / args.out
