@@ -52,6 +52,7 @@ class ModelConfig:
     hash_ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
     hash_buckets: int = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
     hash_functions: int = 1  # hash functions per n-gram size
+    hash_sparse_grad: bool = False  # hash tables get sparse gradients and a lazy SparseAdam (fast for big tables)
     rope_theta: float = 10000.0  # RoPE base
     norm_eps: float = 1e-5  # RMSNorm epsilon
     init_std: float = 0.02  # std of the normal init of Linear/Embedding weights

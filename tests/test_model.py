@@ -220,3 +220,31 @@ def test_entropy_cache_equals_on_the_fly_entropies(tmp_path):
     on_the_fly = patcher.entropies(batch[:, :-1])
     torch.testing.assert_close(cache.windows(loader.last_indices), on_the_fly, atol=1e-5, rtol=1e-5)
     assert torch.equal(patcher(batch[:, :-1], cache.windows(loader.last_indices)), patcher(batch[:, :-1]))
+
+
+def test_sparse_hash_gradients_train_like_dense():
+    """hash_sparse_grad changes how the tables are updated (lazy SparseAdam), not the model: same
+    logits, same gradient norm, and one step moves the loss the same way."""
+    from blt.train.optim import build_optimizer, clip_grad_norm
+    from blt.config import OptimizerConfig
+
+    x = random_ids(2, 24, seed=4)
+    ids = torch.arange(24).div(3, rounding_mode="floor").expand(2, 24)
+    losses, norms = {}, {}
+    for sparse in (False, True):
+        torch.manual_seed(0)
+        model = BLT(tiny_model_cfg(hash_sparse_grad=sparse))
+        opt = build_optimizer(model, OptimizerConfig(lr=1e-2))
+        out = []
+        for _ in range(2):
+            loss = torch.nn.functional.cross_entropy(model(x, ids).flatten(0, 1), x.flatten())
+            loss.backward()
+            norms.setdefault(sparse, clip_grad_norm([p for p in model.parameters() if p.grad is not None], 1.0))
+            opt.step()
+            opt.zero_grad()
+            out.append(float(loss.detach()))
+        losses[sparse] = out
+    assert losses[True][0] == pytest.approx(losses[False][0], abs=1e-6)
+    assert norms[True] == pytest.approx(norms[False], rel=1e-5)
+    assert losses[True][1] == pytest.approx(losses[False][1], abs=1e-3)  # first Adam step equal up to laziness
+    assert losses[True][1] < losses[True][0]

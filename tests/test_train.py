@@ -53,9 +53,11 @@ def test_quick_start_train_eval_generate_patch(tmp_path, capsys, cache_dir, entr
     assert all(len(p["entropies"]) == p["bytes"] for p in patches)
 
 
-def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, cache_dir, entropy_run):
+@pytest.mark.parametrize("sparse", [False, True])
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, cache_dir, entropy_run, sparse):
     full, split = tmp_path / "full", tmp_path / "split"
-    common = ["training.steps=8", "checkpoint.every=4", "schedule.warmup_steps=3"]
+    common = ["training.steps=8", "checkpoint.every=4", "schedule.warmup_steps=3", "model.dropout=0.1",
+              f"model.hash_sparse_grad={str(sparse).lower()}"]
     assert run_cli(capsys, *blt_args(full, cache_dir, entropy_run, *common))[0] == 0
     # stop after 4 steps (as if killed after the step-4 checkpoint), then resume with the full config
     assert run_cli(capsys, *blt_args(split, cache_dir, entropy_run, *common, "training.steps=4"))[0] == 0

@@ -52,7 +52,7 @@ class LocalEncoder(nn.Module):
         self.k = k
         self.embed_tokens = nn.Embedding(VOCAB_SIZE, D)
         self.hash_embed = (
-            HashNgramEmbedding(D, cfg.hash_ngram_sizes, cfg.hash_buckets, cfg.hash_functions)
+            HashNgramEmbedding(D, cfg.hash_ngram_sizes, cfg.hash_buckets, cfg.hash_functions, cfg.hash_sparse_grad)
             if cfg.hash_buckets > 0 and cfg.hash_functions > 0 and cfg.hash_ngram_sizes
             else None
         )

@@ -32,11 +32,12 @@ def ngram_hash(tokens: torch.Tensor, n: int, prime: int, buckets: int) -> torch.
 
 
 class HashNgramEmbedding(nn.Module):
-    def __init__(self, dim: int, ngram_sizes: list[int], buckets: int, functions: int):
+    def __init__(self, dim: int, ngram_sizes: list[int], buckets: int, functions: int, sparse: bool = False):
         super().__init__()
         self.sizes, self.buckets, self.functions = list(ngram_sizes), buckets, functions
         self.num_tables = functions * len(self.sizes)
-        self.embedding = nn.Embedding(max(1, buckets * self.num_tables), dim)
+        # sparse=True: the gradient holds only the rows a batch used (see blt/train/optim.py)
+        self.embedding = nn.Embedding(max(1, buckets * self.num_tables), dim, sparse=sparse)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) sum of every table's row for its n-gram."""

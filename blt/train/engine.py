@@ -14,7 +14,7 @@ import torch.nn as nn
 from blt.config import Config
 from blt.evaluate import autocast_ctx
 from blt.train.checkpoint import load_training_state, load_weights, save_checkpoint
-from blt.train.optim import build_optimizer
+from blt.train.optim import build_optimizer, clip_grad_norm
 
 
 class LocalEngine:
@@ -35,12 +35,11 @@ class LocalEngine:
         """Clip, update with learning rate `lr`, zero the gradients; returns the grad norm."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        clip = self.cfg.optimizer.grad_clip
         params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))
+        norm = clip_grad_norm(params, self.cfg.optimizer.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def save(self, run_dir: Path, step: int, state: dict) -> Path:
         return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg,

@@ -10,24 +10,79 @@ import torch.nn as nn
 from blt.config import OptimizerConfig, ScheduleConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(params: list[nn.Parameter], embed_ids: set[int], weight_decay: float) -> list[dict]:
     """Decay matrices of Linear layers; never norms, biases or embedding tables."""
-    embed_ids = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 and id(p) not in embed_ids else no_decay).append(p)
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in embed_ids]
+    no_decay = [p for p in params if not (p.dim() >= 2 and id(p) not in embed_ids)]
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps
+class Optimizers:
+    """AdamW for the dense parameters plus a lazy SparseAdam for sparse-gradient embedding tables
+    (only the rows a batch used are read and updated). Behaves as one optimizer: its param_groups
+    are both optimizers' groups, so setting the learning rate reaches both."""
+
+    def __init__(self, dense: torch.optim.Optimizer, sparse: torch.optim.Optimizer):
+        self.parts = [dense, sparse]
+
+    @property
+    def param_groups(self) -> list[dict]:  # live: load_state_dict replaces the parts' group dicts
+        return [g for opt in self.parts for g in opt.param_groups]
+
+    def step(self, closure=None):
+        for opt in self.parts:
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        for opt in self.parts:
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"parts": [opt.state_dict() for opt in self.parts]}
+
+    def load_state_dict(self, state_dict):
+        for opt, sd in zip(self.parts, state_dict["parts"]):
+            opt.load_state_dict(sd)
+
+
+def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer | Optimizers:
+    embeds = [m for m in model.modules() if isinstance(m, nn.Embedding)]
+    sparse_ids = {id(m.weight) for m in embeds if m.sparse}
+    params = [p for p in model.parameters() if p.requires_grad]
+    dense = torch.optim.AdamW(
+        param_groups([p for p in params if id(p) not in sparse_ids], {id(m.weight) for m in embeds},
+                     cfg.weight_decay),
+        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
     )
+    sparse = [p for p in params if id(p) in sparse_ids]
+    if not sparse:
+        return dense
+    return Optimizers(dense, torch.optim.SparseAdam(sparse, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps))
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
+    """Global L2 norm of all gradients (sparse ones included), scaled down to max_norm if above."""
+    norms = []
+    for p in params:
+        if p.grad is None:
+            continue
+        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
+        norms.append(torch.linalg.vector_norm(g.float()))
+    if not norms:
+        return 0.0
+    total = torch.linalg.vector_norm(torch.stack(norms))
+    if max_norm > 0:
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for p in params:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    p.grad = p.grad.coalesce() * coef
+                else:
+                    p.grad.mul_(coef)
+    return float(total)
 
 
 def lr_at(step: int, total: int, base: float, cfg: ScheduleConfig) -> float:
