@@ -57,7 +57,7 @@ def main() -> None:
         rows.append((name, result, wall, info, bps))
 
     print(f"\nentropy model (configs/entropy_tiny.yaml): trained in {ent_wall:.0f} s\n")
-    print("| model | params | steps | train time (s) | val BPB | train bytes/s | mean patch (bytes) "
+    print("| model | params | steps | wall time (s) | val BPB | train bytes/s | mean patch (bytes) "
           "| FLOPs/byte (train) | global / local FLOPs |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, result, wall, info, bps in rows:
