@@ -6,7 +6,9 @@
 Logits at byte t predict byte t+1 and depend only on bytes <= t: the encoder is causal, a patch
 summary pools only its own bytes, and a byte reads only the global state of the patch before its
 own (which has seen nothing past that patch's end). Module names follow HF transformers'
-BltModel (local_encoder / global_transformer / local_decoder) so weights map one to one.
+BltModel (local_encoder / global_transformer / local_decoder, q/k/v/o_proj, patch_embedding_projection,
+token_embedding_projection), so an export is a key rename; HF's residual and decoder-patch
+conventions differ (see the README).
 """
 
 from __future__ import annotations
