@@ -101,13 +101,12 @@ def _cmd_patch(args) -> None:
 def _cmd_info(args) -> None:
     from blt.config import load_config
     from blt.model import build_model
-    from blt.model.flops import flops_report
+    from blt.model.flops import assumed_patch_size, flops_report
 
     cfg = load_config(args.config, args.overrides)
     model = build_model(cfg.model)
     params = sum(p.numel() for p in model.parameters())
-    ps = 1.0 if cfg.model.arch == "byte_lm" else (
-        float(cfg.patching.patch_size) if cfg.patching.mode == "static" else cfg.patching.target_patch_size)
+    ps = assumed_patch_size(cfg.model, cfg.patching)
     print(json.dumps({"arch": cfg.model.arch, "assumed_patch_size": ps,
                       **flops_report(cfg.model, cfg.data.seq_len, ps, params).__dict__}))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from blt.config import ModelConfig, TransformerConfig
+from blt.config import ModelConfig, PatchingConfig, TransformerConfig
 from blt.data.tokens import VOCAB_SIZE
 from blt.model.layers import ffn_hidden
 
@@ -34,6 +34,16 @@ class FlopsReport:
     flops_per_byte_with_entropy: float  # plus the entropy model's forward pass
     global_share: float  # share of flops_per_byte spent in the global model
     local_share: float  # share spent in the local encoder/decoder (cross-attention and head included)
+
+
+def assumed_patch_size(model: ModelConfig, patching: PatchingConfig) -> float:
+    """The mean patch size FLOPs are reported for: 1 for a byte LM, the patch size for static
+    patching, the target for entropy patching, about one English word (5 bytes) for space patching."""
+    if model.arch == "byte_lm":
+        return 1.0
+    if patching.mode == "static":
+        return float(patching.patch_size)
+    return patching.target_patch_size if patching.mode == "entropy" else 5.0
 
 
 def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,

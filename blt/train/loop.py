@@ -27,7 +27,7 @@ from blt.entropy import EntropyCache, Patcher
 from blt.errors import UserError
 from blt.evaluate import evaluate
 from blt.model import build_model
-from blt.model.flops import flops_report
+from blt.model.flops import assumed_patch_size, flops_report
 from blt.train.checkpoint import CheckpointError, checkpoint_config, find_checkpoint
 from blt.train.engine import LocalEngine
 from blt.train.metrics import MetricsLogger
@@ -207,7 +207,8 @@ class Trainer:
         metrics = MetricsLogger(self.run_dir, c.training.steps, self.step, c.logging.progress)
         last_val: dict = self.state.get("last_val", {})
         t0, before = time.time(), self.state.get("elapsed", 0.0)
-        win = {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}  # since the last log line
+        fresh = lambda: {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}  # noqa: E731
+        win = fresh()  # sums since the last log line
         try:
             with StopRequest() as stop:
                 while self.step < c.training.steps:
@@ -229,7 +230,7 @@ class Trainer:
                             "avg_patch_size": win["bytes"] / max(1, win["patches"]),
                             "elapsed": before + time.time() - t0,
                         })
-                        win = {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}
+                        win = fresh()
                     timed_out = (c.training.max_minutes is not None
                                  and before + time.time() - t0 > 60 * c.training.max_minutes)
                     last = self.step == c.training.steps or timed_out or stop.reason is not None
@@ -258,12 +259,7 @@ def train(cfg: Config) -> dict:
 
 def model_info(cfg: Config, model, patcher: Patcher, data) -> dict:
     params = sum(p.numel() for p in model.parameters())
-    if cfg.model.arch == "byte_lm":
-        patch_size = 1.0
-    elif cfg.patching.mode == "static":
-        patch_size = float(cfg.patching.patch_size)
-    else:  # entropy: the target; space: about one word of English
-        patch_size = cfg.patching.target_patch_size if cfg.patching.mode == "entropy" else 5.0
+    patch_size = assumed_patch_size(cfg.model, cfg.patching)
     ecfg = patcher.model.cfg if patcher.model is not None else None
     rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, params, ecfg)
     return {"arch": cfg.model.arch, "assumed_patch_size": patch_size, **rep.__dict__,

@@ -12,8 +12,9 @@ from blt.config import OptimizerConfig, ScheduleConfig
 
 def param_groups(params: list[nn.Parameter], embed_ids: set[int], weight_decay: float) -> list[dict]:
     """Decay matrices of Linear layers; never norms, biases or embedding tables."""
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in embed_ids]
-    no_decay = [p for p in params if not (p.dim() >= 2 and id(p) not in embed_ids)]
+    decay, no_decay = [], []
+    for p in params:
+        (decay if p.dim() >= 2 and id(p) not in embed_ids else no_decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -65,23 +66,22 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
 
 def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     """Global L2 norm of all gradients (sparse ones included), scaled down to max_norm if above."""
-    norms = []
-    for p in params:
-        if p.grad is None:
-            continue
-        g = p.grad.coalesce().values() if p.grad.is_sparse else p.grad
-        norms.append(torch.linalg.vector_norm(g.float()))
-    if not norms:
+    params = [p for p in params if p.grad is not None]
+    if not params:
         return 0.0
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    for p in params:
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()  # once: repeated rows summed, so values() are the row grads
+    total = torch.linalg.vector_norm(torch.stack([
+        torch.linalg.vector_norm((p.grad.values() if p.grad.is_sparse else p.grad).float()) for p in params
+    ]))
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in params:
-            if p.grad is not None:
-                if p.grad.is_sparse:
-                    p.grad = p.grad.coalesce() * coef
-                else:
-                    p.grad.mul_(coef)
+            if p.grad.is_sparse:
+                p.grad = p.grad * coef
+            else:
+                p.grad.mul_(coef)
     return float(total)
 
 
