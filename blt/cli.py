@@ -5,12 +5,15 @@
     blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P]
     blt patch runs/tiny --text TEXT                      # how a text splits into patches, with entropies
     blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
+    blt plan configs/blt_8b.yaml --nodes 8 --procs-per-node 8   # DeepSpeed config + memory per ZeRO stage
+    blt consolidate runs/tiny [--out FILE]               # ZeRO shards -> one model.safetensors
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 
@@ -20,7 +23,8 @@ def _cmd_train(args) -> None:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    print(json.dumps(result))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(result))
 
 
 def _load(path: str, device: str):
@@ -111,6 +115,33 @@ def _cmd_info(args) -> None:
                       **flops_report(cfg.model, cfg.data.seq_len, ps, params).__dict__}))
 
 
+def _cmd_plan(args) -> None:
+    from blt.config import ConfigError, load_config
+    from blt.train.plan import format_plan, make_plan
+
+    cfg = load_config(args.config, args.overrides)
+    if args.nodes < 1 or args.procs_per_node < 1:
+        raise ConfigError("--nodes and --procs-per-node must be >= 1")
+    plan = make_plan(cfg, args.nodes, args.procs_per_node, gpu=not args.cpu)
+    print(format_plan(plan, args.gpu_mem_gb, cfg.distributed.zero_stage))
+
+
+def _cmd_consolidate(args) -> None:
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from blt.train.checkpoint import CheckpointError, find_checkpoint
+    from blt.train.deepspeed_engine import consolidate_zero, is_zero_checkpoint
+
+    step_dir = find_checkpoint(args.checkpoint)
+    if not is_zero_checkpoint(step_dir):
+        raise CheckpointError(f"'{step_dir}' holds no ZeRO shards; its model.safetensors is already the whole model")
+    out = Path(args.out) if args.out else step_dir / "model.safetensors"
+    save_file(consolidate_zero(step_dir), str(out))
+    print(json.dumps({"checkpoint": str(step_dir), "weights": str(out)}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer trainer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,17 +180,41 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("config")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=_cmd_info)
+
+    pl = sub.add_parser("plan", help="world size, DeepSpeed config and memory per ZeRO stage, no allocation")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--nodes", type=int, default=1)
+    pl.add_argument("--procs-per-node", type=int, default=1, help="processes (GPUs) per node")
+    pl.add_argument("--gpu-mem-gb", type=float, default=80.0, help="memory per GPU (H100: 80, H200: 141)")
+    pl.add_argument("--cpu", action="store_true", help="plan for CPU processes (fp32 by default)")
+    pl.set_defaults(func=_cmd_plan)
+
+    c = sub.add_parser("consolidate", help="merge a ZeRO checkpoint's shards into one model.safetensors")
+    c.add_argument("checkpoint", help="run dir or checkpoint step dir")
+    c.add_argument("--out", help="file to write (default: model.safetensors in the step dir)")
+    c.set_defaults(func=_cmd_consolidate)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:  # old-style launchers
+        os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        argv.remove(a)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides may also follow the options
+        if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     from blt.errors import USER_ERRORS
 
     try:
         args.func(args)
     except USER_ERRORS as e:
-        print(f"blt {args.command}: error: {e}", file=sys.stderr)
+        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        print(f"blt {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"blt {args.command}: interrupted", file=sys.stderr)

@@ -117,8 +117,9 @@ class TrainingConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0  # model init seed
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    dtype: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on GPU, fp32 on CPU
-    threads: int = 0  # torch CPU threads; 0 = all cores
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp16 needs DeepSpeed
+    threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
+    activation_checkpointing: bool = False  # recompute every Transformer block in backward (less memory)
     max_minutes: Optional[float] = None  # stop (and checkpoint) after this wall time
 
 
@@ -133,6 +134,7 @@ class EvalConfig:
 class LoggingConfig:
     every: int = 10  # write a metrics.jsonl line every N steps
     progress: bool = True  # show a progress bar with ETA, loss, BPB and bytes/s
+    data_trace: bool = False  # each rank writes the windows of every step to data_trace/rank_R.jsonl (audit)
 
 
 @dataclass
@@ -140,6 +142,17 @@ class CheckpointConfig:
     every: int = 500  # save every N steps (and at the end)
     keep_last: int = 2  # checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto = continue from the newest checkpoint in run_dir; none; or a checkpoint path
+
+
+@dataclass
+class DistributedConfig:
+    engine: Literal["auto", "local", "deepspeed", "accelerate"] = "auto"  # auto = deepspeed when launched as >1 process
+    zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3 (1: optimizer states, 2: + grads, 3: + params sharded)
+    offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO 1-3: keep optimizer states in CPU memory
+    offload_params: Literal["none", "cpu"] = "none"  # ZeRO 3: keep parameters in CPU memory
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # collective backend; auto = nccl on GPU, gloo on CPU
+    timeout_minutes: float = 10.0  # a collective stuck this long (a lost peer) fails the job
+    bucket_size: int = 200_000_000  # ZeRO reduce / all-gather bucket in elements (larger = fewer, bigger messages)
 
 
 @dataclass
@@ -155,6 +168,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -341,6 +355,15 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("training.steps must be >= 0, batch_size and grad_accum >= 1")
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError("optimizer.betas must be a list of two floats")
+    d = cfg.distributed
+    if d.zero_stage not in (0, 1, 2, 3):
+        raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
+    if d.offload_params != "none" and d.zero_stage != 3:
+        raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
+    if d.offload_optimizer != "none" and d.zero_stage == 0:
+        raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
+    if d.timeout_minutes <= 0 or d.bucket_size < 1:
+        raise ConfigError("distributed.timeout_minutes must be > 0 and distributed.bucket_size >= 1")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
 

@@ -27,30 +27,44 @@ def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_size: int,
-             max_bytes: int | None = None, device="cpu", amp_dtype=None) -> dict:
+             max_bytes: int | None = None, device="cpu", amp_dtype=None,
+             rank: int = 0, world_size: int = 1, reduce=None) -> dict:
+    """BPB over every byte of `tokens` (up to max_bytes). In a job of world_size processes, rank r
+    scores batches r, r + world_size, ... and `reduce` (a sum over ranks) combines the counts; every
+    rank runs the same number of forwards (padding batches score nothing), as ZeRO-3 needs."""
     was_training = model.training
     model.eval()
-    nats, nbytes, patches, patched_bytes = 0.0, 0, 0, 0
-    for batch in eval_windows(tokens, seq_len, batch_size, max_bytes):
-        batch = batch.to(device)
+    num_targets = max(0, min(len(tokens) - 1, max_bytes if max_bytes is not None else len(tokens)))
+    num_batches = -(-(-(-num_targets // seq_len)) // batch_size)
+    rounds = -(-num_batches // world_size)
+    mine = (b for i, b in enumerate(eval_windows(tokens, seq_len, batch_size, max_bytes)) if i % world_size == rank)
+    sums = [0.0, 0, 0, 0]  # nats, bytes scored, patches, bytes patched
+    for _ in range(rounds):
+        batch = next(mine, None)
+        if batch is None:  # this rank's share ran out: a forward that scores nothing keeps ranks in step
+            batch = torch.full((1, seq_len + 1), PAD_ID, dtype=torch.long)
+        batch = batch.to(device)  # (b, L + 1)
         inputs, targets = batch[:, :-1], batch[:, 1:]
         patch_ids = patcher(inputs)
         with autocast_ctx(device, amp_dtype):
             logits = model(inputs, patch_ids)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         is_byte = targets >= OFFSET
-        nats += float(loss[is_byte].sum())
-        nbytes += int(is_byte.sum())
         real = inputs != PAD_ID
-        patches += int(((patch_ids.diff(dim=1, prepend=patch_ids[:, :1] - 1) > 0) & real).sum())
-        patched_bytes += int(real.sum())
+        sums[0] += float(loss[is_byte].sum())
+        sums[1] += int(is_byte.sum())
+        sums[2] += int(((patch_ids.diff(dim=1, prepend=patch_ids[:, :1] - 1) > 0) & real).sum())
+        sums[3] += int(real.sum())
+    if reduce is not None:
+        sums = reduce(sums)
     if was_training:
         model.train()
+    nats, nbytes, patches, patched_bytes = sums
     if nbytes == 0:
         raise ValueError("no bytes to evaluate")
     return {
         "bpb": nats / nbytes / math.log(2),
         "loss": nats / nbytes,
-        "bytes": nbytes,
+        "bytes": int(nbytes),
         "avg_patch_size": patched_bytes / max(1, patches),
     }

@@ -11,9 +11,9 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from blt.config import Config
+from blt.config import Config, ConfigError
 from blt.evaluate import autocast_ctx
-from blt.train.checkpoint import load_training_state, load_weights, save_checkpoint
+from blt.train.checkpoint import load_training_state, load_weights, read_state, save_checkpoint
 from blt.train.optim import build_optimizer, clip_grad_norm
 
 
@@ -21,6 +21,9 @@ class LocalEngine:
     """Plain PyTorch on one device: AdamW, gradient clipping, autocast when asked."""
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None):
+        if cfg.training.dtype == "fp16":
+            raise ConfigError("training.dtype=fp16 needs loss scaling, which the DeepSpeed engine provides: "
+                              "use distributed.engine=deepspeed, or training.dtype=bf16")
         self.model, self.cfg, self.device, self.amp_dtype = model, cfg, device, amp_dtype
         self.optimizer = build_optimizer(model, cfg.optimizer)
 
@@ -29,7 +32,8 @@ class LocalEngine:
             return self.model(inputs, patch_ids)
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss.backward()
+        """One micro-batch's mean loss; scaled so the accumulated gradient is the step's mean."""
+        (loss / self.cfg.training.grad_accum).backward()
 
     def step(self, lr: float) -> float:
         """Clip, update with learning rate `lr`, zero the gradients; returns the grad norm."""
@@ -42,9 +46,9 @@ class LocalEngine:
         return norm
 
     def save(self, run_dir: Path, step: int, state: dict) -> Path:
-        return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg,
-                               self.cfg.checkpoint.keep_last)
+        return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg)
 
     def load(self, step_dir: Path) -> dict:
+        read_state(step_dir, "local", 1)  # refuse a distributed checkpoint before touching anything
         load_weights(self.model, step_dir)
         return load_training_state(step_dir, self.optimizer)

@@ -10,9 +10,11 @@ from pathlib import Path
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True):
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
+                 enabled: bool = True):
+        """enabled=False (ranks other than 0) writes nothing and shows nothing."""
         self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = self.path.open("a", encoding="utf-8")
+        self.file = self.path.open("a", encoding="utf-8") if enabled else None
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -22,6 +24,8 @@ class MetricsLogger:
         self.shown: dict = {}
 
     def log(self, record: dict) -> None:
+        if self.file is None:
+            return
         record = {"time": round(time.time(), 3), **record}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
@@ -37,6 +41,8 @@ class MetricsLogger:
             self.bar.update(steps)
 
     def print(self, text: str) -> None:
+        if self.file is None:
+            return
         if self.bar is not None:
             self.bar.write(text, file=sys.stderr)
         else:
@@ -45,4 +51,5 @@ class MetricsLogger:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()

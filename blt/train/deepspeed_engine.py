@@ -1,0 +1,236 @@
+"""DeepSpeed ZeRO 0-3 behind the engine interface (forward, backward, step, save, load), started
+by any launcher or by `accelerate launch`. The only module that imports deepspeed (lazily, so
+`import blt` and the single-process path never pay for it).
+
+    torchrun --nproc-per-node 2 -m blt train configs/tiny.yaml distributed.zero_stage=3
+
+The DeepSpeed config is derived from the training config (`deepspeed_config`): the global batch
+is micro batch x accumulation x processes, never typed twice.
+
+Checkpoints (one directory per step, the same layout as the single-process engine):
+    step_00000100/  DeepSpeed's model/optimizer shards (one per rank), rank_<r>.pt (RNG of rank r),
+                    state.json (step, every rank's data position, engine), config.yaml, and
+                    model.safetensors when the full weights are at hand (ZeRO 0-2 in fp32, ZeRO 0)
+All ranks write into step_X.tmp; after a barrier rank 0 renames it and only then moves the
+`latest` marker, so a crash during a save leaves the previous checkpoint the newest complete one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from blt.config import Config, ConfigError
+from blt.train.checkpoint import CheckpointError, finish_checkpoint, read_state, rng_state, set_rng_state, step_dir_name
+from blt.train.distributed import Dist
+from blt.train.optim import build_optimizer
+
+
+def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool) -> dict:
+    """The DeepSpeed JSON config for this training config, number of processes, precision (fp32,
+    bf16 or fp16: training.dtype resolved for the device) and device kind."""
+    t, d = cfg.training, cfg.distributed
+    bucket = d.bucket_size
+    zero: dict = {"stage": d.zero_stage, "contiguous_gradients": True, "overlap_comm": gpu,
+                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    if d.zero_stage == 3:
+        zero.update({"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 10_000,
+                     "stage3_max_live_parameters": 10 * bucket, "stage3_gather_16bit_weights_on_model_save": False})
+    if d.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": gpu}
+    if d.offload_params != "none":
+        zero["offload_param"] = {"device": d.offload_params, "pin_memory": gpu}
+    return {
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_clipping": cfg.optimizer.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,  # the client optimizer is torch AdamW
+        "zero_force_ds_cpu_optimizer": False,  # keep torch AdamW with offload (no 3-minute op build on CPU)
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _quiet_deepspeed(device_type: str = "cpu"):
+    import logging
+    import warnings
+
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
+    warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
+    import deepspeed
+
+    # a CPU host would otherwise JIT-compile a shared-memory comm op (~2 minutes) at init
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def accelerate_overrides(cfg: Config) -> list[str]:
+    """Under `accelerate launch`, the accelerate config's ZeRO stage and offload devices win (they are
+    what the user chose there); returns what changed, for the log."""
+    env = os.environ
+    d, changed = cfg.distributed, []
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if stage is not None and int(stage) != d.zero_stage:
+        d.zero_stage = int(stage)
+        changed.append(f"zero_stage={stage}")
+    for key, attr in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer"),
+                      ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_params")):
+        value = env.get(key)
+        if value in ("none", "cpu") and value != getattr(d, attr):
+            setattr(d, attr, value)
+            changed.append(f"{attr}={value}")
+    return changed
+
+
+class DeepSpeedEngine:
+    """A model trained by a DeepSpeed engine: ZeRO stage, offload, precision, accumulation and
+    clipping from the config; torch AdamW (with the same decay groups as the local engine)."""
+
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, world: Dist, use_accelerate: bool):
+        if any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
+            raise ConfigError("model.hash_sparse_grad=true is not supported by DeepSpeed ZeRO; "
+                              "set model.hash_sparse_grad=false")
+        self.cfg, self.device, self.world = cfg, device, world
+        deepspeed = _quiet_deepspeed(device.type)
+        from blt.train.plan import resolved_dtype
+
+        gpu = device.type == "cuda"
+        ds_config = deepspeed_config(cfg, world.world_size, resolved_dtype(cfg, gpu), gpu)
+        optimizer = build_optimizer(model, cfg.optimizer)
+        if use_accelerate:
+            self.ds = self._prepare_with_accelerate(model, optimizer, ds_config)
+        else:
+            self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
+                                                    dist_init_required=False)
+        self.model = self.ds.module
+        self.ds_config = ds_config
+        self._micro = 0
+        # DeepSpeed holds bf16/fp16 weights itself; autocast is only for the fp32 module
+        self.amp_dtype = None
+
+    def _prepare_with_accelerate(self, model, optimizer, ds_config: dict):
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
+
+        from datetime import timedelta
+
+        # our derived config is complete; accelerate must not also apply its own copies of these fields
+        os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
+        precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "no"
+        handlers = [InitProcessGroupKwargs(backend="gloo" if self.device.type == "cpu" else "nccl",
+                                           timeout=timedelta(minutes=self.cfg.distributed.timeout_minutes))]
+        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+                                       mixed_precision=precision, kwargs_handlers=handlers)
+        engine, _ = self.accelerator.prepare(model, optimizer)
+        return engine
+
+    def forward(self, inputs: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+        return self.ds(inputs, patch_ids)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """One micro-batch; DeepSpeed divides by the accumulation steps itself."""
+        self.ds.backward(loss)
+        self._micro += 1
+        if self._micro < self.cfg.training.grad_accum:
+            self.ds.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self, lr: float) -> float:
+        for group in self.ds.optimizer.param_groups:
+            group["lr"] = lr
+        norm = None
+        if self.cfg.distributed.zero_stage == 0:  # DeepSpeed does not report it without ZeRO; grads are reduced
+            grads = [p.grad.float() for p in self.model.parameters() if p.grad is not None]
+            norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+        self.ds.step()
+        self._micro = 0
+        if norm is None:
+            norm = self.ds.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def full_weights_local(self) -> bool:
+        """Does every rank hold the full fp32 weights (so rank 0 can write model.safetensors)?"""
+        d = self.cfg.distributed
+        return d.zero_stage == 0 or (d.zero_stage < 3 and not any(
+            self.ds_config[k]["enabled"] for k in ("bf16", "fp16")))
+
+    def save(self, run_dir: Path, step: int, state: dict) -> Path:
+        world = self.world
+        ckpts = Path(run_dir) / "checkpoints"
+        final = ckpts / step_dir_name(step)
+        tmp = ckpts / (final.name + ".tmp")
+        if world.is_main:
+            ckpts.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        world.barrier()
+        self.ds.save_checkpoint(str(ckpts), tag=tmp.name, save_latest=False)
+        torch.save(rng_state(), tmp / f"rank_{world.rank}.pt")
+        data_states = world.all_gather_object(state.pop("data"))
+        if world.is_main:
+            if self.full_weights_local:
+                from safetensors.torch import save_file
+
+                # ZeRO keeps parameters as views of flat buffers: copy each out
+                weights = {k: v.detach().float().clone().contiguous() for k, v in self.model.state_dict().items()}
+                save_file(weights, str(tmp / "model.safetensors"))
+            engine = {"engine": "deepspeed", "zero_stage": self.cfg.distributed.zero_stage,
+                      "world_size": world.world_size}
+            full = dict(state, step=step, data=data_states[0], data_ranks=data_states, **engine)
+            (tmp / "state.json").write_text(json.dumps(full, indent=1))
+        world.barrier()  # every rank's shards are on disk
+        if world.is_main:
+            finish_checkpoint(tmp, final, self.cfg)
+        world.barrier()
+        return final
+
+    def load(self, step_dir: Path) -> dict:
+        step_dir = Path(step_dir)
+        state = read_state(step_dir, "deepspeed", self.world.world_size, self.cfg.distributed.zero_stage)
+        path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_strict=True,
+                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed found no checkpoint files in '{step_dir}'")
+        set_rng_state(torch.load(step_dir / f"rank_{self.world.rank}.pt", weights_only=True))
+        state["data"] = state["data_ranks"][self.world.rank]
+        return state
+
+
+def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a ZeRO-1/2/3 checkpoint's shards (on CPU; no process group needed)."""
+    _quiet_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step_dir = Path(step_dir)
+    quiet = {"TQDM_DISABLE": "1"}
+    saved = {k: os.environ.get(k) for k in quiet}
+    os.environ.update(quiet)
+    try:  # DeepSpeed reports progress on stdout, which carries our results: send it to stderr
+        with contextlib.redirect_stdout(sys.stderr):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {k: v.contiguous() for k, v in sd.items()}
+
+
+def is_zero_checkpoint(step_dir: Path) -> bool:
+    return any(Path(step_dir).glob("*optim_states.pt"))
