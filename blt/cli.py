@@ -7,6 +7,7 @@
     blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
     blt plan configs/blt_8b.yaml --nodes 8 --procs-per-node 8   # DeepSpeed config + memory per ZeRO stage
     blt consolidate runs/tiny [--out FILE]               # ZeRO shards -> one model.safetensors
+    blt dashboard runs/tiny [--port 6006]                # TensorBoard on 127.0.0.1, offline
 """
 
 from __future__ import annotations
@@ -142,6 +143,12 @@ def _cmd_consolidate(args) -> None:
     print(json.dumps({"checkpoint": str(step_dir), "weights": str(out)}))
 
 
+def _cmd_dashboard(args) -> None:
+    from blt.monitor.dashboard import serve
+
+    serve(args.run, args.port, args.host)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer trainer")
     sub = p.add_subparsers(dest="command", required=True)
@@ -194,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="run dir or checkpoint step dir")
     c.add_argument("--out", help="file to write (default: model.safetensors in the step dir)")
     c.set_defaults(func=_cmd_consolidate)
+
+    d = sub.add_parser("dashboard", help="serve a run's TensorBoard on 127.0.0.1 (no internet needed)")
+    d.add_argument("run", help="run dir (or a folder of run dirs)")
+    d.add_argument("--port", type=int, default=6006)
+    d.add_argument("--host", default="127.0.0.1")
+    d.set_defaults(func=_cmd_dashboard)
     return p
 
 

@@ -131,9 +131,24 @@ class EvalConfig:
 
 
 @dataclass
+class WandbConfig:
+    mode: Literal["disabled", "auto", "offline", "online"] = "disabled"  # auto = online with an API key and a network, else offline
+    project: str = "blt"  # W&B project
+    entity: Optional[str] = None  # W&B team or user; None = the key's default
+    name: Optional[str] = None  # run name; None = the config's name
+    group: Optional[str] = None  # groups runs in the W&B UI (e.g. one sweep)
+    tags: list[str] = field(default_factory=list)  # W&B tags
+
+
+@dataclass
 class LoggingConfig:
     every: int = 10  # write a metrics.jsonl line every N steps
     progress: bool = True  # show a progress bar with ETA, loss, BPB and bytes/s
+    tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard (`blt dashboard RUN_DIR`)
+    wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (imported only when enabled)
+    images: bool = True  # at each validation: a validation snippet's entropies and patch boundaries as an image
+    samples: int = 2  # at each validation: this many generated samples (0 = none)
+    sample_bytes: int = 128  # bytes generated per sample
     data_trace: bool = False  # each rank writes the windows of every step to data_trace/rank_R.jsonl (audit)
 
 

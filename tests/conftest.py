@@ -20,12 +20,13 @@ TINY_BLT = [
     "model.cross_attn_heads=2", "model.hash_buckets=512",
     "data.seq_len=64", "training.batch_size=4", "training.max_minutes=null",
     "eval.max_bytes=2048", "eval.every=0", "logging.every=1", "logging.progress=false",
-    "schedule.warmup_steps=2",
+    "schedule.warmup_steps=2", "logging.images=false", "logging.samples=0",
 ]
 TINY_LM = [
     "model.lm.dim=32", "model.lm.heads=2", "model.lm.layers=1", "model.lm.window=32",
     "data.seq_len=64", "training.batch_size=4", "eval.max_bytes=2048", "eval.every=0",
-    "logging.every=1", "logging.progress=false", "schedule.warmup_steps=2",
+    "logging.every=1", "logging.progress=false", "schedule.warmup_steps=2", "logging.images=false",
+    "logging.samples=0",
 ]
 
 

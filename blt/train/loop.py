@@ -29,11 +29,13 @@ from blt.errors import UserError
 from blt.evaluate import evaluate
 from blt.model import build_model
 from blt.model.flops import assumed_patch_size, flops_report
+from blt.monitor.peak import peak_flops
 from blt.train.checkpoint import CheckpointError, checkpoint_config, find_checkpoint, has_checkpoints
 from blt.train.distributed import (Dist, PeerLostError, choose_engine, init_distributed, is_peer_failure,
                                    launched_world, shutdown)
 from blt.train.engine import LocalEngine
 from blt.train.recompute import apply_activation_checkpointing
+from blt.train.meter import StepMeter, patch_lengths
 from blt.train.metrics import MetricsLogger
 from blt.train.optim import lr_at
 
@@ -207,7 +209,10 @@ class Trainer:
             cfg.patching.threshold = self.patcher.threshold
             cfg.patching.entropy_model = str(Path(cfg.patching.entropy_model).resolve())
         self.trace = DataTrace(self.run_dir, world.rank, self.step) if cfg.logging.data_trace else None
+        peak, peak_source = peak_flops(self.device, self.amp_dtype) if world.is_main else (1.0, "")
+        self.meter = StepMeter(info["flops_per_byte"], peak, world.world_size)
         if world.is_main:
+            info.update(peak_flops_per_device=peak, peak_flops_source=peak_source)
             dump_config(cfg, self.run_dir / "config.yaml")
             (self.run_dir / "model_info.json").write_text(json.dumps(info, indent=1))
         where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {self.engine_kind}" + (
@@ -220,7 +225,9 @@ class Trainer:
     def train_step(self, lr: float) -> dict:
         """One optimizer step over grad_accum micro-batches; returns this rank's sums for the metrics."""
         loss_sum, nbytes, npatches, windows = 0.0, 0, 0, []
+        times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
         for _ in range(self.cfg.training.grad_accum):
+            t0 = time.perf_counter()
             batch = next(self.loader)
             windows += self.loader.last_indices
             inputs, targets = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)  # (B, T) bytes
@@ -228,20 +235,44 @@ class Trainer:
             if self.entropy_cache is not None:
                 ent = self.entropy_cache.windows(self.loader.last_indices).to(self.device)
             patch_ids = self.patcher(inputs, ent)  # (B, T)
+            t1 = time.perf_counter()
             loss = lm_loss(self.engine.forward(inputs, patch_ids), targets)
             self.engine.backward(loss)
-            loss_sum += float(loss.detach())
+            loss_sum += float(loss.detach())  # waits for the device: the timing below is honest
+            times["data"] += t1 - t0
+            times["fwd_bwd"] += time.perf_counter() - t1
             nbytes += inputs.numel()
             npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
+            self.meter.add_patch_lengths(patch_lengths(patch_ids))
+        t2 = time.perf_counter()
         grad_norm = self.engine.step(lr)
+        times["optimizer"] = time.perf_counter() - t2
         if self.trace is not None:
             self.trace.write(self.step + 1, windows)
-        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "bytes": nbytes, "patches": npatches}
+        return {"loss_sum": loss_sum, "grad_norm": grad_norm, "bytes": nbytes, "patches": npatches, "times": times}
 
-    def validate(self) -> dict:
+    def validate(self, metrics: MetricsLogger) -> dict:
+        """Validation BPB (all ranks share the work), then the pictures: the patch image and samples
+        (every rank runs the model, as ZeRO-3 needs; rank 0's logger writes them)."""
         c, w = self.cfg, self.world
-        return evaluate(self.model, self.patcher, self.val_tokens, c.data.seq_len, c.eval.batch_size,
-                        c.eval.max_bytes, self.device, self.amp_dtype, w.rank, w.world_size, w.all_sum)
+        result = evaluate(self.model, self.patcher, self.val_tokens, c.data.seq_len, c.eval.batch_size,
+                          c.eval.max_bytes, self.device, self.amp_dtype, w.rank, w.world_size, w.all_sum)
+        metrics.log({"step": self.step, **{f"val_{k}": v for k, v in result.items()}})
+        if c.logging.images:
+            from blt.monitor.pictures import draw_patches, patch_snippet, snippet_ids
+
+            ids = snippet_ids(self.val_tokens, min(160, c.data.seq_len)).to(self.device)
+            snip = patch_snippet(self.model, self.patcher, ids)
+            if metrics.enabled:
+                metrics.image(self.step, "patches", draw_patches(snip, self.step),
+                              f"{len(snip['bytes'])} validation bytes, {int(snip['starts'].sum())} patches")
+        if c.logging.samples > 0:
+            from blt.monitor.pictures import generate_samples, sample_prompts
+
+            rows = generate_samples(self.model, self.patcher, sample_prompts(self.val_tokens, c.logging.samples),
+                                    c.logging.sample_bytes, c.data.seq_len, self.device)
+            metrics.table(self.step, "samples", ["prompt", "output", "settings"], rows)
+        return result
 
     def save(self, last_val: dict, elapsed: float) -> Path:
         return self.engine.save(self.run_dir, self.step, {
@@ -266,11 +297,10 @@ class Trainer:
     def _run(self) -> dict:
         c, world = self.cfg, self.world
         metrics = MetricsLogger(self.run_dir, c.training.steps, self.step, c.logging.progress and world.is_main,
-                                enabled=world.is_main)
+                                enabled=world.is_main, cfg=c, resumed=self.step > 0)
         last_val: dict = self.state.get("last_val", {})
         t0, before = time.time(), self.state.get("elapsed", 0.0)
-        fresh = lambda: {"loss": 0.0, "n": 0, "bytes": 0, "patches": 0, "t": time.time()}  # noqa: E731
-        win = fresh()  # sums since the last log line, over all ranks
+        self.meter.reset()  # sums since the last log line, over all ranks
         try:
             with StopRequest() as stop:
                 while self.step < c.training.steps:
@@ -288,27 +318,18 @@ class Trainer:
                     stop_reason = (stop.reason or "SIGTERM") if stops else None
                     timed_out = timeouts > 0
                     metrics.advance()
-                    win["loss"] += loss
-                    win["n"] += 1
-                    win["bytes"] += nbytes
-                    win["patches"] += npatches
+                    self.meter.add_step(loss, nbytes, npatches, out["times"])
                     if self.step % c.logging.every == 0 or self.step == c.training.steps:
-                        dt = max(time.time() - win["t"], 1e-9)
-                        mean = win["loss"] / win["n"]
-                        metrics.log({
-                            "step": self.step, "loss": mean, "bpb": mean / math.log(2), "lr": lr,
-                            "grad_norm": out["grad_norm"], "bytes_per_s": win["bytes"] / dt,
-                            "patches_per_s": win["patches"] / dt,
-                            "avg_patch_size": win["bytes"] / max(1, win["patches"]),
-                            "peak_mem_gb": peak_memory_gb(self.device), "elapsed": before + time.time() - t0,
-                        })
-                        win = fresh()
+                        record = self.meter.record(self.step, lr, out["grad_norm"])
+                        metrics.log({**record, "peak_mem_gb": peak_memory_gb(self.device),
+                                     "elapsed": before + time.time() - t0})
+                        metrics.histogram(self.step, "patch_size", self.meter.hist.tolist())
+                        self.meter.reset()
                     last = self.step == c.training.steps or timed_out or stop_reason is not None
                     if (last and stop_reason is None) or (c.eval.every and self.step % c.eval.every == 0):
                         t_eval = time.time()
-                        last_val = self.validate()
-                        metrics.log({"step": self.step, **{f"val_{k}": v for k, v in last_val.items()}})
-                        win["t"] += time.time() - t_eval  # keep evaluation out of bytes/s
+                        last_val = self.validate(metrics)
+                        self.meter.exclude(time.time() - t_eval)
                     if last or self.step % c.checkpoint.every == 0:
                         path = self.save(last_val, before + time.time() - t0)
                     if timed_out:

@@ -1,0 +1,65 @@
+"""The numbers of the steps between two log lines: loss and bits per byte, throughput in bytes and
+patches per second, model FLOP utilisation, the step time split into data / forward+backward /
+optimizer, and the histogram of patch sizes."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+
+def patch_lengths(patch_ids: torch.Tensor) -> np.ndarray:
+    """(B, T) patch ids -> the length in bytes of every patch in the batch (a row's last patch may be cut)."""
+    B, T = patch_ids.shape
+    flat = (patch_ids + torch.arange(B, device=patch_ids.device)[:, None] * (T + 1)).flatten()
+    counts = torch.bincount(flat)
+    return counts[counts > 0].cpu().numpy()
+
+
+class StepMeter:
+    def __init__(self, flops_per_byte: float, peak_flops: float, world_size: int):
+        self.flops_per_byte, self.peak_flops, self.world_size = flops_per_byte, peak_flops, world_size
+        self.hist = np.zeros(1, dtype=np.int64)
+        self.reset()
+
+    def reset(self) -> None:
+        self.t0 = time.time()
+        self.steps, self.loss, self.bytes, self.patches = 0, 0.0, 0, 0
+        self.times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
+        self.hist[:] = 0
+
+    def add_step(self, loss: float, nbytes: float, npatches: float, times: dict) -> None:
+        """One optimizer step: its mean loss, bytes and patches over all ranks, this rank's timings."""
+        self.steps += 1
+        self.loss += loss
+        self.bytes += nbytes
+        self.patches += npatches
+        for key, value in times.items():
+            self.times[key] += value
+
+    def add_patch_lengths(self, lengths: np.ndarray) -> None:
+        counts = np.bincount(lengths)
+        if len(counts) > len(self.hist):
+            self.hist = np.concatenate([self.hist, np.zeros(len(counts) - len(self.hist), dtype=np.int64)])
+        self.hist[: len(counts)] += counts
+
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent on something else (validation, pictures) out of the throughput."""
+        self.t0 += seconds
+
+    def record(self, step: int, lr: float, grad_norm: float) -> dict:
+        dt = max(time.time() - self.t0, 1e-9)
+        n = max(1, self.steps)
+        mean = self.loss / n
+        bytes_per_s = self.bytes / dt
+        achieved = self.flops_per_byte * bytes_per_s  # all ranks together
+        return {
+            "step": step, "loss": mean, "bpb": mean / math.log(2), "lr": lr, "grad_norm": grad_norm,
+            "bytes_per_s": bytes_per_s, "patches_per_s": self.patches / dt,
+            "avg_patch_size": self.bytes / max(1, self.patches),
+            "tflops": achieved / 1e12, "mfu": achieved / (self.peak_flops * self.world_size),
+            "step_time_s": dt / n, **{f"time_{k}_s": v / n for k, v in self.times.items()},
+        }
