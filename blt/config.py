@@ -32,12 +32,36 @@ class ConfigError(UserError):
 
 
 @dataclass
+class SparseAttentionConfig:
+    """DeepSpeed SparsityConfig-style settings (same names); see blt/model/sparse_patterns.py."""
+    pattern: Literal["none", "dense", "local", "strided", "fixed", "bigbird", "longformer", "variable",
+                     "block_causal"] = "none"  # none = plain causal attention (with `window` if set)
+    backend: Literal["auto", "gather", "flex", "dense"] = "auto"  # auto = flex on GPU, gather (exact, trains) on CPU
+    block: int = 64  # block size in positions (bytes or patches)
+    attention: Literal["unidirectional", "bidirectional"] = "unidirectional"  # a causal LM needs unidirectional
+    different_layout_per_head: bool = False  # random/global choices differ per head
+    window: int = 256  # local: token window
+    dilation: int = 2  # strided: every dilation-th block within the window
+    num_local_blocks: int = 4  # fixed: blocks per local window
+    num_global_blocks: int = 1  # fixed: summary blocks per window; bigbird: leading global blocks
+    num_different_global_patterns: int = 1  # fixed: head groups with different summary offsets
+    num_random_blocks: int = 1  # bigbird, variable: random key blocks per query block
+    num_sliding_window_blocks: int = 3  # bigbird, longformer, strided: window width in blocks
+    global_block_indices: list[int] = field(default_factory=lambda: [0])  # longformer, variable
+    global_block_end_indices: Optional[list[int]] = None  # longformer, variable: global ranges [start, end)
+    local_window_blocks: list[int] = field(default_factory=lambda: [4])  # variable: window sizes, last repeats
+    horizontal_global_attention: bool = False  # fixed, variable: global blocks also attend everywhere
+    seed: int = 0  # random blocks
+
+
+@dataclass
 class TransformerConfig:
     dim: int = 128  # hidden size
     layers: int = 2  # number of Transformer blocks
     heads: int = 4  # attention heads (dim must divide by heads)
     window: Optional[int] = None  # causal sliding-window length in positions; None = full causal
     ffn_mult: float = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
+    sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
 
 
 @dataclass
@@ -335,6 +359,17 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
         if t.layers < 0 or (t.window is not None and t.window <= 0):
             raise ConfigError(f"model.{name}: layers must be >= 0 and window positive or null")
+        sp = t.sparse
+        if sp.attention != "unidirectional" or sp.pattern == "block_causal":
+            raise ConfigError(f"model.{name}.sparse: a language model needs causal attention; "
+                              f"pattern={sp.pattern} attention={sp.attention} lets bytes see the future "
+                              "(use attention=unidirectional and a pattern other than block_causal)")
+        if sp.pattern != "none":
+            if t.window is not None:
+                raise ConfigError(f"model.{name}: set window=null with a sparse pattern (use sparse.pattern=local "
+                                  "and sparse.window for a sliding window)")
+            if sp.block < 1 or sp.window < 1 or sp.dilation < 1 or min(sp.local_window_blocks or [0]) < 1:
+                raise ConfigError(f"model.{name}.sparse: block, window, dilation and local_window_blocks must be >= 1")
     if m.arch == "blt":
         if m.encoder.dim != m.decoder.dim:
             raise ConfigError(

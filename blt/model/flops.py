@@ -20,9 +20,20 @@ def block_params(t: TransformerConfig) -> int:
     return t.layers * (4 * t.dim * t.dim + 3 * t.dim * ffn_hidden(t.dim, t.ffn_mult))
 
 
+def attention_span(t: TransformerConfig, seq: int) -> float:
+    """Mean number of keys a query attends to: the causal window, or the sparse pattern's blocks."""
+    if t.sparse.pattern != "none":
+        from blt.model.sparse_patterns import Pattern
+
+        nb = max(1, -(-int(seq) // t.sparse.block))
+        layout = Pattern(t.sparse, t.heads).layout(nb)
+        return min(float(seq), float(layout.sum()) / (layout.shape[0] * nb) * t.sparse.block)
+    return min(t.window or seq, seq)
+
+
 def stack_flops(t: TransformerConfig, seq: int) -> float:
     """Forward FLOPs per position of a causal stack over a sequence of `seq` positions."""
-    ctx = min(t.window or seq, seq)
+    ctx = attention_span(t, seq)
     return 2 * block_params(t) + 2 * t.layers * ctx * t.dim
 
 

@@ -9,8 +9,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from blt.config import TransformerConfig
+from blt.config import SparseAttentionConfig, TransformerConfig
 from blt.model.attention import causal_self_attention
+from blt.model.sparse_attention import sparse_attention
+from blt.model.sparse_patterns import Pattern
 
 
 class RMSNorm(nn.Module):
@@ -55,9 +57,11 @@ class SwiGLU(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, window: int | None):
+    def __init__(self, dim: int, heads: int, window: int | None, sparse: SparseAttentionConfig | None = None):
         super().__init__()
         self.heads, self.head_dim, self.window = heads, dim // heads, window
+        self.pattern = Pattern(sparse, heads) if sparse is not None and sparse.pattern != "none" else None
+        self.backend = sparse.backend if sparse is not None else "auto"
         self.q_proj = nn.Linear(dim, dim, bias=False)
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
@@ -69,7 +73,10 @@ class SelfAttention(nn.Module):
         k = self.k_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
+        if self.pattern is not None:
+            y = sparse_attention(q, k, v, self.pattern, self.backend)  # (B, H, T, hd)
+        else:
+            y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
 
@@ -80,7 +87,7 @@ class Block(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.input_layernorm = RMSNorm(cfg.dim, eps)
-        self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window)
+        self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window, cfg.sparse)
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps)
         self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, cfg.ffn_mult))
 
