@@ -414,6 +414,8 @@ def check_config(cfg: Config) -> None:
         raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
     if d.timeout_minutes <= 0 or d.bucket_size < 1:
         raise ConfigError("distributed.timeout_minutes must be > 0 and distributed.bucket_size >= 1")
+    if cfg.logging.every < 1 or cfg.logging.samples < 0 or cfg.logging.sample_bytes < 1:
+        raise ConfigError("logging.every and logging.sample_bytes must be >= 1, logging.samples >= 0")
     if cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.keep_last must be >= 1")
 

@@ -50,7 +50,8 @@ class Patcher:
             raise ConfigError(f"patching.entropy_model '{cfg.entropy_model}' is a {ecfg.model.arch} model; it must be a byte_lm")
         for p in model.parameters():
             p.requires_grad_(False)
-        st = (step_dir / "model.safetensors").stat()
+        weights = step_dir / "model.safetensors"  # a ZeRO-3 checkpoint has only shards (and state.json)
+        st = (weights if weights.is_file() else step_dir / "state.json").stat()
         return cls(cfg, model, f"{step_dir.resolve()}:{st.st_size}:{st.st_mtime_ns}")
 
     @torch.no_grad()

@@ -35,8 +35,9 @@ def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_si
     was_training = model.training
     model.eval()
     num_targets = max(0, min(len(tokens) - 1, max_bytes if max_bytes is not None else len(tokens)))
-    num_batches = -(-(-(-num_targets // seq_len)) // batch_size)
-    rounds = -(-num_batches // world_size)
+    num_windows = math.ceil(num_targets / seq_len)
+    num_batches = math.ceil(num_windows / batch_size)  # what eval_windows yields
+    rounds = math.ceil(num_batches / world_size)
     mine = (b for i, b in enumerate(eval_windows(tokens, seq_len, batch_size, max_bytes)) if i % world_size == rank)
     sums = [0.0, 0, 0, 0]  # nats, bytes scored, patches, bytes patched
     for _ in range(rounds):

@@ -253,11 +253,14 @@ class Trainer:
 
     def validate(self, metrics: MetricsLogger) -> dict:
         """Validation BPB (all ranks share the work), then the pictures: the patch image and samples
-        (every rank runs the model, as ZeRO-3 needs; rank 0's logger writes them)."""
+        (rank 0 makes them; under ZeRO-3 the other ranks run the same forwards with it)."""
         c, w = self.cfg, self.world
         result = evaluate(self.model, self.patcher, self.val_tokens, c.data.seq_len, c.eval.batch_size,
                           c.eval.max_bytes, self.device, self.amp_dtype, w.rank, w.world_size, w.all_sum)
         metrics.log({"step": self.step, **{f"val_{k}": v for k, v in result.items()}})
+        # ranks other than 0 log nothing, but under ZeRO-3 every forward needs all of them
+        if not (metrics.enabled or (self.engine_kind != "local" and c.distributed.zero_stage == 3)):
+            return result
         if c.logging.images:
             from blt.monitor.pictures import draw_patches, patch_snippet, snippet_ids
 

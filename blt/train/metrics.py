@@ -69,6 +69,7 @@ class MetricsLogger:
         if self.file is None:
             return
         self.file.write(json.dumps({"step": step, f"{tag}_hist": [int(c) for c in counts]}) + "\n")
+        self.file.flush()
         for sink in self.sinks:
             sink.histogram(step, f"train/{tag}", counts)
 
