@@ -47,7 +47,8 @@ def set_rng_state(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, state: dict, cfg: Config) -> Path:
+def start_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(tmp, final): a fresh, empty `step_N.tmp` to write into, and the name it gets when complete."""
     ckpts = Path(run_dir) / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / step_dir_name(step)
@@ -55,6 +56,11 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, state
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
+    return tmp, final
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, state: dict, cfg: Config) -> Path:
+    tmp, final = start_checkpoint(run_dir, step)
     save_model(model, str(tmp / "model.safetensors"))
     if optimizer is not None:
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")

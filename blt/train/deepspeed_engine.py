@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,7 +27,8 @@ import torch
 import torch.nn as nn
 
 from blt.config import Config, ConfigError
-from blt.train.checkpoint import CheckpointError, finish_checkpoint, read_state, rng_state, set_rng_state, step_dir_name
+from blt.train.checkpoint import (CheckpointError, finish_checkpoint, read_state, rng_state, set_rng_state,
+                                  start_checkpoint)
 from blt.train.distributed import Dist
 from blt.train.optim import build_optimizer
 
@@ -170,16 +170,11 @@ class DeepSpeedEngine:
 
     def save(self, run_dir: Path, step: int, state: dict) -> Path:
         world = self.world
-        ckpts = Path(run_dir) / "checkpoints"
-        final = ckpts / step_dir_name(step)
-        tmp = ckpts / (final.name + ".tmp")
+        tmp = final = None
         if world.is_main:
-            ckpts.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        world.barrier()
-        self.ds.save_checkpoint(str(ckpts), tag=tmp.name, save_latest=False)
+            tmp, final = start_checkpoint(run_dir, step)
+        tmp, final = world.broadcast_object((tmp, final))  # the directory exists for everyone now
+        self.ds.save_checkpoint(str(tmp.parent), tag=tmp.name, save_latest=False)
         torch.save(rng_state(), tmp / f"rank_{world.rank}.pt")
         data_states = world.all_gather_object(state.pop("data"))
         if world.is_main:

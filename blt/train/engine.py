@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from blt.config import Config, ConfigError
 from blt.evaluate import autocast_ctx
-from blt.train.checkpoint import load_training_state, load_weights, read_state, save_checkpoint
+from blt.train.checkpoint import load_training_state, load_weights, save_checkpoint
 from blt.train.optim import build_optimizer, clip_grad_norm
 
 
@@ -49,6 +49,6 @@ class LocalEngine:
         return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg)
 
     def load(self, step_dir: Path) -> dict:
-        read_state(step_dir, "local", 1)  # refuse a distributed checkpoint before touching anything
+        state = load_training_state(step_dir, self.optimizer)  # refuses a distributed checkpoint first
         load_weights(self.model, step_dir)
-        return load_training_state(step_dir, self.optimizer)
+        return state
