@@ -2,11 +2,13 @@
 
     blt train configs/tiny.yaml [key=value ...]         # run dir: config.yaml, metrics.jsonl, checkpoints/
     blt eval runs/tiny [--data FILE ...]                 # one JSON line: bpb, bytes, loss, avg_patch_size
-    blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P]
+    blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P --stop S]
     blt patch runs/tiny --text TEXT                      # how a text splits into patches, with entropies
     blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
     blt plan configs/blt_8b.yaml --nodes 8 --procs-per-node 8   # DeepSpeed config + memory per ZeRO stage
     blt consolidate runs/tiny [--out FILE]               # ZeRO shards -> one model.safetensors
+    blt export runs/tiny exports/tiny [--format hf]      # engine-free safetensors dir (or HF transformers dir)
+    blt import-hf HF_BLT_DIR exports/blt                 # HF BLT dir -> export dir, to evaluate or fine-tune
     blt dashboard runs/tiny [--port 6006]                # TensorBoard on 127.0.0.1, offline
 """
 
@@ -55,21 +57,28 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_generate(args) -> None:
-    from blt.generate import generate_ids, stream_text
+    from blt.generate import Generator, stream_text
 
-    model, cfg, patcher, _ = _load(args.checkpoint, args.device)
-    prompt = args.prompt.encode("utf-8")
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    gen = Generator.load(args.checkpoint, args.device)
+    prompts = args.prompt or [""]
+    opts = dict(max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                seed=args.seed, stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []],
+                cache=not args.no_cache)
+    if len(prompts) == 1 and not args.json:  # stream as UTF-8, never half a character
 
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+        def write(text: str) -> None:
+            sys.stdout.write(text)
+            sys.stdout.flush()
 
-    ids = generate_ids(model, patcher, prompt, args.max_bytes, cfg.data.seq_len, args.temperature,
-                       args.top_k, args.top_p, args.seed, args.device)
-    stream_text(ids, write)
-    sys.stdout.write("\n")
+        write(prompts[0])
+        stream_text((byte for _, byte in gen.stream(prompts, **opts)), write)
+        write("\n")
+    else:
+        outs = gen.generate(prompts, **opts)
+        for p, o in zip(prompts, outs):
+            print(json.dumps({"prompt": p, "text": o.decode("utf-8", errors="replace")}, ensure_ascii=False))
+    if args.stats:
+        print(json.dumps(gen.stats), file=sys.stderr)
 
 
 def _cmd_patch(args) -> None:
@@ -143,6 +152,18 @@ def _cmd_consolidate(args) -> None:
     print(json.dumps({"checkpoint": str(step_dir), "weights": str(out)}))
 
 
+def _cmd_export(args) -> None:
+    from blt.export import export
+
+    print(json.dumps(export(args.checkpoint, args.out, args.format)))
+
+
+def _cmd_import_hf(args) -> None:
+    from blt.export import import_hf
+
+    print(json.dumps(import_hf(args.src, args.out)))
+
+
 def _cmd_dashboard(args) -> None:
     from blt.monitor.dashboard import serve
 
@@ -168,12 +189,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="sample bytes from a checkpoint")
     g.add_argument("checkpoint")
-    g.add_argument("--prompt", default="")
+    g.add_argument("--prompt", action="append", help="prompt text; repeat for a batch of prompts (JSON lines out)")
     g.add_argument("--max-bytes", type=int, default=256)
     g.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
     g.add_argument("--top-k", type=int, default=None)
     g.add_argument("--top-p", type=float, default=None)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stop", action="append", help="stop after this string (included; \\n and \\t work); repeatable")
+    g.add_argument("--no-cache", action="store_true", help="re-run the whole context for every byte (reference)")
+    g.add_argument("--json", action="store_true", help="print {prompt, text} JSON lines instead of streaming")
+    g.add_argument("--stats", action="store_true", help="print bytes/s and global-model calls to stderr")
     g.add_argument("--device", default="cpu")
     g.set_defaults(func=_cmd_generate)
 
@@ -201,6 +226,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help="run dir or checkpoint step dir")
     c.add_argument("--out", help="file to write (default: model.safetensors in the step dir)")
     c.set_defaults(func=_cmd_consolidate)
+
+    x = sub.add_parser("export", help="write an engine-free model dir (or an HF transformers dir with --format hf)")
+    x.add_argument("checkpoint", help="run dir, checkpoint step dir (any ZeRO stage) or export dir")
+    x.add_argument("out", help="new directory to write")
+    x.add_argument("--format", choices=["blt", "hf"], default="blt")
+    x.set_defaults(func=_cmd_export)
+
+    ih = sub.add_parser("import-hf", help="convert an HF BLT dir (config.json + safetensors) into an export dir")
+    ih.add_argument("src")
+    ih.add_argument("out")
+    ih.set_defaults(func=_cmd_import_hf)
 
     d = sub.add_parser("dashboard", help="serve a run's TensorBoard on 127.0.0.1 (no internet needed)")
     d.add_argument("run", help="run dir (or a folder of run dirs)")

@@ -73,6 +73,7 @@ class ModelConfig:
     lm: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=4))  # byte_lm only
     cross_attn_k: int = 2  # patch queries per patch in the encoder pooling (and keys per patch in the decoder)
     cross_attn_heads: int = 4  # heads of the encoder/decoder cross-attention
+    cross_attn_all_layers_decoder: bool = False  # decoder cross-attends to patches before every layer (BLT-1B), not just the first
     hash_ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
     hash_buckets: int = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
     hash_functions: int = 1  # hash functions per n-gram size
@@ -82,6 +83,7 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of Linear/Embedding weights
     dropout: float = 0.0  # residual and embedding dropout in every Transformer (training only)
     tie_embeddings: bool = False  # byte_lm only: share input embedding and output head
+    hf_compat: bool = False  # blt: HF transformers' BltModel conventions (see README), so `blt export --format hf` works
 
 
 # ----------------------------------------------------------------------------- patching
@@ -97,6 +99,7 @@ class PatchingConfig:
     max_patch_length: Optional[int] = 16  # every mode: cut a patch that reaches this many bytes
     entropy_model: Optional[str] = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
     entropy_cache: bool = True  # entropy: precompute entropies for the dataset once (else compute per batch)
+    split_first_byte: bool = False  # byte 1 always starts a patch, so the first byte is a patch of its own (HF/BLT)
 
 
 # ----------------------------------------------------------------------------- data
@@ -145,6 +148,7 @@ class TrainingConfig:
     threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
     activation_checkpointing: bool = False  # recompute every Transformer block in backward (less memory)
     max_minutes: Optional[float] = None  # stop (and checkpoint) after this wall time
+    init_from: Optional[str] = None  # fine-tune: start from these weights (run, checkpoint or export dir), fresh optimizer
 
 
 @dataclass
@@ -344,6 +348,11 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     for o in overrides:
         values = _deep_merge(values, parse_override(o))
     cfg = config_from_dict(values)
+    ent = cfg.patching.entropy_model
+    if path is not None and ent and not Path(ent).is_absolute() and not Path(ent).exists():
+        beside = Path(path).parent / ent  # an export's config.yaml names its own entropy_model/ dir
+        if beside.exists():
+            cfg.patching.entropy_model = str(beside.resolve())
     check_config(cfg)
     return cfg
 
@@ -387,6 +396,12 @@ def check_config(cfg: Config) -> None:
     p = cfg.patching
     if p.mode == "static" and p.patch_size < 1:
         raise ConfigError("patching.patch_size must be >= 1")
+    if m.hf_compat and m.arch == "blt" and not cfg.patching.split_first_byte:
+        raise ConfigError("model.hf_compat=true needs patching.split_first_byte=true (HF's decoder reads the patch "
+                          "that ends at each byte, which is causal only when the first byte is a patch of its own)")
+    if m.hf_compat and m.arch == "blt" and p.mode == "space":
+        raise ConfigError("model.hf_compat=true cannot use patching.mode=space (whether byte t+1 starts a patch "
+                          "depends on byte t+1 itself, which HF's decoder rule would leak); use static or entropy")
     if p.max_patch_length is not None and p.max_patch_length < 1:
         raise ConfigError("patching.max_patch_length must be >= 1 or null")
     if m.arch == "blt" and p.mode == "entropy" and not p.entropy_model:

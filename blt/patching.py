@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from blt.config import PatchingConfig
@@ -94,6 +95,8 @@ def patch_starts(
     else:
         raise ValueError(f"unknown patching mode '{cfg.mode}'")
     starts = starts | (tokens == BOS_ID)
+    if cfg.split_first_byte and starts.shape[1] > 1:
+        starts[:, 1] = True
     return limit_patch_length(starts, cfg.max_patch_length)
 
 
@@ -154,3 +157,53 @@ def threshold_for_patch_size(
             hi = mid
     best = min((lo, hi), key=lambda th: abs(mean_size(th) - target))
     return float(best)
+
+
+class StreamingStarts:
+    """`patch_starts` one byte at a time, for generation: decides whether each arriving byte begins
+    a patch from what came before (and, for space patching, the byte itself), with the same rules
+    and the same result as `patch_starts` on the whole sequence. One state per row.
+
+        ss = StreamingStarts(cfg.patching, threshold)
+        start = ss.push(byte_id, entropy)   # entropy: H of predicting this byte (entropy mode only)
+    """
+
+    def __init__(self, cfg: PatchingConfig, threshold: float | None = None):
+        self.cfg = cfg
+        th = cfg.threshold if threshold is None else threshold
+        self.threshold = None if th is None else np.float32(th)  # compared in float32, as patch_starts does
+        self.t = 0  # position of the next byte in the window
+        self.seg_start = 0  # last start before max_patch_length cuts
+        self.prev_space = False
+        self.prev_entropy = np.float32(math.inf)
+
+    @staticmethod
+    def _spacelike(token: int) -> bool:
+        b = token - OFFSET  # `spacelike` for one id
+        return not (ord("a") <= b <= ord("z") or ord("A") <= b <= ord("Z") or ord("0") <= b <= ord("9") or b >= 0x80)
+
+    def push(self, token: int, entropy: float | None = None) -> bool:
+        c, t = self.cfg, self.t
+        space = self._spacelike(token)
+        h = np.float32(math.inf if entropy is None else entropy)
+        if t == 0:
+            start = True
+        elif c.mode == "static":
+            start = t % c.patch_size == 0
+        elif c.mode == "space":
+            start = self.prev_space and not space
+        elif c.mode == "entropy":
+            if entropy is None or self.threshold is None:
+                raise ValueError("entropy patching needs the byte's entropy and a threshold")
+            with np.errstate(invalid="ignore"):  # inf - inf at the start, as in entropy_starts
+                start = h > self.threshold if c.threshold_mode == "global" else h - self.prev_entropy > self.threshold
+        else:
+            raise ValueError(f"unknown patching mode '{c.mode}'")
+        start = bool(start) or token == BOS_ID or (c.split_first_byte and t == 1)
+        if start:
+            self.seg_start = t
+        elif c.max_patch_length is not None and (t - self.seg_start) % c.max_patch_length == 0:
+            start = True
+        self.prev_space, self.prev_entropy = space, h
+        self.t += 1
+        return start

@@ -39,6 +39,14 @@ def test_errors_are_one_line_and_name_the_key(override, words):
         assert w in msg
 
 
+def test_hf_compat_needs_split_first_byte_and_no_space_patching():
+    with pytest.raises(ConfigError, match="patching.split_first_byte=true"):
+        load_config(None, ["model.hf_compat=true"])
+    with pytest.raises(ConfigError, match="patching.mode=space"):
+        load_config(None, ["model.hf_compat=true", "patching.split_first_byte=true", "patching.mode=space"])
+    assert load_config(None, ["model.hf_compat=true", "patching.split_first_byte=true"]).model.hf_compat
+
+
 def test_entropy_mode_needs_an_entropy_model():
     with pytest.raises(ConfigError, match="blt train configs/entropy_tiny.yaml"):
         load_config(None, ["patching.mode=entropy"])

@@ -142,6 +142,20 @@ def test_consolidated_zero3_checkpoint_gives_the_same_bpb(zero_run, tmp_path, ca
 
 
 @slow
+def test_export_of_a_zero3_checkpoint_gives_the_same_bpb_without_deepspeed(zero_run, tmp_path, capsys):
+    """`blt export` consolidates ZeRO-3 shards into an engine-free dir that evaluates without deepspeed."""
+    run = zero_run(3)
+    code, out, err = run_cli(capsys, "export", run, tmp_path / "export")
+    assert code == 0, err
+    assert not list((tmp_path / "export").rglob("*.pt"))  # safetensors only
+    hide = "import sys; sys.modules['deepspeed'] = None; from blt.cli import main; sys.exit(main(sys.argv[1:]))"
+    done = subprocess.run([sys.executable, "-c", hide, "eval", str(tmp_path / "export"), "--max-bytes", "2048"],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["bpb"] == pytest.approx(final_val(run), abs=1e-5)
+
+
+@slow
 def test_a_distributed_checkpoint_is_not_resumed_by_one_process(zero_run, tmp_path, capsys, cache_dir, entropy_run):
     run = tmp_path / "copy"
     shutil.copytree(zero_run(2), run)

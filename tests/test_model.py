@@ -44,21 +44,25 @@ def text_ids(text: str, T: int) -> torch.Tensor:
     return ids[None]
 
 
-def make_patcher(mode: str) -> Patcher:
+def make_patcher(mode: str, split_first_byte: bool = False) -> Patcher:
     if mode == "entropy":
         torch.manual_seed(1)
         lm = ByteLM(tiny_model_cfg()).eval()
-        p = Patcher(PatchingConfig(mode="entropy", max_patch_length=6), lm)
+        p = Patcher(PatchingConfig(mode="entropy", max_patch_length=6, split_first_byte=split_first_byte), lm)
         p.threshold = float(p.entropies(random_ids(2, 40, seed=5))[:, 1:].median())
         return p
-    return Patcher(PatchingConfig(mode=mode, patch_size=3, max_patch_length=6))
+    return Patcher(PatchingConfig(mode=mode, patch_size=3, max_patch_length=6, split_first_byte=split_first_byte))
 
 
-@pytest.mark.parametrize("mode", ["static", "space", "entropy"])
-def test_changing_byte_t_never_changes_logits_before_t(mode):
+@pytest.mark.parametrize("mode,hf", [("static", False), ("space", False), ("entropy", False),
+                                     ("static", True), ("entropy", True)])
+def test_changing_byte_t_never_changes_logits_before_t(mode, hf):
+    """Also for model.hf_compat (HF's decoder rule, decoder cross-attention in every layer)."""
     torch.manual_seed(0)
-    model = BLT(tiny_model_cfg()).eval()
-    patcher = make_patcher(mode)
+    extra = dict(hf_compat=True, cross_attn_all_layers_decoder=True,
+                 decoder=TransformerConfig(dim=32, layers=2, heads=2, window=8)) if hf else {}
+    model = BLT(tiny_model_cfg(**extra)).eval()
+    patcher = make_patcher(mode, split_first_byte=hf)
     x = text_ids("To be, or not to be: that is the question. Whether 'tis nobler", 48)
     T = x.shape[1]
     with torch.no_grad():

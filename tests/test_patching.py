@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from blt.config import PatchingConfig
@@ -96,3 +97,23 @@ def test_threshold_for_target_patch_size():
     th = threshold_for_patch_size(H, 3.0, "monotonic", max_len=8)
     s = limit_patch_length(entropy_starts(H, th, "monotonic"), 8)
     assert abs(s.numel() / float(s.sum()) - 3.0) < 0.3
+
+
+@pytest.mark.parametrize("mode", ["static", "space", "entropy"])
+@pytest.mark.parametrize("threshold_mode", ["global", "monotonic"])
+@pytest.mark.parametrize("max_len,split_first", [(None, False), (3, True), (16, False)])
+def test_streaming_starts_equal_patch_starts(mode, threshold_mode, max_len, split_first):
+    """Generation decides starts byte by byte; it must cut exactly where whole-sequence patching does."""
+    from blt.patching import StreamingStarts
+
+    cfg = PatchingConfig(mode=mode, patch_size=3, threshold=1.0 if threshold_mode == "global" else 0.1,
+                         threshold_mode=threshold_mode, max_patch_length=max_len, split_first_byte=split_first)
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randint(4, 260, (3, 50), generator=g)
+    toks[:, 0], toks[1, 20], toks[:, 5:8] = 1, 1, 32 + 4  # BOS, a BOS inside, spaces
+    H = torch.rand(3, 50, generator=g) * 2
+    H[:, 0] = math.inf
+    ref = patch_starts(toks, cfg, H)
+    for b in range(3):
+        ss = StreamingStarts(cfg)
+        assert [ss.push(int(toks[b, t]), float(H[b, t])) for t in range(50)] == ref[b].tolist()

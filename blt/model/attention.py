@@ -4,7 +4,7 @@ Self-attention is causal SDPA (optionally a sliding window). The two cross-atten
 exact gather/segment kernels, linear in bytes (../shared/FLEX.md measured them 10-14x faster than
 SDPA with a boolean mask on CPU):
 - encoder pooling: each patch query attends only to the bytes of its own patch (segment softmax);
-- decoder: each byte attends only to the k states of the patch before its own.
+- decoder: each byte attends only to the k states of one earlier patch (the one before its own).
 All tensors are (B, H, L, hd); `patch_ids` (B, T) is the patch index of every byte.
 """
 
@@ -85,25 +85,50 @@ def patch_pooling_attention(
     return out.view(B, H, PK, hd)
 
 
-def previous_patch_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patch_ids: torch.Tensor, cross_k: int
+def patch_state_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, cross_k: int,
+    valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Byte queries attend to the cross_k states of the patch before their own.
+    """Byte queries attend to the cross_k states of one patch each: byte t reads patch src[t].
 
-    q: (B, H, T, hd) byte-level; k, v: (B, H, P*cross_k, hd) patch-level.
-    Bytes of patch 0 have nothing to see and get zeros. Returns (B, H, T, hd).
+    q: (B, H, T, hd) byte-level; k, v: (B, H, P*cross_k, hd) patch-level; src (B, T), -1 = no
+    patch (zeros). `valid` (B, T), when given, says which bytes have a patch instead of src >= 0.
+    Returns (B, H, T, hd).
     """
     B, H, T, hd = q.shape
     P = k.shape[2] // cross_k
-    prev = patch_ids - 1  # (B, T)
-    valid = prev >= 0
-    idx = prev.clamp(min=0).view(B, 1, T, 1, 1).expand(B, H, T, cross_k, hd)
+    valid = src >= 0 if valid is None else valid
+    idx = src.clamp(min=0).view(B, 1, T, 1, 1).expand(B, H, T, cross_k, hd)
     kg = k.view(B, H, P, cross_k, hd).gather(2, idx)  # (B, H, T, k, hd)
     vg = v.view(B, H, P, cross_k, hd).gather(2, idx)
     scores = (q.unsqueeze(3) * kg).sum(-1) * hd**-0.5  # (B, H, T, k)
     w = torch.softmax(scores.float(), dim=-1).to(v.dtype)
     w = w * valid.view(B, 1, T, 1).to(w.dtype)
     return (w.unsqueeze(-1) * vg).sum(3)  # (B, H, T, hd)
+
+
+def previous_patch_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, patch_ids: torch.Tensor, cross_k: int
+) -> torch.Tensor:
+    """Byte queries attend to the cross_k states of the patch before their own (patch 0: zeros)."""
+    return patch_state_attention(q, k, v, patch_ids - 1, cross_k)
+
+
+def decoder_source_patches(patch_ids: torch.Tensor, hf_compat: bool) -> torch.Tensor:
+    """(B, T) patch index of every byte -> (B, T) index of the patch whose global state it reads.
+
+    blt: the patch before its own (which ended before the byte's patch began).
+    hf_compat: HF's rule, patch ids of `patch_lengths[:, 1:]`: patch_id[t + L0] - 1 with L0 the
+    first patch's length, capped at the last byte, and at least 0 (HF's ids start from a 0); with
+    L0 = 1 (patching.split_first_byte) that is the last patch ending at or before t, never counting
+    the window's last byte as a patch end (so a 1-byte window reads patch 0).
+    """
+    if not hf_compat:
+        return patch_ids - 1
+    B, T = patch_ids.shape
+    first_len = (patch_ids == 0).sum(1, keepdim=True)  # (B, 1) L0
+    pos = (torch.arange(T, device=patch_ids.device)[None] + first_len).clamp(max=T - 1)  # (B, T)
+    return (patch_ids.gather(1, pos) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- dense references

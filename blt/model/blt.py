@@ -7,8 +7,8 @@ Logits at byte t predict byte t+1 and depend only on bytes <= t: the encoder is 
 summary pools only its own bytes, and a byte reads only the global state of the patch before its
 own (which has seen nothing past that patch's end). Module names follow HF transformers'
 BltModel (local_encoder / global_transformer / local_decoder, q/k/v/o_proj, patch_embedding_projection,
-token_embedding_projection), so an export is a key rename; HF's residual and decoder-patch
-conventions differ (see the README).
+token_embedding_projection), so an HF export is a key rename (blt/hf.py); HF's residual and
+decoder-patch conventions differ unless `model.hf_compat` is set (see the README).
 """
 
 from __future__ import annotations
@@ -18,17 +18,18 @@ import torch.nn as nn
 
 from blt.config import ModelConfig
 from blt.data.tokens import VOCAB_SIZE
-from blt.model.attention import patch_pooling_attention, previous_patch_attention
+from blt.model.attention import decoder_source_patches, patch_pooling_attention, patch_state_attention
 from blt.model.hash_embed import HashNgramEmbedding
 from blt.model.layers import RMSNorm, Transformer
 
 
 class CrossAttention(nn.Module):
     """Queries from one sequence, keys/values from another (bytes <-> patches), pre-normed,
-    with a residual; the kernel decides who sees whom."""
+    with a residual (HF adds the input twice: `double_residual`); the kernel decides who sees whom."""
 
-    def __init__(self, dim: int, heads: int, eps: float):
+    def __init__(self, dim: int, heads: int, eps: float, double_residual: bool = False):
         super().__init__()
+        self.double_residual = double_residual
         self.heads, self.head_dim = heads, dim // heads
         self.q_norm, self.k_norm = RMSNorm(dim, eps), RMSNorm(dim, eps)
         self.q_proj = nn.Linear(dim, dim, bias=False)
@@ -37,14 +38,22 @@ class CrossAttention(nn.Module):
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int):
-        B, Q, D = x.shape
-        K = ctx.shape[1]
+        return self.attend(x, *self.keys_values(ctx), kernel, patch_ids, cross_k)
+
+    def keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, K, D) context -> its keys and values (B, K, D); generation computes them once per patch."""
         c = self.k_norm(ctx)
+        return self.k_proj(c), self.v_proj(c)
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int):
+        B, Q, D = x.shape
+        K = k.shape[1]
         q = self.q_proj(self.q_norm(x)).view(B, Q, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Q, hd)
-        k = self.k_proj(c).view(B, K, self.heads, self.head_dim).transpose(1, 2)  # (B, H, K, hd)
-        v = self.v_proj(c).view(B, K, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, K, self.heads, self.head_dim).transpose(1, 2)  # (B, H, K, hd)
+        v = v.view(B, K, self.heads, self.head_dim).transpose(1, 2)
         y = kernel(q, k, v, patch_ids, cross_k)  # (B, H, Q, hd)
-        return x + self.o_proj(y.transpose(1, 2).reshape(B, Q, D))
+        out = self.o_proj(y.transpose(1, 2).reshape(B, Q, D))
+        return x + (out + x) if self.double_residual else x + out
 
 
 class LocalEncoder(nn.Module):
@@ -60,7 +69,7 @@ class LocalEncoder(nn.Module):
         )
         self.transformer = Transformer(cfg.encoder, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.patch_embedding_projection = nn.Linear(D, D * k, bias=False)
-        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
+        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat)
 
     def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor, num_patches: int):
         B, T = tokens.shape
@@ -83,8 +92,12 @@ class LocalDecoder(nn.Module):
         super().__init__()
         D, k = cfg.decoder.dim, cfg.cross_attn_k
         self.k = k
+        self.hf_compat = cfg.hf_compat
         self.patch_embedding_projection = nn.Linear(cfg.global_model.dim, D * k, bias=False)
-        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps)
+        self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat)  # before layer 0
+        more = cfg.decoder.layers - 1 if cfg.cross_attn_all_layers_decoder else 0
+        self.layer_cross_attn = nn.ModuleList(  # before layers 1.. (cross_attn_all_layers_decoder)
+            [CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat) for _ in range(more)])
         self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
@@ -93,9 +106,16 @@ class LocalDecoder(nn.Module):
         B, P, _ = g.shape
         D = h.shape[-1]
         kv = self.patch_embedding_projection(g).view(B, P * self.k, D)  # (B, P*k, D) patch-level
-        h = self.cross_attn(h, kv, previous_patch_attention, patch_ids, self.k)  # (B, T, D) byte-level
-        h = self.transformer(h)
+        src = decoder_source_patches(patch_ids, self.hf_compat)  # (B, T) the patch each byte reads
+        h = self.cross_attn(h, kv, patch_state_attention, src, self.k)  # (B, T, D) byte-level
+        h = self.transformer(h, self.before_layer(kv, patch_state_attention, src))
         return self.lm_head(self.norm(h))  # (B, T, V)
+
+    def before_layer(self, kv: torch.Tensor, kernel, src: torch.Tensor):
+        """The cross-attention before decoder layers 1.. (None without cross_attn_all_layers_decoder)."""
+        if len(self.layer_cross_attn) == 0:
+            return None
+        return lambda i, h: h if i == 0 else self.layer_cross_attn[i - 1](h, kv, kernel, src, self.k)
 
 
 class GlobalTransformer(nn.Module):

@@ -70,9 +70,10 @@ def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
         enc = stack_flops(cfg.encoder, seq_len)
         enc += (2 * D * D * k + 2 * k * cross / 2) / patch_size  # patch projection, q/o for k queries per patch
         enc += 2 * cross / 2 + 4 * k * D  # k/v per byte, scores and values against k queries
-        dec = stack_flops(cfg.decoder, seq_len) + 2 * D * VOCAB_SIZE
-        dec += 2 * cross / 2 + 4 * k * D  # q/o per byte, scores and values against k keys
-        dec += (2 * Dg * D * k + 2 * k * cross / 2) / patch_size  # patch projection, k/v for k keys per patch
+        dec = stack_flops(cfg.decoder, seq_len) + 2 * D * VOCAB_SIZE + 2 * Dg * D * k / patch_size  # + patch projection
+        crosses = max(1, cfg.decoder.layers) if cfg.cross_attn_all_layers_decoder else 1
+        dec += crosses * (2 * cross / 2 + 4 * k * D)  # q/o per byte, scores and values against k keys
+        dec += crosses * (2 * k * cross / 2) / patch_size  # k/v for k keys per patch
         glob = (stack_flops(cfg.global_model, int(patches)) + 2 * D * k * Dg) / patch_size
         local = enc + dec
     fwd = local + glob

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from blt.config import SparseAttentionConfig, TransformerConfig
 from blt.model.attention import causal_self_attention
+from blt.model.kv_cache import KVCache
 from blt.model.sparse_attention import sparse_attention
 from blt.model.sparse_patterns import Pattern
 
@@ -22,19 +23,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op (the same arithmetic)
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, head_dim/2) for integer `positions` (T,)."""
+    """cos/sin tables (..., head_dim/2) for integer `positions` (T,) or (B, n)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    ang = positions.float()[:, None] * inv[None, :]  # (T, hd/2)
+    ang = positions.float()[..., None] * inv  # (..., hd/2)
     return ang.cos(), ang.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by position; pairs are (first half, second half) as in HF Llama/BLT."""
+    """Rotate (B, H, T, hd) by position; pairs are (first half, second half) as in HF Llama (HF's
+    BLT rotates interleaved pairs: blt/hf.py permutes q/k rows when converting)."""
     h = x.shape[-1] // 2
     x1, x2 = x[..., :h].float(), x[..., h:].float()
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -79,6 +83,20 @@ class SelfAttention(nn.Module):
             y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
+    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
+             mask: torch.Tensor, w_qkv: torch.Tensor) -> torch.Tensor:
+        """n new positions per row (B, n, D) against the cache; cos/sin (B, 1, n, hd), mask (B, *, n, L);
+        w_qkv: the q, k and v projections stacked (one matmul instead of three)."""
+        B, n, D = x.shape
+        qkv = F.linear(x, w_qkv).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, hd)
+        qk, h = qkv[:2], self.head_dim // 2  # rotate q and k together; cos/sin hold both halves here:
+        qk = qk.float()  # RoPE in fp32 (a no-op for fp32 models), as apply_rope does
+        q, k = (qk * cos + torch.cat([qk[..., h:], qk[..., :h]], dim=-1) * sin).to(x.dtype)  # = apply_rope
+        v = qkv[2]
+        keys, values = cache.write(layer, k, v)  # (B, H, L, hd) every cached position plus the new ones
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # the cache has the model's dtype
+        return self.o_proj(y.transpose(1, 2).reshape(B, n, D))
+
 
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + swiglu(norm(x))."""
@@ -95,6 +113,12 @@ class Block(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
+    def step(self, x, cos, sin, cache: KVCache, layer: int, mask, fused: tuple) -> torch.Tensor:
+        w_qkv, w_gate_up = fused
+        x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, cache, layer, mask, w_qkv)
+        gate, up = F.linear(self.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
+        return x + self.mlp.down_proj(F.silu(gate) * up)
+
 
 class Transformer(nn.Module):
     """A stack of causal blocks over one sequence axis (bytes or patches), RoPE on positions 0..T-1."""
@@ -105,11 +129,35 @@ class Transformer(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.layers = nn.ModuleList([Block(cfg, eps, dropout) for _ in range(cfg.layers)])
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, L, D) -> (B, L, D); L is bytes or patches. Dropout on the input, then the blocks."""
+    def forward(self, x: torch.Tensor, before=None) -> torch.Tensor:
+        """(B, L, D) -> (B, L, D); L is bytes or patches. Dropout on the input, then the blocks;
+        `before(i, x)`, if given, transforms x before block i (the decoder's cross-attention)."""
         x = self.dropout(x)
         T = x.shape[1]
         cos, sin = rope_tables(torch.arange(T, device=x.device), self.cfg.dim // self.cfg.heads, self.rope_theta)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            x = x if before is None else before(i, x)
             x = layer(x, cos, sin)
+        return x
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
+        """Incremental forward: (B, n, D) new positions of each row -> (B, n, D), the same values the
+        full forward gives at those positions; the first valid[b] (default n) are kept in the cache."""
+        B, n, _ = x.shape
+        pattern = self.layers[0].self_attn.pattern if len(self.layers) else None
+        mask = cache.begin(n, self.cfg.window if pattern is None else None, pattern)
+        if cache.tables is None:  # once per cache: RoPE tables of every position, stacked projections
+            cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=x.device),
+                                       self.cfg.dim // self.cfg.heads, self.rope_theta)  # (C, hd/2)
+            cos_t, sin_t = torch.cat([cos_t, cos_t], -1), torch.cat([-sin_t, sin_t], -1)  # (C, hd) for step
+            fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
+                      torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in self.layers]
+            cache.tables = (cos_t, sin_t, fused)
+        cos_t, sin_t, fused = cache.tables
+        cos, sin = cos_t[cache.pos][:, None], sin_t[cache.pos][:, None]  # (B, 1, n, hd)
+        for i, layer in enumerate(self.layers):
+            x = x if before is None else before(i, x)
+            x = layer.step(x, cos, sin, cache, i, mask, fused[i])
+        cache.advance(torch.full((B,), n, dtype=torch.long, device=x.device) if valid is None else valid)
         return x

@@ -97,15 +97,13 @@ def sample_prompts(val_tokens: np.ndarray, count: int, length: int = 48) -> list
 
 def generate_samples(model, patcher, prompts: list[bytes], max_bytes: int, context: int, device) -> list[list]:
     """Rows (prompt, output, settings): temperature 0.8, top-p 0.95, seed 0 (the same on every rank)."""
-    from blt.generate import generate_ids
+    from blt.generate import Generator
 
     was_training = model.training
-    rows = []
-    for prompt in prompts:
-        out = bytes(generate_ids(model, patcher, prompt, max_bytes, context, temperature=0.8, top_p=0.95,
-                                 seed=0, device=device))
-        rows.append([prompt.decode("utf-8", "replace"), out.decode("utf-8", "replace"),
-                     "temperature 0.8, top_p 0.95, seed 0"])
+    outs = Generator(model, patcher, context).generate(prompts, max_bytes=max_bytes, temperature=0.8, top_p=0.95,
+                                                      seed=0)
+    rows = [[p.decode("utf-8", "replace"), o.decode("utf-8", "replace"), "temperature 0.8, top_p 0.95, seed 0"]
+            for p, o in zip(prompts, outs)]
     if was_training:
         model.train()
     return rows

@@ -170,9 +170,13 @@ def checkpoint_config(step_dir: Path) -> Config:
 
 
 def load_model_from_checkpoint(path: str | Path, device: str = "cpu"):
-    """Rebuild the model a checkpoint was trained with and load its weights; returns (model, cfg, step_dir)."""
+    """Rebuild the model a checkpoint (or an export dir) was trained with and load its weights;
+    returns (model, cfg, step_dir)."""
+    from blt.export import is_export, load_export
     from blt.model import build_model
 
+    if is_export(path):
+        return load_export(path, device)
     step_dir = find_checkpoint(path)
     cfg = checkpoint_config(step_dir)
     model = build_model(cfg.model)

@@ -123,6 +123,19 @@ def build_patcher(cfg: Config, device) -> Patcher:
     return Patcher.from_config(cfg.patching, device)
 
 
+def init_weights_from(model, source: str) -> None:
+    """Fine-tuning: copy the weights of a run, checkpoint or export into `model` (same architecture)."""
+    from blt.train.checkpoint import load_model_from_checkpoint
+
+    src, _, where = load_model_from_checkpoint(source, "cpu")
+    try:
+        model.load_state_dict(src.state_dict())
+    except RuntimeError as e:
+        detail = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), "")
+        raise ConfigError(f"training.init_from '{where}' does not fit this model config "
+                          f"(use the model section of its config.yaml): {detail[:200]}") from None
+
+
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag checked between steps (a second SIGINT interrupts at once)."""
 
@@ -182,6 +195,9 @@ class Trainer:
 
         torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model).to(self.device)
+        if cfg.training.init_from and resume_from is None:
+            init_weights_from(self.model, cfg.training.init_from)
+            log(f"weights from {cfg.training.init_from} (training.init_from)")
         info = model_info(cfg, self.model, self.patcher, self.data)  # before ZeRO-3 partitions the weights
         if cfg.training.activation_checkpointing:
             apply_activation_checkpointing(self.model)

@@ -1,0 +1,219 @@
+"""Incremental (KV-cached) forward passes of BLT and the byte LM, for generation.
+
+The caller feeds bytes as they arrive, with their patch starts (decided on the fly, see
+blt/patching.py `StreamingStarts`); every component keeps its own KV cache:
+- the local encoder and decoder run on the new bytes only;
+- when a patch is complete (the next one has started) it is pooled from the cached encoder states
+  and the global Transformer runs once for it, extending its patch-level cache;
+- the decoder reads each byte's source patch from the cached global states.
+Each feed returns the next-byte logits, equal (up to float rounding) to the full forward on the
+whole sequence at the last byte.
+
+    inc = IncrementalBLT(model, batch=2, capacity=1024)
+    logits = inc.feed(tokens, starts, valid)   # (B, n) new bytes, (B, n) starts, (B,) how many -> (B, V)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from blt.model.attention import patch_state_attention
+from blt.model.kv_cache import KVCache
+
+
+def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
+    """(B,) starts -> (B, n) start + 0..n-1."""
+    return start[:, None] + torch.arange(n, device=start.device)[None]
+
+
+def _masked_pool_kernel(q, k, v, mask, cross_k):
+    """Patch queries (N, H, k, hd) over their own bytes (N, H, L, hd); mask (N, L) marks the bytes."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+
+
+def _one_patch_kernel(q, k, v, ids, cross_k):
+    """One byte (B, H, 1, hd) attending to its patch's cross_k states (B, H, cross_k, hd)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+class IncrementalByteLM:
+    """The byte LM (entropy model or baseline) one chunk of bytes at a time."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        p = next(model.parameters())
+        self.model = model
+        self.cache = KVCache.for_transformer(model.transformer, batch, capacity, p.device, p.dtype)
+
+    @property
+    def lens(self) -> torch.Tensor:
+        return self.cache.lens
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, n) new byte ids, (B,) valid counts -> (B, n, V) next-byte logits at each new byte."""
+        m = self.model
+        h = m.transformer.step(m.embed_tokens(tokens), self.cache, valid)  # (B, n, D) byte-level
+        return m.lm_head(m.norm(h))
+
+
+class IncrementalBLT:
+    """BLT one chunk of bytes at a time; see the module docstring."""
+
+    def __init__(self, model, batch: int, capacity: int):
+        p = next(model.parameters())
+        dev, dt = p.device, p.dtype
+        self.model, self.capacity = model, capacity
+        enc, dec = model.local_encoder, model.local_decoder
+        self.k, self.hf = enc.k, dec.hf_compat
+        D = enc.embed_tokens.embedding_dim
+        self.enc_cache = KVCache.for_transformer(enc.transformer, batch, capacity, dev, dt)
+        self.dec_cache = KVCache.for_transformer(dec.transformer, batch, capacity, dev, dt)
+        self.glob_cache = KVCache.for_transformer(model.global_transformer.transformer, batch, capacity, dev, dt)
+        self.tokens = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) bytes so far
+        self.patch_ids = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) patch of each byte
+        self.h = torch.zeros(batch, capacity, D, device=dev, dtype=dt)  # (B, C, D) encoder states, byte-level
+        self.patch_start = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) first byte of patch p
+        # every decoder cross-attention's keys and values of every patch, computed once per patch
+        self.cross = [dec.cross_attn, *dec.layer_cross_attn]
+        Dd = dec.lm_head.in_features
+        self.dec_k = [torch.zeros(batch, capacity, self.k, Dd, device=dev, dtype=dt) for _ in self.cross]  # patch-level
+        self.dec_v = [torch.zeros_like(t) for t in self.dec_k]
+        self.lens = torch.zeros(batch, dtype=torch.long, device=dev)  # bytes fed per row
+        self.done = torch.zeros(batch, dtype=torch.long, device=dev)  # patches with a global state per row
+        self.cur_pid = torch.full((batch,), -1, dtype=torch.long, device=dev)  # patch of each row's last byte
+        self.global_calls = 0  # global Transformer steps (one per batch of newly completed patches)
+        self.global_patches = 0  # patches the global Transformer processed
+
+    @torch.no_grad()
+    def feed(self, tokens: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """tokens, starts (B, n): new bytes and whether each begins a patch; valid (B,): how many of
+        each row's n are real. Returns (B, V) logits for the byte after each row's last real byte."""
+        B, n = tokens.shape
+        if int((self.lens + n).max()) > self.capacity:
+            raise RuntimeError("IncrementalBLT is full: start a new one on a shorter context")
+        slots = _arange_rows(self.lens, n)  # (B, n) where the new bytes go
+        real = torch.arange(n, device=tokens.device)[None] < valid[:, None]  # (B, n)
+        pids = self.cur_pid[:, None] + (starts & real).long().cumsum(1)  # (B, n)
+        self.cur_pid = pids[:, -1] if n == 1 else pids.gather(1, (valid - 1).clamp(min=0)[:, None])[:, 0]
+        self.tokens.scatter_(1, slots, tokens)
+        self.patch_ids.scatter_(1, slots, pids)
+        rows, cols = (starts & real).nonzero(as_tuple=True)
+        self.patch_start[rows, pids[rows, cols]] = slots[rows, cols]
+        h = self._encode(tokens, slots, valid)
+        new_lens = self.lens + valid
+        self._complete_patches(new_lens)
+        if not self.hf and n == 1 and bool(valid.all()) and int(self.cur_pid.min()) > 0:
+            logits = self._decode_one(h)  # the common generation step: one byte per row, after patch 0
+        else:
+            logits = self._decode(new_lens, valid)
+        self.lens = new_lens
+        return logits
+
+    def _encode(self, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        enc = self.model.local_encoder
+        B, n = tokens.shape
+        x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
+        if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
+            back = max(enc.hash_embed.sizes)
+            rows = [enc.hash_embed.rows_at_end(self.tokens[b, max(0, int(s) - back + 1) : int(s) + 1].tolist())
+                    for b, s in enumerate(self.lens)]  # the new byte is already in self.tokens
+            x = x + enc.hash_embed.embedding(torch.tensor(rows, device=x.device)).sum(1)[:, None]
+        elif enc.hash_embed is not None:  # n-grams reach back max(sizes) - 1 bytes into the cache
+            back = max(enc.hash_embed.sizes) - 1
+            pos = _arange_rows(self.lens - back, back + n)  # (B, back + n)
+            ctx = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)
+            x = x + enc.hash_embed(ctx)[:, back:]
+        h = enc.transformer.step(x, self.enc_cache, valid)  # (B, n, D)
+        self.h.scatter_(1, slots[..., None].expand_as(h), h)
+        return h
+
+    def _complete_patches(self, new_lens: torch.Tensor) -> None:
+        """Pool every patch that is now complete and run the global Transformer once on them."""
+        last_pid = self.cur_pid  # (B,), -1 for an empty row
+        target = last_pid.clamp(min=0)  # patches < the last byte's patch are complete
+        if self.hf:  # split_first_byte: patch 0 is byte 0 alone, complete as soon as it exists
+            target = torch.where(new_lens > 0, target.clamp(min=1), target)
+        todo = (target - self.done).clamp(min=0)  # (B,) new complete patches per row
+        if int(todo.sum()) == 0:
+            return
+        enc, glob, dec = self.model.local_encoder, self.model.global_transformer, self.model.local_decoder
+        rows, pids, lo, hi = [], [], [], []
+        done, tgt, last, lens = self.done.tolist(), target.tolist(), last_pid.tolist(), new_lens.tolist()
+        for b in range(len(done)):
+            if tgt[b] <= done[b]:
+                continue
+            first = self.patch_start[b, done[b] : tgt[b] + 1].tolist()  # starts of patches done..target
+            for j, p in enumerate(range(done[b], tgt[b])):
+                rows.append(b), pids.append(p), lo.append(first[j])
+                hi.append(first[j + 1] if p + 1 <= last[b] else lens[b])  # patch p ends where p + 1 starts
+        L = max(h - lo_ for lo_, h in zip(lo, hi))
+        lo_t = torch.tensor(lo, device=self.h.device)
+        idx = _arange_rows(lo_t, L).clamp(max=self.capacity - 1)  # (N, L) byte slots of each patch
+        mask = torch.arange(L, device=idx.device)[None] < (torch.tensor(hi, device=idx.device) - lo_t)[:, None]
+        rows_t = torch.tensor(rows, device=idx.device)
+        hp = self.h[rows_t[:, None], idx]  # (N, L, D) the patches' bytes
+        N, _, D = hp.shape
+        pooled = hp.masked_fill(~mask[..., None], float("-inf")).amax(1)  # (N, D)
+        queries = enc.patch_embedding_projection(pooled).view(N, self.k, D)  # (N, k, D)
+        summaries = enc.cross_attn(queries, hp, _masked_pool_kernel, mask, self.k).view(N, self.k * D)
+        # pack per row (B, m, k*D) and step the global model: one call for every new patch
+        m = int(todo.max())
+        order = torch.tensor([p - int(self.done[b]) for b, p in zip(rows, pids)], device=idx.device)
+        packed = summaries.new_zeros(len(todo), m, self.k * D)
+        packed[rows_t, order] = summaries
+        g = glob.transformer.step(glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
+        kv = dec.patch_embedding_projection(g[rows_t, order]).view(N, self.k, -1)  # (N, k, D) decoder context
+        pids_t = torch.tensor(pids, device=idx.device)
+        for cross, keys, values in zip(self.cross, self.dec_k, self.dec_v):
+            keys[rows_t, pids_t], values[rows_t, pids_t] = cross.keys_values(kv)
+        self.done = self.done + todo
+        self.global_calls += 1
+        self.global_patches += N
+
+    def _decode_one(self, h: torch.Tensor) -> torch.Tensor:
+        """_decode for one new byte per row, each reading the patch before its own (all exist)."""
+        dec, B = self.model.local_decoder, h.shape[0]
+        at = (torch.arange(B, device=h.device), self.cur_pid - 1)
+        kv = [(keys[at], values[at]) for keys, values in zip(self.dec_k, self.dec_v)]  # (B, k, D) each
+        x = dec.cross_attn.attend(h, *kv[0], _one_patch_kernel, None, self.k)  # (B, 1, D) byte-level
+        more = None if len(kv) == 1 else (
+            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], _one_patch_kernel, None, self.k))
+        x = dec.transformer.step(x, self.dec_cache, None, more)
+        return dec.lm_head(dec.norm(x[:, 0]))  # (B, V)
+
+    def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        dec = self.model.local_decoder
+        first = self.lens.clone()
+        if self.hf:  # HF: a byte reads the patch its next byte closes, so the previous byte is redone
+            redo = (self.lens > 0) & (valid > 0)
+            self.dec_cache.rewind(redo.long())
+            first = first - redo.long()
+        count = new_lens - first  # (B,) bytes through the decoder
+        n2 = int(count.max())
+        slots = _arange_rows(first, n2).clamp(max=self.capacity - 1)  # (B, n2)
+        h = self.h.gather(1, slots[..., None].expand(-1, -1, self.h.shape[-1]))  # (B, n2, D)
+        pid = self.patch_ids.gather(1, slots)
+        if self.hf:  # patch_id[min(t + 1, T - 1)] - 1 (first patch has length 1)
+            nxt = torch.minimum(slots + 1, (new_lens - 1).clamp(min=0)[:, None])
+            src = (self.patch_ids.gather(1, nxt) - 1).clamp(min=0)
+        else:
+            src = pid - 1
+        B = h.shape[0]
+        at = (torch.arange(B, device=h.device)[:, None], src.clamp(min=0))  # each byte's source patch
+        kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
+        local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
+        valid = src >= 0
+        if n2 == 1 and bool(valid.all()):  # one byte reading one patch: plain attention over its k states
+            kernel = _one_patch_kernel
+        else:
+            kernel = partial(patch_state_attention, valid=valid)
+        x = dec.cross_attn.attend(h, *kv[0], kernel, local, self.k)  # (B, n2, D) byte-level
+        more = None if len(kv) == 1 else (
+            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, local, self.k))
+        x = dec.transformer.step(x, self.dec_cache, count, more)
+        last = (count - 1).clamp(min=0)
+        x_last = x[torch.arange(B, device=h.device), last]  # (B, D)
+        return dec.lm_head(dec.norm(x_last))  # (B, V)
