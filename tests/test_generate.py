@@ -117,3 +117,19 @@ def test_streamed_text_is_always_whole_utf8_characters():
     assert all(p.encode("utf-8") for p in pieces)  # every write is valid on its own
     assert "".join(pieces) == codecs.decode(data, "utf-8", errors="replace")
     assert "é" in pieces and "🙂" in pieces  # multi-byte characters arrive whole
+
+
+def test_cached_generation_with_sparse_attention_patterns():
+    """Length-independent sparse patterns (local, strided, longformer) give the same bytes cached."""
+    torch.manual_seed(0)
+    sparse = {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": None,
+                          "sparse": {"pattern": "strided", "block": 4, "dilation": 2, "num_sliding_window_blocks": 4}},
+              "global_model": {"dim": 64, "layers": 2, "heads": 2,
+                               "sparse": {"pattern": "local", "block": 4, "window": 6}},
+              "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": None,
+                          "sparse": {"pattern": "longformer", "block": 8, "num_sliding_window_blocks": 3,
+                                     "global_block_indices": [0]}}}
+    cfg = config_from_dict({"model": {**BLT, **sparse}, "patching": {"mode": "static", "patch_size": 3}})
+    gen = Generator(build_model(cfg.model).eval(), Patcher(cfg.patching), 96)
+    assert gen.generate(PROMPTS, max_bytes=40, temperature=0) == gen.generate(PROMPTS, max_bytes=40, temperature=0,
+                                                                              cache=False)

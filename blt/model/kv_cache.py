@@ -30,6 +30,8 @@ class KVCache:
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)  # cached positions per row
         self.tables = None  # the Transformer's per-cache constants (RoPE tables, stacked weights)
         self.pos, self.L, self.lo, self.in_step = None, 0, 0, True  # the current step's plan (`begin`)
+        self.steps = torch.arange(capacity, device=device)
+        self.dense = None  # a sparse pattern's mask over the whole capacity
 
     @classmethod
     def for_transformer(cls, transformer, batch: int, capacity: int, device=None, dtype=torch.float32) -> "KVCache":
@@ -52,7 +54,7 @@ class KVCache:
         all of [lo, L) (one new position, rows of equal length, no pattern)."""
         self.check_room(n)
         top, low = int(self.lens.max()), int(self.lens.min())
-        self.pos = self.positions(n)  # (B, n)
+        self.pos = self.lens[:, None] + self.steps[:n]  # (B, n)
         self.L, self.lo = top + n, max(0, low - window + 1) if window is not None else 0
         self.in_step = top == low  # all rows write the same slots: a slice, not a scatter
         if n == 1 and self.in_step and pattern is None:
@@ -63,7 +65,9 @@ class KVCache:
         if window is not None:
             ok = ok & (j > q - window)
         if pattern is not None:  # the pattern's rows at these positions (layout of the full capacity)
-            dense = pattern.dense_mask(self.capacity, q.device)[:, :, self.lo : self.L]  # (Hl, C, L - lo)
+            if self.dense is None:
+                self.dense = pattern.dense_mask(self.capacity, q.device)  # (Hl, C, C), once per cache
+            dense = self.dense[:, :, self.lo : self.L]  # (Hl, C, L - lo)
             rows = q[:, 0, :, 0].clamp(max=self.capacity - 1)  # (B, n)
             ok = ok & dense[:, rows].permute(1, 0, 2, 3)  # (B, Hl, n, L - lo)
         return ok
@@ -81,7 +85,7 @@ class KVCache:
             self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
         return self.k[layer, :, :, self.lo : self.L], self.v[layer, :, :, self.lo : self.L]
 
-    def advance(self, valid: torch.Tensor) -> None:
+    def advance(self, valid: torch.Tensor | int) -> None:
         self.lens += valid
 
     def rewind(self, counts: torch.Tensor) -> None:

@@ -83,18 +83,23 @@ class SelfAttention(nn.Module):
             y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
-    def step(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache, layer: int,
-             mask: torch.Tensor, w_qkv: torch.Tensor) -> torch.Tensor:
-        """n new positions per row (B, n, D) against the cache; cos/sin (B, 1, n, hd), mask (B, *, n, L);
-        w_qkv: the q, k and v projections stacked (one matmul instead of three)."""
+    def step(self, x: torch.Tensor, rope: tuple, cache: KVCache, layer: int, mask: torch.Tensor | None,
+             w_qkv: torch.Tensor) -> torch.Tensor:
+        """n new positions per row (B, n, D) against the cache; rope = (cos, sin, half-swap index)
+        with cos/sin (B, 1, n, hd); mask (B, *, n, L) or None; w_qkv: the q, k and v projections
+        stacked (one matmul instead of three)."""
         B, n, D = x.shape
-        qkv = F.linear(x, w_qkv).view(B, n, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, n, hd)
-        qk, h = qkv[:2], self.head_dim // 2  # rotate q and k together; cos/sin hold both halves here:
-        qk = qk.float()  # RoPE in fp32 (a no-op for fp32 models), as apply_rope does
-        q, k = (qk * cos + torch.cat([qk[..., h:], qk[..., :h]], dim=-1) * sin).to(x.dtype)  # = apply_rope
-        v = qkv[2]
-        keys, values = cache.write(layer, k, v)  # (B, H, L, hd) every cached position plus the new ones
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # the cache has the model's dtype
+        H = self.heads
+        qkv = F.linear(x, w_qkv).view(B, n, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, n, hd): q, k, v heads
+        cos, sin, swap = rope
+        qk = qkv[:, : 2 * H]  # rotate q and k together: x * cos + (second half, first half) * sin
+        if qk.dtype == torch.float32:  # = apply_rope, bit for bit
+            qk = qk * cos + qk[..., swap] * sin
+        else:  # RoPE in fp32, as apply_rope does
+            qk = (qk.float() * cos + qk[..., swap].float() * sin).to(x.dtype)
+        q, k = qk.chunk(2, dim=1)  # (B, H, n, hd) each
+        keys, values = cache.write(layer, k, qkv[:, 2 * H :])  # (B, H, L, hd) every visible position
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, n, D))
 
 
@@ -113,9 +118,9 @@ class Block(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
-    def step(self, x, cos, sin, cache: KVCache, layer: int, mask, fused: tuple) -> torch.Tensor:
+    def step(self, x, rope: tuple, cache: KVCache, layer: int, mask, fused: tuple) -> torch.Tensor:
         w_qkv, w_gate_up = fused
-        x = x + self.self_attn.step(self.input_layernorm(x), cos, sin, cache, layer, mask, w_qkv)
+        x = x + self.self_attn.step(self.input_layernorm(x), rope, cache, layer, mask, w_qkv)
         gate, up = F.linear(self.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
         return x + self.mlp.down_proj(F.silu(gate) * up)
 
@@ -150,14 +155,16 @@ class Transformer(nn.Module):
         if cache.tables is None:  # once per cache: RoPE tables of every position, stacked projections
             cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=x.device),
                                        self.cfg.dim // self.cfg.heads, self.rope_theta)  # (C, hd/2)
-            cos_t, sin_t = torch.cat([cos_t, cos_t], -1), torch.cat([-sin_t, sin_t], -1)  # (C, hd) for step
+            cos_t, sin_t = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([-sin_t, sin_t], -1)[:, None]  # (C, 1, hd)
+            hd = cos_t.shape[-1]
+            swap = torch.cat([torch.arange(hd // 2, hd), torch.arange(hd // 2)]).to(x.device)  # halves exchanged
             fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
                       torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in self.layers]
-            cache.tables = (cos_t, sin_t, fused)
-        cos_t, sin_t, fused = cache.tables
-        cos, sin = cos_t[cache.pos][:, None], sin_t[cache.pos][:, None]  # (B, 1, n, hd)
+            cache.tables = (cos_t, sin_t, swap, fused)
+        cos_t, sin_t, swap, fused = cache.tables
+        rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2), swap)  # (B, 1, n, hd)
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
-            x = layer.step(x, cos, sin, cache, i, mask, fused[i])
-        cache.advance(torch.full((B,), n, dtype=torch.long, device=x.device) if valid is None else valid)
+            x = layer.step(x, rope, cache, i, mask, fused[i])
+        cache.advance(n if valid is None else valid)
         return x
