@@ -150,12 +150,12 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output directory '{out}' is not empty; pick a new one or remove it")
     cfg, state, ecfg, estate = read_hf(Path(src))
-    model = build_model(cfg.model)
-    model.load_state_dict(state, strict=True)
-    emodel = None
-    if ecfg is not None:
-        emodel = build_model(ecfg.model)
-        emodel.load_state_dict(estate, strict=True)
-    with torch.no_grad():
-        write_export(out, model, cfg, {"source": str(Path(src).resolve()), "imported_from": "hf"}, emodel, ecfg)
+    dtype = next(t.dtype for t in state.values() if t.is_floating_point())  # keep bf16 weights bf16
+    with torch.device("meta"):  # no random init: every weight comes from the HF files
+        model = build_model(cfg.model).to(dtype)
+        emodel = build_model(ecfg.model).to(dtype) if ecfg is not None else None
+    model.load_state_dict(state, strict=True, assign=True)
+    if emodel is not None:
+        emodel.load_state_dict(estate, strict=True, assign=True)
+    write_export(out, model, cfg, {"source": str(Path(src).resolve()), "imported_from": "hf"}, emodel, ecfg)
     return {"format": FORMAT, "out": str(out), "source": str(src)}
