@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from blt.model.attention import patch_state_attention
-from blt.model.kv_cache import KVCache
+from blt.model.kv_cache import CacheFullError, KVCache
 
 
 def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
@@ -93,7 +93,7 @@ class IncrementalBLT:
         each row's n are real. Returns (B, V) logits for the byte after each row's last real byte."""
         B, n = tokens.shape
         if int((self.lens + n).max()) > self.capacity:
-            raise RuntimeError("IncrementalBLT is full: start a new one on a shorter context")
+            raise CacheFullError(f"IncrementalBLT holds {self.capacity} bytes: start a new one on a shorter context")
         slots = _arange_rows(self.lens, n)  # (B, n) where the new bytes go
         real = torch.arange(n, device=tokens.device)[None] < valid[:, None]  # (B, n)
         pids = self.cur_pid[:, None] + (starts & real).long().cumsum(1)  # (B, n)

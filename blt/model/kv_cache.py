@@ -38,10 +38,6 @@ class KVCache:
         c = transformer.cfg
         return cls(max(1, c.layers), batch, c.heads, c.dim // c.heads, capacity, device, dtype)
 
-    def positions(self, n: int) -> torch.Tensor:
-        """(B, n) positions of the next n slots of every row."""
-        return self.lens[:, None] + torch.arange(n, device=self.lens.device)[None]
-
     def check_room(self, n: int) -> None:
         if int(self.lens.max()) + n > self.capacity:
             raise CacheFullError(f"KV cache holds {self.capacity} positions; {int(self.lens.max())} + {n} do not fit")
