@@ -145,10 +145,10 @@ class Transformer(nn.Module):
             x = layer(x, cos, sin)
         return x
 
-    @torch.no_grad()
     def step(self, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
         """Incremental forward: (B, n, D) new positions of each row -> (B, n, D), the same values the
-        full forward gives at those positions; the first valid[b] (default n) are kept in the cache."""
+        full forward gives at those positions; the first valid[b] (default n) are kept in the cache.
+        For inference: call it under torch.no_grad() or torch.inference_mode() (blt/model/incremental.py does)."""
         B, n, _ = x.shape
         pattern = self.layers[0].self_attn.pattern if len(self.layers) else None
         mask = cache.begin(n, self.cfg.window if pattern is None else None, pattern)
