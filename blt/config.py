@@ -349,9 +349,9 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         values = _deep_merge(values, parse_override(o))
     cfg = config_from_dict(values)
     ent = cfg.patching.entropy_model
-    if path is not None and ent and not Path(ent).is_absolute() and not Path(ent).exists():
+    if path is not None and ent and not Path(ent).is_absolute():
         beside = Path(path).parent / ent  # an export's config.yaml names its own entropy_model/ dir
-        if beside.exists():
+        if beside.exists():  # a relative path beside the config file wins; else it is relative to cwd
             cfg.patching.entropy_model = str(beside.resolve())
     check_config(cfg)
     return cfg

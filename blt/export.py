@@ -129,10 +129,7 @@ def load_export(path: str | Path, device: str = "cpu"):
     info = json.loads((path / "export.json").read_text())
     if info.get("format") != FORMAT:
         raise ExportError(f"'{path}' is a {info.get('format')!r} export, not {FORMAT}")
-    cfg = checkpoint_config(path)
-    ent = cfg.patching.entropy_model  # "entropy_model" (load_config resolves it beside config.yaml)
-    if ent and not Path(ent).is_absolute() and (path / ent).exists():
-        cfg.patching.entropy_model = str((path / ent).resolve())
+    cfg = checkpoint_config(path)  # load_config finds patching.entropy_model beside config.yaml
     model = build_model(cfg.model)
     try:
         load_model(model, str(path / "model.safetensors"), strict=True)

@@ -161,7 +161,7 @@ class IncrementalBLT:
         summaries = enc.cross_attn(queries, hp, _masked_pool_kernel, mask, self.k).view(N, self.k * D)
         # pack per row (B, m, k*D) and step the global model: one call for every new patch
         m = int(todo.max())
-        order = torch.tensor([p - int(self.done[b]) for b, p in zip(rows, pids)], device=idx.device)
+        order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
         packed = summaries.new_zeros(len(todo), m, self.k * D)
         packed[rows_t, order] = summaries
         g = glob.transformer.step(glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
@@ -178,11 +178,16 @@ class IncrementalBLT:
         dec, B = self.model.local_decoder, h.shape[0]
         at = (torch.arange(B, device=h.device), self.cur_pid - 1)
         kv = [(keys[at], values[at]) for keys, values in zip(self.dec_k, self.dec_v)]  # (B, k, D) each
-        x = dec.cross_attn.attend(h, *kv[0], _one_patch_kernel, None, self.k)  # (B, 1, D) byte-level
-        more = None if len(kv) == 1 else (
-            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], _one_patch_kernel, None, self.k))
-        x = dec.transformer.step(x, self.dec_cache, None, more)
+        x = self._run_decoder(h, kv, _one_patch_kernel, None, None)  # (B, 1, D)
         return dec.lm_head(dec.norm(x[:, 0]))  # (B, V)
+
+    def _run_decoder(self, h: torch.Tensor, kv: list, kernel, ids, count) -> torch.Tensor:
+        """The decoder's cross-attention(s), reading each byte's gathered patch keys/values `kv`
+        (one pair per cross-attention), around its Transformer stepped with `count` new bytes per row."""
+        x = self.cross[0].attend(h, *kv[0], kernel, ids, self.k)  # (B, n, D) byte-level
+        more = None if len(kv) == 1 else (
+            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
+        return self.model.local_decoder.transformer.step(x, self.dec_cache, count, more)
 
     def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         dec = self.model.local_decoder
@@ -205,15 +210,7 @@ class IncrementalBLT:
         at = (torch.arange(B, device=h.device)[:, None], src.clamp(min=0))  # each byte's source patch
         kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
         local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
-        valid = src >= 0
-        if n2 == 1 and bool(valid.all()):  # one byte reading one patch: plain attention over its k states
-            kernel = _one_patch_kernel
-        else:
-            kernel = partial(patch_state_attention, valid=valid)
-        x = dec.cross_attn.attend(h, *kv[0], kernel, local, self.k)  # (B, n2, D) byte-level
-        more = None if len(kv) == 1 else (
-            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, local, self.k))
-        x = dec.transformer.step(x, self.dec_cache, count, more)
+        x = self._run_decoder(h, kv, partial(patch_state_attention, valid=src >= 0), local, count)  # (B, n2, D)
         last = (count - 1).clamp(min=0)
         x_last = x[torch.arange(B, device=h.device), last]  # (B, D)
         return dec.lm_head(dec.norm(x_last))  # (B, V)
