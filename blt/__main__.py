@@ -1,5 +1,3 @@
-import sys
+from blt.cli import entry
 
-from blt.cli import main
-
-sys.exit(main())
+entry()

@@ -271,5 +271,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `blt` command and `python -m blt`. A process of a multi-process job leaves with
+    os._exit once its output is flushed (its files are closed and its checkpoints complete by
+    then): ZeRO-3 can leave gloo work in flight that DeepSpeed still references, and tearing that
+    down during interpreter shutdown can abort the process after a finished run ("terminate
+    called without an active exception", seen once in CI), which torchrun reports as a failure."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()
