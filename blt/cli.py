@@ -273,10 +273,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def entry() -> None:
     """The `blt` command and `python -m blt`. A process of a multi-process job leaves with
-    os._exit once its output is flushed (its files are closed and its checkpoints complete by
-    then): ZeRO-3 can leave gloo work in flight that DeepSpeed still references, and tearing that
-    down during interpreter shutdown can abort the process after a finished run ("terminate
-    called without an active exception", seen once in CI), which torchrun reports as a failure."""
+    os._exit once its output is flushed (by then its files are closed and its checkpoints
+    complete), skipping interpreter teardown: DeepSpeed keeps references to gloo process groups
+    past destroy_process_group, and gloo objects freed during teardown can abort a process that
+    has finished its work (pytorch/pytorch#179291). CI saw it once: a rank of a ZeRO-3 job died
+    with "terminate called without an active exception" and torchrun failed the job."""
     code = main()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
