@@ -51,11 +51,19 @@ def _load_source(source: str | Path, device: str = "cpu"):
     return model, cfg, meta
 
 
-def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
-    """Write `source` (run dir, checkpoint or export) as an export dir (fmt blt) or an HF dir (fmt hf)."""
+def _empty_dir(out: str | Path) -> Path:
+    """`out` as a Path, refused before any work if it already holds files (nothing is overwritten)."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"output directory '{out}' is not empty; pick a new one or remove it")
+    return out
+
+
+def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
+    """Write `source` (run dir, checkpoint or export) as an export dir (fmt blt) or an HF dir (fmt hf)."""
+    if fmt not in ("blt", "hf"):
+        raise ExportError(f"unknown export format '{fmt}' (use blt or hf)")
+    out = _empty_dir(out)
     model, cfg, meta = _load_source(source)
     entropy = cfg.model.arch == "blt" and cfg.patching.mode == "entropy"
     emodel, ecfg, _ = _load_source(cfg.patching.entropy_model) if entropy else (None, None, None)
@@ -66,8 +74,6 @@ def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
         write_hf(out, cfg, _plain_state(model), ecfg, _plain_state(emodel) if emodel is not None else None,
                  cfg.patching.threshold if cfg.patching.threshold is not None else meta.get("threshold"))
         return {"format": "hf", "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}
-    if fmt != "blt":
-        raise ExportError(f"unknown export format '{fmt}' (use blt or hf)")
     write_export(out, model, cfg, meta, emodel, ecfg)
     return {"format": FORMAT, "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}
 
@@ -143,9 +149,7 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
     from blt.hf import read_hf
     from blt.model import build_model
 
-    out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"output directory '{out}' is not empty; pick a new one or remove it")
+    out = _empty_dir(out)
     cfg, state, ecfg, estate = read_hf(Path(src))
     dtype = next(t.dtype for t in state.values() if t.is_floating_point())  # keep bf16 weights bf16
     with torch.device("meta"):  # no random init: every weight comes from the HF files

@@ -118,8 +118,8 @@ class IncrementalBLT:
         x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
         if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
             back = max(enc.hash_embed.sizes)
-            rows = [enc.hash_embed.rows_at_end(self.tokens[b, max(0, int(s) - back + 1) : int(s) + 1].tolist())
-                    for b, s in enumerate(self.lens)]  # the new byte is already in self.tokens
+            rows = [enc.hash_embed.rows_at_end(self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
+                    for b, s in enumerate(self.lens.tolist())]  # the new byte is already in self.tokens
             x = x + enc.hash_embed.embedding(torch.tensor(rows, device=x.device)).sum(1)[:, None]
         elif enc.hash_embed is not None:  # n-grams reach back max(sizes) - 1 bytes into the cache
             back = max(enc.hash_embed.sizes) - 1
