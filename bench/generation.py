@@ -26,13 +26,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blt.generate import Generator  # noqa: E402
+from blt.generation import Generator  # noqa: E402
 
 
 def load(args) -> Generator:
     if args.random:
         from blt.config import PatchingConfig, load_config
-        from blt.entropy import Patcher
+        from blt.patching import Patcher
         from blt.model import build_model
 
         cfg = load_config(args.random)

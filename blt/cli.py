@@ -15,68 +15,71 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import sys
 
+from blt.proc import launched, log
+
 
 def _cmd_train(args) -> None:
     from blt.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before importing torch: a bad config fails at once
     from blt.train.loop import train
 
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg)
-    if os.environ.get("RANK", "0") == "0":
+    if launched().rank == 0:
         print(json.dumps(result))
-
-
-def _load(path: str, device: str):
-    from blt.train.checkpoint import load_model_from_checkpoint
-    from blt.train.loop import build_patcher
-
-    model, cfg, step_dir = load_model_from_checkpoint(path, device)
-    return model, cfg, build_patcher(cfg, device), step_dir  # the saved config holds the threshold used
 
 
 def _cmd_eval(args) -> None:
     import numpy as np
 
+    from blt.artifacts import load_model
     from blt.data import encode_files, prepare_data, read_tokens
-    from blt.evaluate import evaluate
-    from blt.train.loop import log
+    from blt.evaluate import check_device, check_eval_options, evaluate
 
-    model, cfg, patcher, step_dir = _load(args.checkpoint, args.device)
+    check_eval_options(args.batch_size, args.max_bytes, flag=True)  # before the (slow) load
+    device = check_device(args.device, "--device")
+    loaded = load_model(args.checkpoint, device)
+    model, cfg, patcher, step_dir = loaded.model, loaded.cfg, loaded.patcher, loaded.where
     if args.data:
         tokens = encode_files(args.data, cfg.data.text_field, cfg.data.sample_by)
         source = args.data
     else:
         tokens = np.asarray(read_tokens(prepare_data(cfg.data, log=log).val))
         source = "validation split of the run's data config"
-    result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, args.device)
+    result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, device)
     print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
 
 
 def _cmd_generate(args) -> None:
-    from blt.generate import Generator, stream_text
+    from blt.evaluate import check_device
+    from blt.generation import Generator, stream_text
+    from blt.generation.sampling import check_sampling
 
-    gen = Generator.load(args.checkpoint, args.device)
-    prompts = args.prompt or [""]
+    check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, args.seed, flag=True)
+    gen = Generator.load(args.checkpoint, check_device(args.device, "--device"))
+    # argv arrives as str with surrogate escapes for bytes that are not UTF-8: os.fsencode gives them back
+    prompts = [os.fsencode(p) for p in args.prompt or [""]]
+    stops = [os.fsencode(s.replace("\\n", "\n").replace("\\t", "\t")) for s in args.stop or []]
     opts = dict(max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, stop=[s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop or []],
-                cache=not args.no_cache)
-    if len(prompts) == 1 and not args.json:  # stream as UTF-8, never half a character
+                seed=args.seed, stop=stops, cache=not args.no_cache)
+    if len(prompts) == 1 and not args.json:  # stream prompt and bytes as UTF-8, never half a character
 
         def write(text: str) -> None:
             sys.stdout.write(text)
             sys.stdout.flush()
 
-        write(prompts[0])
-        stream_text((byte for _, byte in gen.stream(prompts, **opts)), write)
+        stream_text(itertools.chain(prompts[0], (byte for _, byte in gen.stream(prompts, **opts))), write)
         write("\n")
     else:
         outs = gen.generate(prompts, **opts)
         for p, o in zip(prompts, outs):
-            print(json.dumps({"prompt": p, "text": o.decode("utf-8", errors="replace")}, ensure_ascii=False))
+            texts = {"prompt": p.decode("utf-8", errors="replace"), "text": o.decode("utf-8", errors="replace")}
+            print(json.dumps(texts, ensure_ascii=False))
     if args.stats:
         print(json.dumps(gen.stats), file=sys.stderr)
 
@@ -84,9 +87,11 @@ def _cmd_generate(args) -> None:
 def _cmd_patch(args) -> None:
     import torch
 
-    from blt.data import decode, encode
+    from blt.artifacts import load_model
+    from blt.tokens import decode, encode
 
-    model, cfg, patcher, _ = _load(args.checkpoint, "cpu")
+    loaded = load_model(args.checkpoint, "cpu")
+    cfg, patcher = loaded.cfg, loaded.patcher
     ids = torch.from_numpy(encode(args.text, bos=True, eos=False).astype("int64"))[None]
     ent = patcher.entropies(ids)[0] if patcher.model is not None else None
     starts = patcher.starts(ids, ent[None] if ent is not None else None)[0]
@@ -115,14 +120,10 @@ def _cmd_patch(args) -> None:
 def _cmd_info(args) -> None:
     from blt.config import load_config
     from blt.model import build_model
-    from blt.model.flops import assumed_patch_size, flops_report
+    from blt.model.flops import model_info
 
     cfg = load_config(args.config, args.overrides)
-    model = build_model(cfg.model)
-    params = sum(p.numel() for p in model.parameters())
-    ps = assumed_patch_size(cfg.model, cfg.patching)
-    print(json.dumps({"arch": cfg.model.arch, "assumed_patch_size": ps,
-                      **flops_report(cfg.model, cfg.data.seq_len, ps, params).__dict__}))
+    print(json.dumps(model_info(cfg, build_model(cfg.model))))
 
 
 def _cmd_plan(args) -> None:
@@ -139,16 +140,15 @@ def _cmd_plan(args) -> None:
 def _cmd_consolidate(args) -> None:
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
-    from blt.train.checkpoint import CheckpointError, find_checkpoint
-    from blt.train.deepspeed_engine import consolidate_zero, is_zero_checkpoint
+    from blt.artifacts.checkpoints import CheckpointError, find_checkpoint
+    from blt.artifacts.zero import consolidate_zero, is_zero_checkpoint
+    from blt.files import write_safetensors
 
     step_dir = find_checkpoint(args.checkpoint)
     if not is_zero_checkpoint(step_dir):
         raise CheckpointError(f"'{step_dir}' holds no ZeRO shards; its model.safetensors is already the whole model")
     out = Path(args.out) if args.out else step_dir / "model.safetensors"
-    save_file(consolidate_zero(step_dir), str(out))
+    write_safetensors(out, consolidate_zero(step_dir))
     print(json.dumps({"checkpoint": str(step_dir), "weights": str(out)}))
 
 
@@ -170,8 +170,16 @@ def _cmd_dashboard(args) -> None:
     serve(args.run, args.port, args.host)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A usage error is one line, `blt VERB: error: ...`, as every other bad input (the verbs'
+    parsers are of this class too)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blt", description="Byte Latent Transformer trainer")
+    p = _Parser(prog="blt", description="Byte Latent Transformer trainer")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
@@ -255,14 +263,17 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            print(f"blt {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+                  f"(see `blt {args.command} --help`)", file=sys.stderr)
+            return 2
         args.overrides = list(args.overrides) + extra
     from blt.errors import USER_ERRORS
 
     try:
         args.func(args)
     except USER_ERRORS as e:
-        where = f" (rank {os.environ['RANK']})" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+        place = launched()
+        where = f" (rank {place.rank})" if place.world_size > 1 else ""
         print(f"blt {args.command}{where}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -276,10 +287,9 @@ def entry() -> None:
     os._exit once its output is flushed (by then its files are closed and its checkpoints
     complete), skipping interpreter teardown: DeepSpeed keeps references to gloo process groups
     past destroy_process_group, and gloo objects freed during teardown can abort a process that
-    has finished its work (pytorch/pytorch#179291). CI saw it once: a rank of a ZeRO-3 job died
-    with "terminate called without an active exception" and torchrun failed the job."""
+    has finished its work (pytorch/pytorch#179291)."""
     code = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched().world_size > 1:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -2,30 +2,65 @@
 
     cfg = load_config("configs/tiny.yaml", ["training.steps=50", "model.global_model.layers=2"])
 
-Unknown keys and wrong types raise ConfigError with a one-line message naming the key.
+Unknown keys, wrong types and values out of range raise ConfigError with a one-line message
+naming the key. A field's range sits beside its declaration (`lr: PosFloat`, a `Range` in
+`Annotated`) and `_coerce` checks it; every float must also be finite. `check_config` holds the
+checks that relate several fields.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 
-from blt.errors import UserError
-
+from blt.errors import ConfigError, UserError
 
 _YAML11_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
-class ConfigError(UserError):
-    """A config problem the user can fix; the message is one line naming the key."""
+class OptionError(UserError):
+    """A bad argument to a command or an API call (not a config key), e.g. generate's top_p."""
+
+
+@dataclass(frozen=True)
+class Range:
+    """Bounds a number must meet (None = unbounded): `Annotated[float, Range(gt=0)]`."""
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+
+    def __contains__(self, v) -> bool:
+        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+
+    def __str__(self) -> str:  # "> 0", ">= 1", "in [0, 1)", "in [0, 2**32)"
+        def num(b):
+            return f"2**{b.bit_length() - 1}" if isinstance(b, int) and b >= 2**16 and not b & (b - 1) else str(b)
+        lo = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else ""
+        hi = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else ""
+        if lo and hi:
+            return f"in {lo}, {hi}"
+        if lo:
+            return {"[": ">= ", "(": "> "}[lo[0]] + lo[1:]
+        return {"]": "<= ", ")": "< "}[hi[-1]] + hi[:-1] if hi else "any number"
+
+
+PosInt = Annotated[int, Range(ge=1)]
+NonNegInt = Annotated[int, Range(ge=0)]
+PosFloat = Annotated[float, Range(gt=0)]
+NonNegFloat = Annotated[float, Range(ge=0)]
+Fraction = Annotated[float, Range(ge=0, lt=1)]  # dropout, val_fraction, AdamW betas
+Seed = Annotated[int, Range(ge=0, lt=2**32)]
 
 
 # ----------------------------------------------------------------------------- model
@@ -37,30 +72,30 @@ class SparseAttentionConfig:
     pattern: Literal["none", "dense", "local", "strided", "fixed", "bigbird", "longformer", "variable",
                      "block_causal"] = "none"  # none = plain causal attention (with `window` if set)
     backend: Literal["auto", "gather", "flex", "dense"] = "auto"  # auto = flex on GPU, gather (exact, trains) on CPU
-    block: int = 64  # block size in positions (bytes or patches)
+    block: PosInt = 64  # block size in positions (bytes or patches)
     attention: Literal["unidirectional", "bidirectional"] = "unidirectional"  # a causal LM needs unidirectional
     different_layout_per_head: bool = False  # random/global choices differ per head
-    window: int = 256  # local: token window
-    dilation: int = 2  # strided: every dilation-th block within the window
-    num_local_blocks: int = 4  # fixed: blocks per local window
-    num_global_blocks: int = 1  # fixed: summary blocks per window; bigbird: leading global blocks
-    num_different_global_patterns: int = 1  # fixed: head groups with different summary offsets
-    num_random_blocks: int = 1  # bigbird, variable: random key blocks per query block
-    num_sliding_window_blocks: int = 3  # bigbird, longformer, strided: window width in blocks
-    global_block_indices: list[int] = field(default_factory=lambda: [0])  # longformer, variable
-    global_block_end_indices: Optional[list[int]] = None  # longformer, variable: global ranges [start, end)
-    local_window_blocks: list[int] = field(default_factory=lambda: [4])  # variable: window sizes, last repeats
+    window: PosInt = 256  # local: token window
+    dilation: PosInt = 2  # strided: every dilation-th block within the window
+    num_local_blocks: PosInt = 4  # fixed: blocks per local window
+    num_global_blocks: NonNegInt = 1  # fixed: summary blocks per window; bigbird: leading global blocks
+    num_different_global_patterns: PosInt = 1  # fixed: head groups with different summary offsets
+    num_random_blocks: NonNegInt = 1  # bigbird, variable: random key blocks per query block
+    num_sliding_window_blocks: PosInt = 3  # bigbird, longformer, strided: window width in blocks
+    global_block_indices: list[NonNegInt] = field(default_factory=lambda: [0])  # longformer, variable
+    global_block_end_indices: Optional[list[PosInt]] = None  # longformer, variable: global ranges [start, end)
+    local_window_blocks: list[PosInt] = field(default_factory=lambda: [4])  # variable: window sizes, last repeats
     horizontal_global_attention: bool = False  # fixed, variable: global blocks also attend everywhere
-    seed: int = 0  # random blocks
+    seed: Seed = 0  # random blocks
 
 
 @dataclass
 class TransformerConfig:
-    dim: int = 128  # hidden size
-    layers: int = 2  # number of Transformer blocks
-    heads: int = 4  # attention heads (dim must divide by heads)
-    window: Optional[int] = None  # causal sliding-window length in positions; None = full causal
-    ffn_mult: float = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
+    dim: PosInt = 128  # hidden size
+    layers: NonNegInt = 2  # number of Transformer blocks
+    heads: PosInt = 4  # attention heads (dim must divide by heads)
+    window: Optional[PosInt] = None  # causal sliding-window length in positions; None = full causal
+    ffn_mult: PosFloat = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
 
 
@@ -71,17 +106,17 @@ class ModelConfig:
     global_model: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=256, layers=4))
     decoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=2, window=512))
     lm: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=4))  # byte_lm only
-    cross_attn_k: int = 2  # patch queries per patch in the encoder pooling (and keys per patch in the decoder)
-    cross_attn_heads: int = 4  # heads of the encoder/decoder cross-attention
+    cross_attn_k: PosInt = 2  # patch queries per patch in the encoder pooling (and keys per patch in the decoder)
+    cross_attn_heads: PosInt = 4  # heads of the encoder/decoder cross-attention
     cross_attn_all_layers_decoder: bool = False  # decoder cross-attends to patches before every layer (BLT-1B), not just the first
-    hash_ngram_sizes: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
-    hash_buckets: int = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
-    hash_functions: int = 1  # hash functions per n-gram size
+    hash_ngram_sizes: list[PosInt] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
+    hash_buckets: NonNegInt = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
+    hash_functions: NonNegInt = 1  # hash functions per n-gram size; 0 disables hash embeddings
     hash_sparse_grad: bool = False  # hash tables get sparse gradients and a lazy SparseAdam (fast for big tables)
-    rope_theta: float = 10000.0  # RoPE base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
-    init_std: float = 0.02  # std of the normal init of Linear/Embedding weights
-    dropout: float = 0.0  # residual and embedding dropout in every Transformer (training only)
+    rope_theta: PosFloat = 10000.0  # RoPE base
+    norm_eps: PosFloat = 1e-5  # RMSNorm epsilon
+    init_std: PosFloat = 0.02  # std of the normal init of Linear/Embedding weights
+    dropout: Fraction = 0.0  # residual and embedding dropout in every Transformer (training only)
     tie_embeddings: bool = False  # byte_lm only: share input embedding and output head
     hf_compat: bool = False  # blt: HF transformers' BltModel conventions (see README), so `blt export --format hf` works
 
@@ -91,12 +126,12 @@ class ModelConfig:
 
 @dataclass
 class PatchingConfig:
-    mode: Literal["static", "space", "entropy"] = "static"  # how bytes are cut into patches (entropy needs entropy_model)
-    patch_size: int = 4  # static: bytes per patch
+    mode: str = "static"  # how bytes are cut into patches: static, space or entropy (blt/patching/registry.py)
+    patch_size: PosInt = 4  # static: bytes per patch
     threshold: Optional[float] = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
     threshold_mode: Literal["global", "monotonic"] = "global"  # H_t > th, or H_t - H_{t-1} > th
-    target_patch_size: float = 4.5  # entropy with threshold=None: choose th for this mean patch size
-    max_patch_length: Optional[int] = 16  # every mode: cut a patch that reaches this many bytes
+    target_patch_size: Annotated[float, Range(ge=1)] = 4.5  # entropy, threshold=None: choose th for this mean patch size
+    max_patch_length: Optional[PosInt] = 16  # every mode: cut a patch that reaches this many bytes
     entropy_model: Optional[str] = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
     entropy_cache: bool = True  # entropy: precompute entropies for the dataset once (else compute per batch)
     split_first_byte: bool = False  # byte 1 always starts a patch, so the first byte is a patch of its own (HF/BLT)
@@ -109,13 +144,13 @@ class PatchingConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # files/globs (txt, jsonl, json, parquet); [] = bundled Shakespeare
     val: list[str] = field(default_factory=list)  # held-out files/globs; [] = split val_fraction of train documents
-    val_fraction: float = 0.05  # share of documents held out when val is empty (deterministic by seed)
+    val_fraction: Fraction = 0.05  # share of documents held out when val is empty (deterministic by seed)
     hub_dataset: Optional[str] = None  # a HF hub dataset name (needs a network); used instead of train
     text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
     sample_by: Literal["document", "paragraph", "line"] = "document"  # what one plain-text document is
-    seq_len: int = 1024  # bytes per training sequence
+    seq_len: Annotated[int, Range(ge=2)] = 1024  # bytes per training sequence
     cache_dir: Optional[str] = None  # where packed memmaps go; None = ~/.cache/blt
-    seed: int = 0  # data order and split seed
+    seed: Seed = 0  # data order and split seed
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -123,39 +158,39 @@ class DataConfig:
 
 @dataclass
 class OptimizerConfig:
-    lr: float = 3e-3  # peak learning rate
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
-    eps: float = 1e-8  # AdamW epsilon
-    weight_decay: float = 0.1  # applied to matrices only (not norms, biases, embeddings)
-    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    lr: PosFloat = 3e-3  # peak learning rate
+    betas: list[Fraction] = field(default_factory=lambda: [0.9, 0.95])  # AdamW betas
+    eps: PosFloat = 1e-8  # AdamW epsilon
+    weight_decay: NonNegFloat = 0.1  # applied to matrices only (not norms, biases, embeddings)
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 disables
 
 
 @dataclass
 class ScheduleConfig:
-    warmup_steps: int = 100  # linear warmup from 0
+    warmup_steps: NonNegInt = 100  # linear warmup from 0
     decay: Literal["cosine", "linear", "constant"] = "cosine"  # shape after warmup
-    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr
+    min_lr_ratio: Annotated[float, Range(ge=0, le=1)] = 0.1  # final lr = min_lr_ratio * lr
 
 
 @dataclass
 class TrainingConfig:
-    steps: int = 1000  # optimizer steps
-    batch_size: int = 8  # sequences per micro-batch (per process)
-    grad_accum: int = 1  # micro-batches per optimizer step
-    seed: int = 0  # model init seed
+    steps: NonNegInt = 1000  # optimizer steps
+    batch_size: PosInt = 8  # sequences per micro-batch (per process)
+    grad_accum: PosInt = 1  # micro-batches per optimizer step
+    seed: Seed = 0  # model init seed
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp16 needs DeepSpeed
-    threads: int = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
+    threads: NonNegInt = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
     activation_checkpointing: bool = False  # recompute every Transformer block in backward (less memory)
-    max_minutes: Optional[float] = None  # stop (and checkpoint) after this wall time
+    max_minutes: Optional[PosFloat] = None  # stop (and checkpoint) after this wall time
     init_from: Optional[str] = None  # fine-tune: start from these weights (run, checkpoint or export dir), fresh optimizer
 
 
 @dataclass
 class EvalConfig:
-    every: int = 200  # validate every N steps (and at the end); 0 = only at the end
-    max_bytes: Optional[int] = None  # cap on validation bytes per evaluation; None = whole split
-    batch_size: int = 8  # sequences per evaluation batch
+    every: NonNegInt = 200  # validate every N steps (and at the end); 0 = only at the end
+    max_bytes: Optional[PosInt] = None  # cap on validation bytes per evaluation; None = whole split
+    batch_size: PosInt = 8  # sequences per evaluation batch
 
 
 @dataclass
@@ -170,20 +205,20 @@ class WandbConfig:
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # write a metrics.jsonl line every N steps
+    every: PosInt = 10  # write a metrics.jsonl line every N steps
     progress: bool = True  # show a progress bar with ETA, loss, BPB and bytes/s
     tensorboard: bool = True  # TensorBoard event files in run_dir/tensorboard (`blt dashboard RUN_DIR`)
     wandb: WandbConfig = field(default_factory=WandbConfig)  # Weights & Biases (imported only when enabled)
     images: bool = True  # at each validation: a validation snippet's entropies and patch boundaries as an image
-    samples: int = 2  # at each validation: this many generated samples (0 = none)
-    sample_bytes: int = 128  # bytes generated per sample
+    samples: NonNegInt = 2  # at each validation: this many generated samples (0 = none)
+    sample_bytes: PosInt = 128  # bytes generated per sample
     data_trace: bool = False  # each rank writes the windows of every step to data_trace/rank_R.jsonl (audit)
 
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # save every N steps (and at the end)
-    keep_last: int = 2  # checkpoints kept (older ones are deleted)
+    every: PosInt = 500  # save every N steps (and at the end)
+    keep_last: PosInt = 2  # checkpoints kept (older ones are deleted)
     resume: str = "auto"  # auto = continue from the newest checkpoint in run_dir; none; or a checkpoint path
 
 
@@ -194,8 +229,8 @@ class DistributedConfig:
     offload_optimizer: Literal["none", "cpu"] = "none"  # ZeRO 1-3: keep optimizer states in CPU memory
     offload_params: Literal["none", "cpu"] = "none"  # ZeRO 3: keep parameters in CPU memory
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # collective backend; auto = nccl on GPU, gloo on CPU
-    timeout_minutes: float = 10.0  # a collective stuck this long (a lost peer) fails the job
-    bucket_size: int = 200_000_000  # ZeRO reduce / all-gather bucket in elements (larger = fewer, bigger messages)
+    timeout_minutes: PosFloat = 10.0  # a collective stuck this long (a lost peer) fails the job
+    bucket_size: PosInt = 200_000_000  # ZeRO reduce / all-gather bucket in elements (larger = fewer, bigger messages)
 
 
 @dataclass
@@ -223,6 +258,8 @@ class Config:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
+    if origin is Annotated:
+        return _type_name(typing.get_args(tp)[0])
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
@@ -232,51 +269,99 @@ def _type_name(tp: Any) -> str:
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Check `value` against annotation `tp`; returns the value (ints accepted for floats)."""
-    origin = typing.get_origin(tp)
+def _show(value: Any) -> str:
+    """repr(value), cut to one short line."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+class _OutOfRange(ConfigError):
+    """The value has the right type but not an allowed value; a Union reports it as is."""
+
+    def __init__(self, who: str, rule: str, value: Any):
+        super().__init__(f"{who} must be {rule}, got {_show(value)}")
+        self.who, self.rule, self.value = who, rule, value
+
+
+def _coerce(value: Any, tp: Any, key: str, subject: str = "config key '{}'") -> Any:
+    """Check `value` against annotation `tp` (type, then Range; floats must be finite); returns
+    the value (ints accepted for floats). Messages start with subject.format(key)."""
+    origin, who = typing.get_origin(tp), subject.format(key)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{key}' must be a mapping of {tp.__name__} fields, got {value!r}")
+            raise ConfigError(f"{who} must be a mapping of {tp.__name__} fields, got {_show(value)}")
         return _build(tp, value, key + ".")
+    if origin is Annotated:
+        base, *rules = typing.get_args(tp)
+        value = _coerce(value, base, key, subject)
+        for rule in rules:
+            if isinstance(rule, Range) and value not in rule:
+                raise _OutOfRange(who, str(rule), value)
+        return value
     if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arm in typing.get_args(tp):
+        arms = typing.get_args(tp)
+        for arm in arms:
             try:
-                return _coerce(value, arm, key)
-            except ConfigError as e:
-                errors.append(e)
-        raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+                return _coerce(value, arm, key, subject)
+            except _OutOfRange as e:  # the right type but a wrong value: say which values are allowed
+                nullable = e.who == who and type(None) in arms
+                raise _OutOfRange(e.who, e.rule + (" or null" if nullable else ""), e.value) from None
+            except ConfigError:
+                pass
+        raise ConfigError(f"{who} must be {_type_name(tp)}, got {_show(value)}")
     if origin is Literal:
         if value in typing.get_args(tp):
             return value
-        raise ConfigError(f"config key '{key}' must be one of {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{who} must be one of {_type_name(tp)}, got {_show(value)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{who} must be {_type_name(tp)}, got {_show(value)}")
         (item,) = typing.get_args(tp)
-        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, item, f"{key}[{i}]", subject) for i, v in enumerate(value)]
     if tp is type(None):
         if value is None:
             return None
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
-            return float(value)  # "3e-4": a float in YAML 1.2, a string to PyYAML's YAML 1.1
+            number = value
+        elif isinstance(value, str) and _YAML11_FLOAT.fullmatch(value.strip()):
+            number = value  # "3e-4": a float in YAML 1.2, a string to PyYAML's YAML 1.1
+        if number is not None:
+            try:
+                number = float(number)
+            except OverflowError:  # an int too large for a float
+                number = math.inf
+            if not math.isfinite(number):
+                raise _OutOfRange(who, "a finite number", value)
+            return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -2**63 <= value < 2**63:
+                raise _OutOfRange(who, "a 64-bit integer", value)
             return value
     elif tp is bool or tp is str:
         if isinstance(value, tp):
             return value
     else:  # pragma: no cover - every annotation above is covered
         raise TypeError(f"unsupported annotation {tp} for {key}")
-    raise ConfigError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}")
+    raise ConfigError(f"{who} must be {_type_name(tp)}, got {_show(value)}")
+
+
+def check_option(name: str, value: Any, tp: Any, optional: bool = False, flag: bool = False) -> Any:
+    """An argument outside the config (a generate or eval option) checked as a config field is,
+    against annotation `tp` (e.g. PosInt; None passes when optional); raises OptionError naming
+    `name` as Python spells it (top_p) or, with flag=True, as the command line does (--top-p)."""
+    if optional and value is None:
+        return None
+    try:
+        return _coerce(value, tp, "--" + name.replace("_", "-") if flag else name, subject="{}")
+    except ConfigError as e:
+        raise OptionError(str(e)) from None
 
 
 def _build(cls: type, values: dict, prefix: str = "") -> Any:
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)  # keeps each field's Range
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for k, v in values.items():
@@ -317,7 +402,7 @@ def parse_override(text: str) -> dict:
         raise ConfigError(f"override '{text}' has an empty key")
     try:
         value = yaml.safe_load(raw) if raw != "" else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # ValueError: a date such as 2024-13-01
         value = raw
     out: dict = value
     for part in reversed(key.split(".")):
@@ -335,11 +420,23 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise ConfigError(f"config file '{p}' not found (pass a YAML file such as configs/tiny.yaml)")
+            what = "is a directory" if p.is_dir() else "not found"
+            raise ConfigError(f"config file '{p}' {what} (pass a YAML file such as configs/tiny.yaml)")
         try:
-            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{p}' is not a UTF-8 text file (byte {e.start} is "
+                              f"0x{e.object[e.start]:02x}); pass a YAML file such as configs/tiny.yaml") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{p}' is not valid YAML: {str(e).splitlines()[0]}") from None
+            mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from None
+        except (ValueError, RecursionError) as e:  # a date such as 2024-13-01; nesting too deep
+            raise ConfigError(f"config file '{p}' is not valid YAML: {type(e).__name__}: {e}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -358,27 +455,34 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
 
 
 def check_config(cfg: Config) -> None:
-    """Cross-field checks, each a one-line ConfigError."""
+    """Every field's type and range (as load_config checks them, also for a Config built in Python),
+    then the checks that relate several fields; each failure is a one-line ConfigError."""
+    config_from_dict(config_to_dict(cfg))
     m = cfg.model
     for name in ("encoder", "global_model", "decoder", "lm"):
         t: TransformerConfig = getattr(m, name)
-        if t.dim <= 0 or t.heads <= 0 or t.dim % t.heads:
+        if t.dim % t.heads:
             raise ConfigError(f"model.{name}.dim ({t.dim}) must be a positive multiple of model.{name}.heads ({t.heads})")
         if (t.dim // t.heads) % 2:
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
-        if t.layers < 0 or (t.window is not None and t.window <= 0):
-            raise ConfigError(f"model.{name}: layers must be >= 0 and window positive or null")
         sp = t.sparse
         if sp.attention != "unidirectional" or sp.pattern == "block_causal":
             raise ConfigError(f"model.{name}.sparse: a language model needs causal attention; "
                               f"pattern={sp.pattern} attention={sp.attention} lets bytes see the future "
                               "(use attention=unidirectional and a pattern other than block_causal)")
-        if sp.pattern != "none":
-            if t.window is not None:
-                raise ConfigError(f"model.{name}: set window=null with a sparse pattern (use sparse.pattern=local "
-                                  "and sparse.window for a sliding window)")
-            if sp.block < 1 or sp.window < 1 or sp.dilation < 1 or min(sp.local_window_blocks or [0]) < 1:
-                raise ConfigError(f"model.{name}.sparse: block, window, dilation and local_window_blocks must be >= 1")
+        if sp.pattern != "none" and t.window is not None:
+            raise ConfigError(f"model.{name}: set window=null with a sparse pattern (use sparse.pattern=local "
+                              "and sparse.window for a sliding window)")
+        if sp.pattern == "fixed" and sp.num_different_global_patterns * sp.num_global_blocks > sp.num_local_blocks:
+            raise ConfigError(f"model.{name}.sparse: num_different_global_patterns x num_global_blocks "
+                              f"({sp.num_different_global_patterns} x {sp.num_global_blocks}) must be <= "
+                              f"num_local_blocks ({sp.num_local_blocks}): the summary blocks sit inside a window")
+        ends = sp.global_block_end_indices
+        if sp.pattern in ("longformer", "variable") and ends is not None and (
+                len(ends) != len(sp.global_block_indices)
+                or any(e <= s for s, e in zip(sp.global_block_indices, ends))):
+            raise ConfigError(f"model.{name}.sparse: global_block_end_indices {ends} must pair with "
+                              f"global_block_indices {sp.global_block_indices}, each end > its start")
     if m.arch == "blt":
         if m.encoder.dim != m.decoder.dim:
             raise ConfigError(
@@ -387,52 +491,22 @@ def check_config(cfg: Config) -> None:
             )
         if m.encoder.dim % m.cross_attn_heads:
             raise ConfigError(f"model.cross_attn_heads ({m.cross_attn_heads}) must divide model.encoder.dim")
-        if m.cross_attn_k < 1:
-            raise ConfigError("model.cross_attn_k must be >= 1")
-    if not 0 <= m.dropout < 1:
-        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
-    if any(n < 1 for n in m.hash_ngram_sizes) or m.hash_buckets < 0 or m.hash_functions < 0:
-        raise ConfigError("model.hash_ngram_sizes must be >= 1 and hash_buckets, hash_functions >= 0")
-    p = cfg.patching
-    if p.mode == "static" and p.patch_size < 1:
-        raise ConfigError("patching.patch_size must be >= 1")
     if m.hf_compat and m.arch == "blt" and not cfg.patching.split_first_byte:
         raise ConfigError("model.hf_compat=true needs patching.split_first_byte=true (HF's decoder reads the patch "
                           "that ends at each byte, which is causal only when the first byte is a patch of its own)")
-    if m.hf_compat and m.arch == "blt" and p.mode == "space":
-        raise ConfigError("model.hf_compat=true cannot use patching.mode=space (whether byte t+1 starts a patch "
-                          "depends on byte t+1 itself, which HF's decoder rule would leak); use static or entropy")
-    if p.max_patch_length is not None and p.max_patch_length < 1:
-        raise ConfigError("patching.max_patch_length must be >= 1 or null")
-    if m.arch == "blt" and p.mode == "entropy" and not p.entropy_model:
-        raise ConfigError(
-            "patching.mode=entropy needs patching.entropy_model (train one with "
-            "`blt train configs/entropy_tiny.yaml`, then set patching.entropy_model=runs/entropy_tiny)"
-        )
-    if p.mode == "entropy" and p.threshold is None and p.target_patch_size < 1:
-        raise ConfigError("patching.target_patch_size must be >= 1")
-    if cfg.data.seq_len < 2:
-        raise ConfigError("data.seq_len must be >= 2")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise ConfigError("data.val_fraction must be in [0, 1)")
-    t = cfg.training
-    if t.steps < 0 or t.batch_size < 1 or t.grad_accum < 1:
-        raise ConfigError("training.steps must be >= 0, batch_size and grad_accum >= 1")
     if len(cfg.optimizer.betas) != 2:
-        raise ConfigError("optimizer.betas must be a list of two floats")
+        raise ConfigError(f"optimizer.betas must be a list of two floats, got {cfg.optimizer.betas}")
     d = cfg.distributed
-    if d.zero_stage not in (0, 1, 2, 3):
+    if d.zero_stage not in (0, 1, 2, 3):  # not a Range: this message names the stages
         raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {d.zero_stage}")
     if d.offload_params != "none" and d.zero_stage != 3:
         raise ConfigError("distributed.offload_params needs distributed.zero_stage=3")
     if d.offload_optimizer != "none" and d.zero_stage == 0:
         raise ConfigError("distributed.offload_optimizer needs distributed.zero_stage >= 1")
-    if d.timeout_minutes <= 0 or d.bucket_size < 1:
-        raise ConfigError("distributed.timeout_minutes must be > 0 and distributed.bucket_size >= 1")
-    if cfg.logging.every < 1 or cfg.logging.samples < 0 or cfg.logging.sample_bytes < 1:
-        raise ConfigError("logging.every and logging.sample_bytes must be >= 1, logging.samples >= 0")
-    if cfg.checkpoint.keep_last < 1:
-        raise ConfigError("checkpoint.keep_last must be >= 1")
+    # last, as it imports torch: a config that fails the checks above fails before that
+    from blt.patching.registry import check_patching
+
+    check_patching(cfg.patching, cfg.model)
 
 
 def config_to_dict(cfg: Any) -> dict:

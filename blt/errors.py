@@ -6,4 +6,8 @@ class UserError(ValueError):
     """A problem with the user's input; str(e) is one line naming the problem and the fix."""
 
 
+class ConfigError(UserError):
+    """A config problem the user can fix; the message is one line naming the key."""
+
+
 USER_ERRORS = (UserError,)

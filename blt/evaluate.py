@@ -3,7 +3,8 @@
     blt eval runs/tiny --data held_out.txt      # prints {"bpb": ..., "bytes": ..., ...}
 
 BPB = total next-byte loss (nats) on real byte targets / (ln 2 * number of those bytes); the
-BOS/EOS markers and right padding are not counted.
+BOS/EOS markers and right padding are not counted. `check_device` is the --device check of every
+inference verb (eval, generate).
 """
 
 from __future__ import annotations
@@ -14,8 +15,40 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.data import OFFSET, PAD_ID, eval_windows
-from blt.entropy import Patcher
+from blt.config import OptionError, PosInt, check_option
+from blt.data import OFFSET, PAD_ID, DataError, eval_windows
+from blt.patching import Patcher
+
+
+def check_device(device: str, name: str = "device") -> str:
+    """`device` (cpu, cuda, cuda:N, mps, or auto = cuda when visible) checked against this machine
+    and this torch build; returns the device to use. `name` is how the caller spells the option
+    (device, --device); an OptionError names the fix."""
+    fix = f"{name} cpu" if name.startswith("-") else f"{name}='cpu'"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise OptionError(f"{name} {device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None \
+            else "no CUDA device is visible"
+        raise OptionError(f"{name} {device}: {why}; use {fix}")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise OptionError(f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise OptionError(f"{name} {device}: no MPS device is visible; use {fix}")
+    return device
+
+
+def check_eval_options(batch_size: int, max_bytes: int | None, flag: bool = False) -> None:
+    """batch_size >= 1 and max_bytes >= 1 or None, named as Python (or, flag=True, the CLI) spells them."""
+    check_option("batch_size", batch_size, PosInt, flag=flag)
+    check_option("max_bytes", max_bytes, PosInt, optional=True, flag=flag)
 
 
 def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None):
@@ -32,6 +65,7 @@ def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_si
     """BPB over every byte of `tokens` (up to max_bytes). In a job of world_size processes, rank r
     scores batches r, r + world_size, ... and `reduce` (a sum over ranks) combines the counts; every
     rank runs the same number of forwards (padding batches score nothing), as ZeRO-3 needs."""
+    check_eval_options(batch_size, max_bytes)
     was_training = model.training
     model.eval()
     num_targets = max(0, min(len(tokens) - 1, max_bytes if max_bytes is not None else len(tokens)))
@@ -62,7 +96,7 @@ def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_si
         model.train()
     nats, nbytes, patches, patched_bytes = sums
     if nbytes == 0:
-        raise ValueError("no bytes to evaluate")
+        raise DataError("no bytes to evaluate: the data holds no text (pass a file with some text)")
     return {
         "bpb": nats / nbytes / math.log(2),
         "loss": nats / nbytes,

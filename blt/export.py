@@ -1,7 +1,7 @@
 """Exports: engine-free model directories that load without DeepSpeed and never unpickle.
 
     blt export runs/tiny exports/tiny                  # any checkpoint: single process or ZeRO-1/2/3
-    blt export runs/tiny exports/tiny-hf --format hf   # transformers.BltForCausalLM.from_pretrained loads it
+    blt export runs/tiny-hf exports/tiny-hf --format hf   # a configs/tiny_hf.yaml run -> BltForCausalLM dir
     blt import-hf path/to/blt-1b exports/blt-1b        # an HF BLT directory -> this format (fine-tune it here)
 
     exports/tiny/
@@ -12,51 +12,78 @@
         README.md            a short model card
 
 `blt eval`, `blt generate`, `blt patch`, `Generator.load` and `patching.entropy_model` accept an
-export directory wherever they accept a run or checkpoint.
+export directory wherever they accept a run or checkpoint. An export is written into a hidden
+sibling directory and renamed when complete, so one that fails leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
 
+from blt.artifacts import load_model
+from blt.artifacts.exports import FORMAT, ExportError
 from blt.config import Config, dump_config
-from blt.errors import UserError
+from blt.files import write_safetensors
+from blt.patching import mode_of
 
-FORMAT = "blt-export"
-
-
-class ExportError(UserError):
-    """An export that cannot be written or read; one-line message."""
-
-
-def is_export(path: str | Path) -> bool:
-    return (Path(path) / "export.json").is_file()
-
-
-def _load_source(source: str | Path, device: str = "cpu"):
-    """(model, cfg, meta) from a run, checkpoint or export; ZeRO shards are consolidated."""
-    from blt.train.checkpoint import load_model_from_checkpoint
-
-    model, cfg, step_dir = load_model_from_checkpoint(source, device)
-    if is_export(step_dir):
-        meta = json.loads((Path(step_dir) / "export.json").read_text())
-    else:
-        state = json.loads((Path(step_dir) / "state.json").read_text())
-        meta = {"source": str(Path(step_dir).resolve()), "step": state.get("step"),
-                "val": state.get("last_val") or {}, "threshold": state.get("threshold")}
-    return model, cfg, meta
+WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # names of a file, not of an export dir
 
 
 def _empty_dir(out: str | Path) -> Path:
-    """`out` as a Path, refused before any work if it already holds files (nothing is overwritten)."""
+    """`out` as a Path, refused before any work if it is a file or already holds files (nothing is overwritten)."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()):
-        raise ExportError(f"output directory '{out}' is not empty; pick a new one or remove it")
-    return out
+    try:
+        above = next((p for p in out.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise ExportError(f"'{above}' is a file, so '{out}' cannot be a directory; give a new directory path")
+        if out.exists() and not out.is_dir():
+            raise ExportError(f"'{out}' is a file, and an export is a directory; give a new directory path")
+        if out.is_dir() and any(out.iterdir()):
+            raise ExportError(f"output directory '{out}' is not empty; pick a new one or remove it")
+    except OSError as e:
+        raise ExportError(f"cannot look into '{out}' ({e.strerror}); give a new directory you can write") from None
+    if not out.exists() and out.suffix.lower() in WEIGHT_FILES:
+        raise ExportError(f"'{out}' is a {out.suffix} file name, and an export is a directory; give a directory "
+                          "path (for one weights file of a ZeRO checkpoint: blt consolidate RUN --out FILE)")
+    return out.resolve() if out.is_symlink() else out
+
+
+@contextlib.contextmanager
+def _staged(out: Path):
+    """A new hidden sibling directory of `out` to write into, renamed to `out` when the block ends;
+    when anything fails it is removed, with the parent directories made for it. An unwritable place
+    is refused at once, before any loading."""
+    made = [p for p in out.absolute().parents if not p.exists()]  # innermost first
+    tmp = out.parent / f".{out.name}.{os.getpid()}.tmp"
+
+    def clean() -> None:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in made:
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as e:
+        clean()
+        raise ExportError(f"cannot write '{out}' ({e.strerror}); give a new directory in a writable place") from None
+    try:
+        yield tmp
+        os.replace(tmp, out)  # also over an empty directory
+    except OSError as e:
+        clean()
+        where = f" ('{e.filename}')" if e.filename else ""
+        raise ExportError(f"writing '{out}' failed: {e.strerror or e}{where}; nothing was left behind") from None
+    except BaseException:
+        clean()
+        raise
 
 
 def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
@@ -64,18 +91,20 @@ def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
     if fmt not in ("blt", "hf"):
         raise ExportError(f"unknown export format '{fmt}' (use blt or hf)")
     out = _empty_dir(out)
-    model, cfg, meta = _load_source(source)
-    entropy = cfg.model.arch == "blt" and cfg.patching.mode == "entropy"
-    emodel, ecfg, _ = _load_source(cfg.patching.entropy_model) if entropy else (None, None, None)
-    if fmt == "hf":
-        from blt.hf import write_hf
+    with _staged(out) as tmp:
+        src = load_model(source, patcher=False)
+        model, cfg, meta = src.model, src.cfg, src.meta
+        entropy = cfg.model.arch == "blt" and mode_of(cfg.patching).needs_entropies
+        ent = load_model(cfg.patching.entropy_model, patcher=False) if entropy else None
+        emodel, ecfg = (ent.model, ent.cfg) if ent is not None else (None, None)
+        if fmt == "hf":
+            from blt.hf import write_hf
 
-        out.mkdir(parents=True, exist_ok=True)
-        write_hf(out, cfg, _plain_state(model), ecfg, _plain_state(emodel) if emodel is not None else None,
-                 cfg.patching.threshold if cfg.patching.threshold is not None else meta.get("threshold"))
-        return {"format": "hf", "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}
-    write_export(out, model, cfg, meta, emodel, ecfg)
-    return {"format": FORMAT, "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}
+            write_hf(tmp, cfg, _plain_state(model), ecfg, _plain_state(emodel) if emodel is not None else None,
+                     cfg.patching.threshold if cfg.patching.threshold is not None else meta.get("threshold"))
+        else:
+            write_export(tmp, model, cfg, meta, emodel, ecfg)
+    return {"format": "hf" if fmt == "hf" else FORMAT, "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}
 
 
 def _plain_state(model) -> dict:
@@ -88,7 +117,7 @@ def write_export(out: Path, model, cfg: Config, meta: dict, emodel=None, ecfg: C
     if emodel is not None:
         write_export(out / "entropy_model", emodel, ecfg, {"source": cfg.patching.entropy_model})
         cfg.patching.entropy_model = "entropy_model"  # relative to the export dir; resolved on load
-    save_model(model, str(out / "model.safetensors"))
+    write_safetensors(out / "model.safetensors", model)
     dump_config(cfg, out / "config.yaml")
     params = sum(p.numel() for p in model.parameters())
     info = {"format": FORMAT, "version": 1, "arch": cfg.model.arch, "params": params, **meta}
@@ -101,8 +130,7 @@ def model_card(cfg: Config, info: dict) -> str:
     bpb = f"{val['bpb']:.4f}" if "bpb" in val else "not measured"
     data = ", ".join(cfg.data.train) if cfg.data.train else "the bundled Tiny Shakespeare"
     p = cfg.patching
-    patching = (f"entropy (threshold {p.threshold:.4f} nats, model in entropy_model/)" if p.mode == "entropy" and
-                p.threshold is not None else f"{p.mode}" + (f" ({p.patch_size} bytes)" if p.mode == "static" else ""))
+    patching = mode_of(p).describe(p)
     if cfg.model.arch == "byte_lm":
         patching = "none (byte LM)"
     return f"""# {cfg.name or "blt model"}
@@ -121,42 +149,25 @@ Load it without DeepSpeed:
     blt generate THIS_DIR --prompt "Hello" --max-bytes 200
     blt eval THIS_DIR --data held_out.txt
 
-    from blt.generate import Generator
+    from blt.generation import Generator
     Generator.load("THIS_DIR").generate(["Hello"], max_bytes=200)
 """
 
 
-def load_export(path: str | Path, device: str = "cpu"):
-    """(model, cfg, path) of an export dir; weights from safetensors only."""
-    from blt.train.checkpoint import checkpoint_config
-    from blt.model import build_model
-
-    path = Path(path)
-    info = json.loads((path / "export.json").read_text())
-    if info.get("format") != FORMAT:
-        raise ExportError(f"'{path}' is a {info.get('format')!r} export, not {FORMAT}")
-    cfg = checkpoint_config(path)  # load_config finds patching.entropy_model beside config.yaml
-    model = build_model(cfg.model)
-    try:
-        load_model(model, str(path / "model.safetensors"), strict=True)
-    except (RuntimeError, FileNotFoundError) as e:
-        raise ExportError(f"export '{path}' does not match its config: {str(e).strip().splitlines()[0]}") from None
-    return model.to(device).eval(), cfg, path
-
-
 def import_hf(src: str | Path, out: str | Path) -> dict:
     """An HF BLT directory (config.json + safetensors) -> an export dir of this format."""
-    from blt.hf import read_hf
+    from blt.hf import BLT_NAMES, PATCHER_NAMES, fit_hf_weights, read_hf
     from blt.model import build_model
 
     out = _empty_dir(out)
-    cfg, state, ecfg, estate = read_hf(Path(src))
-    dtype = next(t.dtype for t in state.values() if t.is_floating_point())  # keep bf16 weights bf16
-    with torch.device("meta"):  # no random init: every weight comes from the HF files
-        model = build_model(cfg.model).to(dtype)
-        emodel = build_model(ecfg.model).to(dtype) if ecfg is not None else None
-    model.load_state_dict(state, strict=True, assign=True)
-    if emodel is not None:
-        emodel.load_state_dict(estate, strict=True, assign=True)
-    write_export(out, model, cfg, {"source": str(Path(src).resolve()), "imported_from": "hf"}, emodel, ecfg)
+    with _staged(out) as tmp:
+        cfg, state, ecfg, estate = read_hf(Path(src))
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)  # bf16 stays bf16
+        with torch.device("meta"):  # no random init: every weight comes from the HF files
+            model = build_model(cfg.model).to(dtype)
+            emodel = build_model(ecfg.model).to(dtype) if ecfg is not None else None
+        fit_hf_weights(model, state, BLT_NAMES, src)
+        if emodel is not None:
+            fit_hf_weights(emodel, estate, PATCHER_NAMES, src)
+        write_export(tmp, model, cfg, {"source": str(Path(src).resolve()), "imported_from": "hf"}, emodel, ecfg)
     return {"format": FORMAT, "out": str(out), "source": str(src)}

@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from blt.config import Config, TransformerConfig, config_from_dict
-from blt.data.tokens import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
+from blt.config import Config, ConfigError, TransformerConfig, check_config, config_from_dict
 from blt.errors import UserError
 from blt.model.layers import ffn_hidden
+from blt.patching import mode_of
+from blt.tokens import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
 
 class HFFormatError(UserError):
@@ -93,15 +94,15 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
         if m.cross_attn_heads != getattr(m, name).heads:
             raise _no("model.cross_attn_heads", f"HF's cross-attention uses the {name}'s heads; set it to "
                       f"model.{name}.heads ({getattr(m, name).heads}) and make encoder and decoder heads equal")
-    if p.mode == "space":
-        raise _no("patching.mode", "HF has no space patching; use static or entropy")
-    if p.mode == "entropy" and p.threshold_mode != "global":
-        raise _no("patching.threshold_mode", "HF's patcher thresholds entropies (H_t > th); use global")
+    refusal = mode_of(p).hf_refusal(p)  # what HF's BltPatcher cannot express of this patching mode
+    if refusal is not None:
+        raise _no(*refusal)
     identity = m.encoder.dim * m.cross_attn_k == m.global_model.dim
     if identity and state is not None and PROJ in state and not torch.equal(
             state[PROJ].float().cpu(), torch.eye(m.global_model.dim)):
         raise _no("model.global_model.dim", "equals encoder.dim * cross_attn_k, where HF has no learned "
-                  "token_embedding_projection (identity); choose another global_model.dim")
+                  "token_embedding_projection (identity); train with another global_model.dim or cross_attn_k "
+                  "(configs/tiny_hf.yaml is configs/tiny.yaml with cross_attn_k 1)")
 
 
 def check_entropy_expressible(ecfg: Config) -> None:
@@ -142,25 +143,50 @@ def _shift_layer_cross(key: str, to_hf: bool) -> str | None:
     return None if int(i) + shift < 0 else f"{dst}{int(i) + shift}.{rest}"
 
 
+def _rename(key: str, names: list, to_hf: bool) -> str | None:
+    """A weight's name in the other format (our -> HF or back); None when it has none."""
+    shifted = _shift_layer_cross(key, to_hf)
+    if shifted is not None:
+        return shifted
+    pair = next(((a, b) if to_hf else (b, a) for a, b in names if key.startswith(a if to_hf else b)), None)
+    return None if pair is None else pair[1] + key[len(pair[0]):]
+
+
 def _convert(state: dict, names: list, heads: dict, to_hf: bool) -> dict:
     """Rename by prefix (our -> HF or back) and permute self-attention q/k rows; copies every tensor."""
     out = {}
     for key, t in state.items():
-        shifted = _shift_layer_cross(key, to_hf)
-        if shifted is not None:
-            out[shifted] = t.detach().cpu().contiguous().clone()
-            continue
-        pair = next(((a, b) if to_hf else (b, a) for a, b in names if key.startswith(a if to_hf else b)), None)
-        if pair is None:
+        new = _rename(key, names, to_hf)
+        if new is None:
             raise HFFormatError(f"weight '{key}' has no counterpart in the {'HF' if to_hf else 'blt'} format")
-        new = pair[1] + key[len(pair[0]):]
         ours = key if to_hf else new
         t = t.detach().cpu()
         if ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
             n = next(v for k, v in heads.items() if ours.startswith(k))
-            t = t[_rope_rows(t.shape[0], n, to_hf)]
+            if t.ndim == 2 and t.shape[0] % n == 0:  # else a shape that fit_hf_weights reports
+                t = t[_rope_rows(t.shape[0], n, to_hf)]
         out[new] = t.contiguous().clone()  # safetensors wants contiguous tensors with no shared storage
     return out
+
+
+def fit_hf_weights(model: torch.nn.Module, state: dict, names: list, src) -> None:
+    """Load `state` (read_hf's, in our names) into `model` (built from config.json, on any device
+    including meta), or say in one line which HF weights are missing, unexpected or of another shape."""
+    own = model.state_dict()
+
+    def hf(key: str) -> str:
+        return _rename(key, names, to_hf=True) or key
+
+    problems = [f"{hf(k)} is {tuple(state[k].shape)}, config.json makes it {tuple(v.shape)}"
+                for k, v in own.items() if k in state and state[k].shape != v.shape][:2]
+    for what, keys in (("missing", [hf(k) for k in own if k not in state]),
+                       ("unexpected", [hf(k) for k in state if k not in own])):
+        if keys:
+            problems.append(f"{what} {', '.join(keys[:2])}" + (f" and {len(keys) - 2} more" if len(keys) > 2 else ""))
+    if problems:
+        raise HFFormatError(f"the weights in '{src}' do not fit its config.json: {'; '.join(problems)} "
+                            "(keys missing from config.json take HF's defaults)")
+    model.load_state_dict(state, strict=True, assign=True)
 
 
 def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = None,
@@ -173,7 +199,7 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
 
     check_hf_expressible(cfg, state)
     m, p = cfg.model, cfg.patching
-    entropy = p.mode == "entropy"
+    entropy = mode_of(p).needs_entropies
     th = threshold if threshold is not None else p.threshold
     if entropy and (entropy_cfg is None or entropy_state is None):
         raise _no("patching.entropy_model", "entropy patching needs the entropy model's config and weights")
@@ -220,45 +246,117 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _field(hf: dict, sec: str, key: str):
-    d = hf if not sec else (hf.get(sec) or {})
-    return d[key] if key in d else HF_DEFAULTS[sec].get(key)
+# the JSON type of every config.json field read_hf reads; None: it may be null
+KINDS = {
+    "model_type": (str, None), "vocab_size": (int,), "cross_attn_k": (int,), "local_attention_window_len": (int, None),
+    "patch_in_forward": (bool, None), "patching_mode": (str, None), "patch_size": (int, None),
+    "patching_threshold": (float, None), "max_patch_length": (int, None), "max_position_embeddings": (int, None),
+    "encoder_hash_byte_group_size": (list, None), "encoder_hash_byte_group_vocab": (int,),
+    "encoder_hash_byte_group_nb_functions": (int,), "initializer_range": (float,), "hidden_size": (int,),
+    "num_attention_heads": (int,), "num_key_value_heads": (int, None), "num_hidden_layers": (int,),
+    "intermediate_size": (int, None), "hidden_size_global": (int,), "cross_attn_all_layers": (bool,),
+    "sliding_window": (int, None), "rms_norm_eps": (float,), "dropout": (float, None), "hidden_act": (str,),
+    "rope_parameters": (dict, None), "rope_scaling": (dict, None), "rope_theta": (float,),
+}
+KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+              dict: "an object", None: "null"}
+
+
+def _is(value, kinds: tuple) -> bool:
+    if value is None or isinstance(value, bool):
+        return (None if value is None else bool) in kinds
+    return any(k is not None and isinstance(value, (int, float) if k is float else k) for k in kinds)
+
+
+def _field(hf: dict, sec: str, key: str, default=None):
+    """config.json's `key` in section `sec` ("" = top level), else HF's default, else `default`;
+    checked to be of its JSON type (KINDS)."""
+    d = hf if not sec else hf.get(sec)
+    if d is None:
+        d = {}
+    if not isinstance(d, dict):
+        raise _no(f"config.json {sec}", f"is {type(d).__name__}; expected an object of {sec} fields")
+    value = d[key] if key in d else HF_DEFAULTS[sec].get(key, default)
+    kinds = KINDS.get(key)
+    if kinds is not None and not _is(value, kinds):
+        raise _no(f"config.json {sec + '.' if sec else ''}{key}", f"is {json.dumps(value)[:40]}; expected "
+                  + " or ".join(KIND_NAMES[k] for k in kinds) + " (as transformers' BltConfig writes it)")
+    return value
 
 
 def _stack(hf: dict, sec: str, window) -> tuple[dict, float, float]:
     """One HF sub-config -> (our TransformerConfig fields, rms_norm_eps, rope_theta)."""
-    d = hf.get(sec) or {}
     dim, heads = _field(hf, sec, "hidden_size"), _field(hf, sec, "num_attention_heads")
-    if (d.get("num_key_value_heads") or heads) != heads:
+    if dim < 1 or heads < 1 or dim % heads or (dim // heads) % 2:
+        raise _no(f"config.json {sec}.hidden_size", f"{dim} must be a positive multiple of num_attention_heads "
+                  f"({heads}) with an even head size (RoPE)")
+    if (_field(hf, sec, "num_key_value_heads") or heads) != heads:
         raise _no(f"config.json {sec}.num_key_value_heads", "grouped-query attention is not supported; it must equal heads")
-    if d.get("hidden_act", "silu") != "silu":
+    if _field(hf, sec, "hidden_act", "silu") != "silu":
         raise _no(f"config.json {sec}.hidden_act", "only silu (SwiGLU) is supported")
-    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    rope = _field(hf, sec, "rope_parameters") or _field(hf, sec, "rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default":
         raise _no(f"config.json {sec}.rope_parameters", "only default RoPE is supported")
-    theta = rope.get("rope_theta", d.get("rope_theta", HF_DEFAULTS[sec]["rope_theta"]))
+    theta = rope.get("rope_theta", _field(hf, sec, "rope_theta"))
+    if not _is(theta, KINDS["rope_theta"]) or theta <= 0:
+        raise _no(f"config.json {sec}.rope_parameters.rope_theta", f"is {theta!r}; expected a positive number")
     inter = _field(hf, sec, "intermediate_size") or int(8 * dim / 3)
     mult = inter / dim if ffn_hidden(dim, inter / dim) == inter else (inter - 8) / dim
-    if inter % 16 or ffn_hidden(dim, mult) != inter:
-        raise _no(f"config.json {sec}.intermediate_size", f"{inter} is not a multiple of 16 (model.*.ffn_mult can't give it)")
-    t = dict(dim=dim, layers=_field(hf, sec, "num_hidden_layers"), heads=heads, window=window, ffn_mult=mult)
-    return t, float(d.get("rms_norm_eps", 1e-5)), float(theta)
+    if inter < 16 or inter % 16 or ffn_hidden(dim, mult) != inter:
+        raise _no(f"config.json {sec}.intermediate_size", f"{inter} is not a positive multiple of 16 "
+                  "(model.*.ffn_mult can't give it)")
+    layers = _field(hf, sec, "num_hidden_layers")
+    if layers < 0:
+        raise _no(f"config.json {sec}.num_hidden_layers", f"is {layers}; expected 0 or more")
+    t = dict(dim=dim, layers=layers, heads=heads, window=window, ffn_mult=mult)
+    return t, float(_field(hf, sec, "rms_norm_eps", 1e-5)), float(theta)
+
+
+def _checked(values: dict, placeholder_entropy: bool = False) -> Config:
+    """Our Config from read_hf's values, with our cross-field checks, as an HFFormatError naming
+    config.json (patching.entropy_model is left None for the caller when `placeholder_entropy`)."""
+    try:
+        cfg = config_from_dict(values)
+        if placeholder_entropy:
+            cfg.patching.entropy_model = "entropy_model"
+        check_config(cfg)
+    except ConfigError as e:
+        raise HFFormatError(f"config.json gives a model blt cannot build: {e}") from None
+    if placeholder_entropy:
+        cfg.patching.entropy_model = None
+    return cfg
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a one-line HFFormatError."""
+    try:
+        value = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise HFFormatError(f"'{path}' is not readable JSON ({type(e).__name__}: {str(e)[:80]}); "
+                            "expected an HF BltForCausalLM directory's file") from None
+    if not isinstance(value, dict):
+        raise HFFormatError(f"'{path}' holds a JSON {type(value).__name__}, not an object; "
+                            "expected an HF BltForCausalLM directory's file")
+    return value
 
 
 def _load_tensors(src: Path) -> dict:
     """model.safetensors, or the shards named by model.safetensors.index.json (never pickle)."""
-    from safetensors.torch import load_file
+    from blt.artifacts.files import read_safetensors
 
     index = src / "model.safetensors.index.json"
     if (src / "model.safetensors").is_file():
-        return load_file(str(src / "model.safetensors"))
+        return read_safetensors(src / "model.safetensors")
     if not index.is_file():
         raise HFFormatError(f"'{src}' has no model.safetensors or model.safetensors.index.json")
+    shards = _read_json(index).get("weight_map")
+    if not isinstance(shards, dict) or not all(isinstance(v, str) for v in shards.values()):
+        raise HFFormatError(f"'{index}' has no weight_map of weight names to shard files; re-save the model")
     out: dict = {}
-    for shard in sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())):
+    for shard in sorted(set(shards.values())):
         if not (src / shard).is_file():
             raise HFFormatError(f"shard '{src / shard}' named by model.safetensors.index.json is missing")
-        out.update(load_file(str(src / shard)))
+        out.update(read_safetensors(src / shard))
     return out
 
 
@@ -269,8 +367,8 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     src = Path(src_dir)
     if not (src / "config.json").is_file():
         raise HFFormatError(f"'{src}' has no config.json (expected an HF BltForCausalLM directory)")
-    hf = json.loads((src / "config.json").read_text(encoding="utf-8"))
-    if hf.get("model_type") != "blt":
+    hf = _read_json(src / "config.json")
+    if _field(hf, "", "model_type") != "blt":
         raise _no("config.json model_type", f"is {hf.get('model_type')!r}, not 'blt'")
     if _field(hf, "", "vocab_size") != VOCAB_SIZE:
         raise _no("config.json vocab_size", f"must be {VOCAB_SIZE} (the BLT byte vocabulary)")
@@ -289,18 +387,22 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
         raise _no("config.json rms_norm_eps/rope_theta", "must be the same in encoder, decoder and global configs")
     if enc["dim"] != dec["dim"] or enc["heads"] != dec["heads"]:
         raise _no("config.json decoder_config.hidden_size", "encoder and decoder need the same hidden size and heads")
+    if k < 1:
+        raise _no("config.json cross_attn_k", f"is {k}; expected 1 or more")
     if _field(hf, "decoder_config", "hidden_size_global") != glob["dim"]:
         raise _no("config.json decoder_config.hidden_size_global", f"must equal global_config.hidden_size ({glob['dim']})")
     if enc["layers"] < 1 or dec["layers"] < 1:
         raise _no("config.json num_hidden_layers", "encoder and decoder need at least one layer")
     sizes = _field(hf, "", "encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
+    if not all(_is(n, (int,)) and n >= 1 for n in sizes):
+        raise _no("config.json encoder_hash_byte_group_size", f"is {sizes}; expected a list of n-gram sizes >= 1")
     funcs = _field(hf, "", "encoder_hash_byte_group_nb_functions")
     model = dict(arch="blt", hf_compat=True, encoder=enc, decoder=dec, global_model=glob,
                  cross_attn_k=k, cross_attn_heads=enc["heads"],
                  cross_attn_all_layers_decoder=bool(_field(hf, "decoder_config", "cross_attn_all_layers")), hash_ngram_sizes=list(sizes), hash_functions=funcs,
                  hash_buckets=_field(hf, "", "encoder_hash_byte_group_vocab") if funcs else 0,
-                 rope_theta=theta, norm_eps=eps, init_std=hf.get("initializer_range", 0.02),
-                 dropout=float((hf.get("encoder_config") or {}).get("dropout") or 0.0))
+                 rope_theta=theta, norm_eps=eps, init_std=_field(hf, "", "initializer_range", 0.02),
+                 dropout=float(_field(hf, "encoder_config", "dropout") or 0.0))
     tensors = _load_tensors(src)
     patcher = {key: t for key, t in tensors.items() if key.startswith("model.patcher.")}
     entropy = bool(_field(hf, "", "patch_in_forward")) and _field(hf, "", "patching_mode") == "entropy"
@@ -315,22 +417,22 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     patching = dict(mode=mode, patch_size=size if mode == "static" else _field(hf, "", "patch_size") or 4,
                     threshold=_field(hf, "", "patching_threshold") if entropy else None, threshold_mode="global",
                     max_patch_length=_field(hf, "", "max_patch_length"), split_first_byte=True)
-    context = min(int(hf.get("max_position_embeddings") or 4096), 8192)  # eval/generation window in bytes
-    cfg = config_from_dict({"model": model, "patching": patching, "data": {"seq_len": context}})
+    context = min(int(_field(hf, "", "max_position_embeddings") or 4096), 8192)  # eval/generation window in bytes
+    cfg = _checked({"model": model, "patching": patching, "data": {"seq_len": context}}, placeholder_entropy=entropy)
     heads = {"local_encoder.": enc["heads"], "global_transformer.": glob["heads"], "local_decoder.": dec["heads"]}
     state = _convert({key: t for key, t in tensors.items() if not key.startswith("model.patcher.")},
                      BLT_NAMES, heads, to_hf=False)
     if enc["dim"] * k == glob["dim"]:  # HF's nn.Identity
-        state[PROJ] = torch.eye(glob["dim"], dtype=state["local_decoder.lm_head.weight"].dtype)
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        state[PROJ] = torch.eye(glob["dim"], dtype=dtype)
     if not funcs:
         state.pop("local_encoder.hash_embed.embedding.weight", None)
     if not entropy:
         return cfg, state, None, None
     lm, eps_p, theta_p = _stack(hf, "patcher_config", _field(hf, "patcher_config", "sliding_window"))
-    pd = hf.get("patcher_config") or {}
-    ecfg = config_from_dict({"model": {"arch": "byte_lm", "lm": lm, "norm_eps": eps_p,
-                                       "rope_theta": theta_p, "init_std": pd.get("initializer_range", 0.02),
-                                       "tie_embeddings": False}})
+    ecfg = _checked({"model": {"arch": "byte_lm", "lm": lm, "norm_eps": eps_p, "rope_theta": theta_p,
+                               "init_std": _field(hf, "patcher_config", "initializer_range", 0.02),
+                               "tie_embeddings": False}})
     return cfg, state, ecfg, _convert(patcher, PATCHER_NAMES, {"": lm["heads"]}, to_hf=False)
 
 

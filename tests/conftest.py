@@ -53,3 +53,16 @@ def entropy_run(tmp_path_factory, cache_dir) -> Path:
                  "training.steps=8", *TINY_LM])
     assert code == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def static_run(tmp_path_factory, cache_dir) -> Path:
+    """A tiny BLT with static patching trained 2 steps by the real CLI in a child process; copy it
+    before changing it."""
+    from badinput import run_blt
+
+    run = tmp_path_factory.mktemp("static") / "run"
+    out = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
+                  "patching.mode=static", *TINY_BLT, "training.steps=2")
+    assert out.returncode == 0, out.stderr.decode()
+    return run

@@ -133,9 +133,9 @@ def test_consolidated_zero3_checkpoint_gives_the_same_bpb(zero_run, tmp_path, ca
     assert json.loads(out)["bpb"] == pytest.approx(final_val(run), abs=1e-5)
     from safetensors.torch import load_file
 
-    from blt.train.checkpoint import load_model_from_checkpoint
+    from blt.artifacts import load_model
 
-    model, _, _ = load_model_from_checkpoint(run)
+    model = load_model(run, patcher=False).model
     weights = load_file(out_file)
     assert set(weights) == set(model.state_dict())
     assert all((weights[k] == v).all() for k, v in model.state_dict().items())

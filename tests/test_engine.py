@@ -90,7 +90,7 @@ def test_activation_checkpointing_trains_identically(tmp_path, capsys, cache_dir
 def test_sharded_evaluation_equals_one_process():
     """Each rank scores a share of the batches; the summed counts give the one-process BPB."""
     from blt.config import PatchingConfig
-    from blt.entropy import Patcher
+    from blt.patching import Patcher
 
     cfg = tiny()
     torch.manual_seed(0)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from badinput import assert_user_error
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 ROOT = CONFIGS.parent
@@ -92,10 +94,10 @@ def test_hf_export_loads_in_transformers_and_imports_back(tmp_path, capsys, cach
     assert code == 0, err
     hf = transformers.BltForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     from blt.hf import hf_patch_lengths
-    from blt.train.checkpoint import load_model_from_checkpoint
-    from blt.train.loop import build_patcher
+    from blt.artifacts import build_patcher, load_model
 
-    model, cfg, _ = load_model_from_checkpoint(run)
+    loaded = load_model(run, patcher=False)
+    model, cfg = loaded.model, loaded.cfg
     ids = torch.tensor([[1] + [b + 4 for b in b"ROMEO. What say you, friar?"]])
     pid = build_patcher(cfg, "cpu")(ids)
     with torch.no_grad():
@@ -121,3 +123,80 @@ def test_hf_export_loads_in_transformers_and_imports_back(tmp_path, capsys, cach
     first = next(m for m in read_metrics(ft) if "loss" in m)
     scratch = next(m for m in read_metrics(run) if "loss" in m)
     assert first["loss"] < scratch["loss"] - 0.3  # not a fresh init: the imported weights
+
+
+def small_hf_dir(path: Path) -> Path:
+    """A small HF BltForCausalLM dir (static patching, random weights) written by write_hf."""
+    from blt.config import config_from_dict
+    from blt.hf import write_hf
+    from blt.model import build_model
+
+    local = {"dim": 32, "layers": 1, "heads": 2, "window": 16}
+    cfg = config_from_dict({"model": {"encoder": local, "decoder": local, "global_model": {"dim": 48, "layers": 1,
+                                      "heads": 2}, "cross_attn_heads": 2, "hash_buckets": 64, "hf_compat": True},
+                            "patching": {"mode": "static", "split_first_byte": True}, "data": {"seq_len": 64}})
+    write_hf(path, cfg, build_model(cfg.model).state_dict())
+    return path
+
+
+def test_export_to_a_bad_target_is_one_line_and_leaves_nothing(trained, tmp_path):
+    (tmp_path / "some_file.txt").write_text("keep me")
+    for out, words in [("/proc/x", "cannot write"), ("some_file.txt", "is a file"),
+                       ("some_file.txt/sub", "is a file"), ("model.safetensors", "directory")]:
+        assert_user_error(["export", trained, out], watch=[tmp_path, trained], cwd=tmp_path, contains=words)
+    # a failure after the models are loaded (HF needs hf_compat) leaves neither the dir nor its parents
+    assert_user_error(["export", trained, "new/hf", "--format", "hf"], watch=[tmp_path], cwd=tmp_path,
+                      contains="model.hf_compat")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["some_file.txt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only directory")
+def test_export_under_a_read_only_dir_is_one_line(trained, tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        assert_user_error(["export", trained, ro / "x"], watch=[ro], contains="cannot write")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_export_that_fails_while_writing_leaves_nothing(trained, tmp_path, monkeypatch):
+    import blt.export
+
+    def full(cfg, path):
+        raise OSError(28, "No space left on device", str(path))
+
+    monkeypatch.setattr(blt.export, "dump_config", full)  # after the entropy model and the weights are written
+    with pytest.raises(blt.export.ExportError, match="No space left") as e:
+        blt.export.export(trained, tmp_path / "a" / "out")
+    assert "\n" not in str(e.value) and list(tmp_path.iterdir()) == []
+
+
+def test_import_hf_of_a_bad_config_json_is_one_line(tmp_path):
+    good = small_hf_dir(tmp_path / "good")
+    config = json.loads((good / "config.json").read_text())
+    enc = config["encoder_config"]
+    cases = [(b"{not json", "not readable JSON"),
+             (json.dumps({"model_type": "llama", "hidden_size": 32}).encode(), "model_type"),
+             # a missing key takes HF's default (500002 hash buckets), which the weights do not fit
+             (json.dumps({k: v for k, v in config.items() if k != "encoder_hash_byte_group_vocab"}).encode(),
+              "do not fit"),
+             (json.dumps({**config, "encoder_config": {**enc, "hidden_size": "32"}}).encode(), "hidden_size")]
+    for i, (text, words) in enumerate(cases):  # more: test_hf.py::test_read_errors_of_bad_fields
+        bad = tmp_path / f"bad{i}"
+        shutil.copytree(good, bad)
+        (bad / "config.json").write_bytes(text)
+        assert_user_error(["import-hf", bad, tmp_path / "out"], watch=[tmp_path], contains=words)
+
+
+def test_dashboard_on_an_address_it_cannot_bind_is_one_line(tmp_path):
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host").write_bytes(b"")  # found before any binding
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for args, words in [(["--host", "10.255.255.1"], "--host"), (["--port", "70000"], "--port"),
+                            (["--port", port], "pick another --port")]:
+            assert_user_error(["dashboard", tmp_path, *args], watch=[tmp_path], contains=words)

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from blt.config import config_from_dict
-from blt.entropy import Patcher
-from blt.generate import Generator, stream_text
+from blt.patching import Patcher
+from blt.generation import Generator, stream_text
 from blt.model import build_model
-from blt.model.incremental import IncrementalBLT
+from blt.generation.incremental import IncrementalBLT
 from blt.patching import patch_ids_from_starts, patch_starts
 
 # random tiny models; a large init spreads the logits so that greedy choices are clear-cut

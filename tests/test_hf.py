@@ -2,13 +2,14 @@
 write_hf / read_hf, with the same patches; unexpressible configs fail with one-line messages."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from blt.config import Config, check_config, config_from_dict
 from blt.data import OFFSET, VOCAB_SIZE
-from blt.entropy import Patcher
+from blt.patching import Patcher
 from blt.hf import (
     HFFormatError,
     check_hf_expressible,
@@ -266,6 +267,47 @@ def test_read_errors(tmp_path):
         read_hf(tmp_path)
 
 
+@pytest.mark.parametrize("edit,key", [
+    (lambda c: b"\xff\xfe\x00 binary", "config.json"),
+    (lambda c: [1, 2], "not an object"),
+    (lambda c: {**c, "global_config": [48]}, "global_config"),
+    (lambda c: {**c, "cross_attn_k": 0}, "cross_attn_k"),
+    (lambda c: {**c, "cross_attn_k": 1.5}, "cross_attn_k"),
+    (lambda c: {**c, "patch_in_forward": "yes"}, "patch_in_forward"),
+    (lambda c: {**c, "encoder_hash_byte_group_size": ["3"]}, "encoder_hash_byte_group_size"),
+    (lambda c: {**c, "encoder_config": {**c["encoder_config"], "hidden_size": 0}}, "hidden_size"),
+    (lambda c: {**c, "encoder_config": {**c["encoder_config"], "rope_parameters": "default"}}, "rope_parameters"),
+    (lambda c: {**c, "global_config": {**c["global_config"], "num_hidden_layers": -1}}, "num_hidden_layers"),
+    (lambda c: {**c, "local_attention_window_len": -4}, "config.json"),  # our own check, worded for config.json
+])
+def test_read_errors_of_bad_fields(tmp_path, edit, key):
+    """A config.json field of the wrong type or value is a one-line HFFormatError naming it."""
+    hf_model(48, False).save_pretrained(tmp_path)
+    bad = edit(json.loads((tmp_path / "config.json").read_text()))
+    (tmp_path / "config.json").write_bytes(bad if isinstance(bad, bytes) else json.dumps(bad).encode())
+    with pytest.raises(HFFormatError, match=key) as e:
+        read_hf(tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def test_read_errors_of_bad_weights(tmp_path):
+    from blt.errors import UserError
+    from blt.export import import_hf
+
+    hf_model(48, False).save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(b"\x00" * 64)
+    with pytest.raises(UserError, match="safetensors"):
+        read_hf(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    weights.write_bytes(good)
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "encoder_hash_byte_group_vocab": 60}))
+    with pytest.raises(HFFormatError, match="do not fit its config.json: model.encoder_hash_tok_embedding") as e:
+        import_hf(tmp_path / "hf", tmp_path / "out")  # 60 buckets in config.json, 50 in the weights
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+
+
 def test_one_byte_window(tmp_path):
     cfg, model, _, patcher = ours_and_patcher("static")
     write_hf(tmp_path, cfg, model.state_dict(), None, None, None)
@@ -273,3 +315,27 @@ def test_one_byte_window(tmp_path):
     pid = patcher(ids)
     with torch.no_grad():
         assert (hf_logits(load_hf(tmp_path), ids, pid) - model(ids, pid)).abs().max() <= TOL
+
+
+def test_shipped_hf_config_exports_with_our_logits(tmp_path):
+    """configs/tiny_hf.yaml, the README's HF path, at its shipped shape (fewer hash buckets, for speed)
+    passes write_hf's checks and HF gives our logits; tiny.yaml with hf_compat cannot export
+    (encoder.dim * cross_attn_k == global_model.dim, where HF has no learned projection)."""
+    from blt.config import load_config
+    from blt.hf import PROJ
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    cfg, ecfg = load_config(root / "tiny_hf.yaml", ["model.hash_buckets=1024"]), load_config(root / "entropy_tiny.yaml")
+    torch.manual_seed(0)
+    model, lm = perturbed(build_model(cfg.model), 0), perturbed(build_model(ecfg.model), 1)
+    patcher = Patcher(cfg.patching, lm)
+    patcher.threshold = float(patcher.entropies(byte_ids(4, 48, seed=9))[:, 2:].quantile(0.6))
+    write_hf(tmp_path, cfg, model.state_dict(), ecfg, lm.state_dict(), patcher.threshold)
+    ids = byte_ids(2, 96, seed=1)
+    pid = patcher(ids)
+    assert int(pid.max()) > 10
+    with torch.no_grad():
+        assert (hf_logits(load_hf(tmp_path), ids, pid) - model(ids, pid)).abs().max() <= TOL
+    tiny = load_config(root / "tiny.yaml", ["model.hf_compat=true", "patching.split_first_byte=true"])
+    with pytest.raises(HFFormatError, match="model.global_model.dim"):
+        check_hf_expressible(tiny, {PROJ: torch.zeros(256, 256)})  # a learned projection, as training makes

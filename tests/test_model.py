@@ -6,7 +6,7 @@ import torch
 
 from blt.config import ModelConfig, PatchingConfig, TransformerConfig
 from blt.data import OFFSET, VOCAB_SIZE, encode
-from blt.entropy import Patcher
+from blt.patching import Patcher
 from blt.model import BLT, ByteLM
 from blt.model.attention import (
     decoder_mask,
@@ -212,7 +212,7 @@ def test_entropy_cache_equals_on_the_fly_entropies(tmp_path):
     import numpy as np
 
     from blt.data import ByteLoader
-    from blt.entropy import EntropyCache
+    from blt.patching import EntropyCache
 
     patcher = make_patcher("entropy")
     stream = np.concatenate([encode("Friends, Romans, countrymen, lend me your ears; " * 5),

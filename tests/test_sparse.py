@@ -159,7 +159,7 @@ def test_sparse_config_errors(bad, message):
 
 def test_blt_with_sparse_attention_everywhere_is_causal():
     from blt.config import ModelConfig
-    from blt.entropy import Patcher
+    from blt.patching import Patcher
     from blt.config import PatchingConfig
     from blt.model import BLT
 

@@ -1,4 +1,5 @@
-"""Bytes in, token batches out: byte ids (tokens), cached packed corpora (corpus), batches (loader)."""
+"""Bytes in, token batches out: cached packed corpora (corpus) and batches (loader); the byte ids
+themselves are blt/tokens.py (re-exported here)."""
 
 from blt.data.corpus import (
     BUNDLED_DIR,
@@ -11,7 +12,7 @@ from blt.data.corpus import (
     resolve_files,
 )
 from blt.data.loader import ByteLoader, eval_windows
-from blt.data.tokens import BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, decode, encode, encode_documents
+from blt.tokens import BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, decode, encode, encode_documents
 
 __all__ = [
     "BOS_ID", "BUNDLED_DIR", "ByteLoader", "DataError", "EOS_ID", "OFFSET", "PAD_ID", "PackedData",

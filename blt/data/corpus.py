@@ -25,8 +25,9 @@ from typing import Callable, Iterator
 import numpy as np
 
 from blt.config import DataConfig
-from blt.data.tokens import encode_documents
+from blt.tokens import encode_documents
 from blt.errors import UserError
+from blt.files import make_dirs, remove_made_dirs
 
 FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
 BUNDLED_DIR = Path(__file__).resolve().parent / "shakespeare"
@@ -89,7 +90,10 @@ def _describe(files: list[Path]) -> str:
 
 def _text_docs(path: Path, sample_by: str) -> Docs:
     """A plain-text file as documents: the whole file, its paragraphs ("\\n\\n") or its lines."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}); check the file") from None
     if b"\0" in raw[:SNIFF_BYTES]:
         raise DataError(f"'{path}' looks binary (NUL bytes in its first 8 KB); "
                         f"use text, .jsonl, .json or .parquet files")
@@ -304,18 +308,20 @@ def prepare_data(cfg: DataConfig, log: Callable[[str], None] = print) -> PackedD
     else:
         val = sorted((BUNDLED_DIR / "val").glob("*.txt")) if not (cfg.train or cfg.hub_dataset) else []
     key = _cache_key(cfg, train, val)
-    root = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/blt")) / "data"
+    cache = Path(os.path.expanduser(cfg.cache_dir or "~/.cache/blt"))
+    root = cache / "data"
     out = root / key
     if (out / "meta.json").is_file():
         data = _from_meta(out)
         log(f"data: reusing {out} ({data.train.num_tokens:,} train / {data.val.num_tokens:,} val tokens)")
         return data
 
-    root.mkdir(parents=True, exist_ok=True)
+    made: list[Path] = []
     tmp = root / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"  # renamed into place when complete
-    tmp.mkdir()
     try:
-        meta = _build(cfg, train, val, key, tmp)
+        made = make_dirs(root)
+        tmp.mkdir()
+        meta = _build(cfg, train, val, key, tmp)  # inputs it cannot read are DataErrors: an OSError is the cache's
         (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
         try:
             os.rename(tmp, out)
@@ -323,8 +329,12 @@ def prepare_data(cfg: DataConfig, log: Callable[[str], None] = print) -> PackedD
             if not (out / "meta.json").is_file():
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_made_dirs(made)
+        if isinstance(e, OSError):
+            raise DataError(f"data.cache_dir '{cache}' is not writable ({e.strerror or type(e).__name__}); set "
+                            "data.cache_dir=PATH to a writable directory") from None
         raise
     data = _from_meta(out)
     log(f"data: packed {data.train.num_docs:,} train documents ({data.train.num_tokens:,} tokens) and "

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from blt.data.corpus import DataError
-from blt.data.tokens import PAD_ID
+from blt.tokens import PAD_ID
 
 
 def _gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> torch.Tensor:
@@ -56,10 +56,6 @@ class ByteLoader:
     def num_windows(self) -> int:
         """Training windows per epoch (before dropping the remainder)."""
         return (len(self.tokens) - 1) // self.seq_len
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.num_windows // (self.batch_size * self.world_size)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if self._perm_epoch != epoch:

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from blt.config import ModelConfig
-from blt.data.tokens import VOCAB_SIZE
+from blt.tokens import VOCAB_SIZE
 from blt.model.attention import decoder_source_patches, patch_pooling_attention, patch_state_attention
 from blt.model.hash_embed import HashNgramEmbedding
 from blt.model.layers import RMSNorm, Transformer

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from blt.config import ModelConfig
-from blt.data.tokens import VOCAB_SIZE
+from blt.tokens import VOCAB_SIZE
 from blt.model.blt import init_weights
 from blt.model.layers import RMSNorm, Transformer
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from blt.config import ModelConfig, PatchingConfig, TransformerConfig
-from blt.data.tokens import VOCAB_SIZE
 from blt.model.layers import ffn_hidden
+from blt.patching.registry import mode_of
+from blt.tokens import VOCAB_SIZE
 
 
 def block_params(t: TransformerConfig) -> int:
@@ -48,13 +49,12 @@ class FlopsReport:
 
 
 def assumed_patch_size(model: ModelConfig, patching: PatchingConfig) -> float:
-    """The mean patch size FLOPs are reported for: 1 for a byte LM, the patch size for static
-    patching, the target for entropy patching, about one English word (5 bytes) for space patching."""
+    """The mean patch size FLOPs are reported for: 1 for a byte LM, else what the patching mode
+    expects (the patch size for static patching, the target for entropy patching, about one
+    English word for space patching)."""
     if model.arch == "byte_lm":
         return 1.0
-    if patching.mode == "static":
-        return float(patching.patch_size)
-    return patching.target_patch_size if patching.mode == "entropy" else 5.0
+    return mode_of(patching).assumed_patch_size(patching)
 
 
 def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
@@ -96,3 +96,12 @@ def _embedding_params(cfg: ModelConfig) -> int:
         return VOCAB_SIZE * cfg.lm.dim
     tables = cfg.hash_functions * len(cfg.hash_ngram_sizes) * cfg.hash_buckets if cfg.hash_buckets else 0
     return (VOCAB_SIZE + tables) * cfg.encoder.dim
+
+
+def model_info(cfg, model, entropy_cfg: ModelConfig | None = None) -> dict:
+    """What `blt info` prints and a run's model_info.json starts with: the architecture, the patch
+    size assumed, parameter counts and FLOPs per byte of `model` built from the config `cfg`."""
+    params = sum(p.numel() for p in model.parameters())
+    patch_size = assumed_patch_size(cfg.model, cfg.patching)
+    rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, params, entropy_cfg)
+    return {"arch": cfg.model.arch, "assumed_patch_size": patch_size, **rep.__dict__}

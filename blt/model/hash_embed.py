@@ -39,19 +39,6 @@ class HashNgramEmbedding(nn.Module):
         # sparse=True: the gradient holds only the rows a batch used (see blt/train/optim.py)
         self.embedding = nn.Embedding(max(1, buckets * self.num_tables), dim, sparse=sparse)
 
-    def rows_at_end(self, history: list[int]) -> list[int]:
-        """Table rows of the n-grams ending at the last of `history` (byte ids, oldest first), in
-        plain Python: the same values as forward's hashes, for one new byte at a time."""
-        rows = []
-        for f in range(self.functions):
-            prime = PRIMES[f % len(PRIMES)]
-            for n in self.sizes:
-                gram = ([0] * n + history)[-n:]  # zeros pad the left, as in ngram_hash
-                h = sum(t * prime**i for i, t in enumerate(gram))
-                h = (h + 2**63) % 2**64 - 2**63  # int64 wrap-around
-                rows.append(h % self.buckets + len(rows) * self.buckets)
-        return rows
-
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, D) sum of every table's row for its n-gram."""
         ids = []

@@ -1,5 +1,6 @@
 """Transformer building blocks shared by the local encoder/decoder, the global model and the
-byte LM: RMSNorm, RoPE, SwiGLU, causal (sliding-window) self-attention, and a block stack."""
+byte LM: RMSNorm, RoPE, SwiGLU, causal (sliding-window) self-attention, and a block stack. Their
+incremental (KV-cached) forward for generation is in blt/generation/steps.py."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch.nn.functional as F
 
 from blt.config import SparseAttentionConfig, TransformerConfig
 from blt.model.attention import causal_self_attention
-from blt.model.kv_cache import KVCache
 from blt.model.sparse_attention import sparse_attention
 from blt.model.sparse_patterns import Pattern
 
@@ -83,26 +83,6 @@ class SelfAttention(nn.Module):
             y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
-    def step(self, x: torch.Tensor, rope: tuple, cache: KVCache, layer: int, mask: torch.Tensor | None,
-             w_qkv: torch.Tensor) -> torch.Tensor:
-        """n new positions per row (B, n, D) against the cache; rope = (cos, sin, half-swap index)
-        with cos/sin (B, 1, n, hd); mask (B, *, n, L) or None; w_qkv: the q, k and v projections
-        stacked (one matmul instead of three)."""
-        B, n, D = x.shape
-        H = self.heads
-        qkv = F.linear(x, w_qkv).view(B, n, 3 * H, self.head_dim).transpose(1, 2)  # (B, 3H, n, hd): q, k, v heads
-        cos, sin, swap = rope
-        qk = qkv[:, : 2 * H]  # rotate q and k together: x * cos + (second half, first half) * sin
-        if qk.dtype == torch.float32:  # = apply_rope, bit for bit
-            qk = qk * cos + qk[..., swap] * sin
-        else:  # RoPE in fp32, as apply_rope does
-            qk = (qk.float() * cos + qk[..., swap].float() * sin).to(x.dtype)
-        q, k = qk.chunk(2, dim=1)  # (B, H, n, hd) each
-        keys, values = cache.write(layer, k, qkv[:, 2 * H :])  # (B, H, L, hd) every visible position
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-        return self.o_proj(y.transpose(1, 2).reshape(B, n, D))
-
-
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + swiglu(norm(x))."""
 
@@ -117,12 +97,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
-
-    def step(self, x, rope: tuple, cache: KVCache, layer: int, mask, fused: tuple) -> torch.Tensor:
-        w_qkv, w_gate_up = fused
-        x = x + self.self_attn.step(self.input_layernorm(x), rope, cache, layer, mask, w_qkv)
-        gate, up = F.linear(self.post_attention_layernorm(x), w_gate_up).chunk(2, dim=-1)
-        return x + self.mlp.down_proj(F.silu(gate) * up)
 
 
 class Transformer(nn.Module):
@@ -143,28 +117,4 @@ class Transformer(nn.Module):
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
             x = layer(x, cos, sin)
-        return x
-
-    def step(self, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
-        """Incremental forward: (B, n, D) new positions of each row -> (B, n, D), the same values the
-        full forward gives at those positions; the first valid[b] (default n) are kept in the cache.
-        For inference: call it under torch.no_grad() or torch.inference_mode() (blt/model/incremental.py does)."""
-        B, n, _ = x.shape
-        pattern = self.layers[0].self_attn.pattern if len(self.layers) else None
-        mask = cache.begin(n, self.cfg.window if pattern is None else None, pattern)
-        if cache.tables is None:  # once per cache: RoPE tables of every position, stacked projections
-            cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=x.device),
-                                       self.cfg.dim // self.cfg.heads, self.rope_theta)  # (C, hd/2)
-            cos_t, sin_t = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([-sin_t, sin_t], -1)[:, None]  # (C, 1, hd)
-            hd = cos_t.shape[-1]
-            swap = torch.cat([torch.arange(hd // 2, hd), torch.arange(hd // 2)]).to(x.device)  # halves exchanged
-            fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
-                      torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in self.layers]
-            cache.tables = (cos_t, sin_t, swap, fused)
-        cos_t, sin_t, swap, fused = cache.tables
-        rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2), swap)  # (B, 1, n, hd)
-        for i, layer in enumerate(self.layers):
-            x = x if before is None else before(i, x)
-            x = layer.step(x, rope, cache, i, mask, fused[i])
-        cache.advance(n if valid is None else valid)
         return x

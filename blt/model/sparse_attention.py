@@ -5,8 +5,8 @@
   run SDPA on them under the token-level mask, so cost follows the number of allowed blocks. Query
   blocks with many more key blocks than the rest (global rows: BigBird, Longformer, Variable with
   horizontal globals) are not padded into the gather; they run as one separate masked SDPA over all
-  keys (../shared/FLEX.md: padding every block to the largest count is what makes naive block-sparse
-  kernels quadratic).
+  keys (padding every query block to the largest block count is what makes a naive block-sparse
+  kernel quadratic again).
 - `flex` (GPU): compiled FlexAttention with a BlockMask from the same mask_mod. On CPU it runs
   forward-only (PyTorch has no CPU backward for it).
 Fully masked query rows give zeros in every backend.

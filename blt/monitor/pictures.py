@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from blt.data import OFFSET, decode
+from blt.generation import Generator
 from blt.patching import entropy_from_logits, patch_ids_from_starts
+from blt.tokens import OFFSET, decode
 
 
 def _label(b: int) -> str:
@@ -95,12 +96,11 @@ def sample_prompts(val_tokens: np.ndarray, count: int, length: int = 48) -> list
     return prompts
 
 
-def generate_samples(model, patcher, prompts: list[bytes], max_bytes: int, context: int, device) -> list[list]:
-    """Rows (prompt, output, settings): temperature 0.8, top-p 0.95, seed 0 (the same on every rank)."""
-    from blt.generate import Generator
-
+def generate_samples(model, patcher, prompts: list[bytes], max_bytes: int, context: int, cached: bool = True) -> list[list]:
+    """Rows (prompt, output, settings): temperature 0.8, top-p 0.95, seed 0 (the same on every rank);
+    cached=False for weights partitioned across ranks (see Generator)."""
     was_training = model.training
-    outs = Generator(model, patcher, context).generate(prompts, max_bytes=max_bytes, temperature=0.8, top_p=0.95,
+    outs = Generator(model, patcher, context, cached).generate(prompts, max_bytes=max_bytes, temperature=0.8, top_p=0.95,
                                                       seed=0)
     rows = [[p.decode("utf-8", "replace"), o.decode("utf-8", "replace"), "temperature 0.8, top_p 0.95, seed 0"]
             for p, o in zip(prompts, outs)]

@@ -1,6 +1,9 @@
 """DeepSpeed ZeRO 0-3 behind the engine interface (forward, backward, step, save, load), started
-by any launcher or by `accelerate launch`. The only module that imports deepspeed (lazily, so
-`import blt` and the single-process path never pay for it).
+by any launcher or by `accelerate launch`: the one module that trains with DeepSpeed. deepspeed is
+imported lazily (so `import blt` and the single-process path never pay for it) through
+blt/artifacts/zero.py, which also reads ZeRO checkpoints for loading and resuming, below the trainer.
+The engine owns what DeepSpeed asks of the rest: dense gradients only (`supports_sparse_grads`),
+ZeRO-3's sharded weights (`partitioned`, `forwards_on_every_rank`), the accelerate config's say.
 
     torchrun --nproc-per-node 2 -m blt train configs/tiny.yaml distributed.zero_stage=3
 
@@ -17,19 +20,21 @@ All ranks write into step_X.tmp; after a barrier rank 0 renames it and only then
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from blt.artifacts.files import load_pt
+from blt.artifacts.zero import import_deepspeed, safe_shards
 from blt.config import Config, ConfigError
+from blt.proc import log
 from blt.train.checkpoint import (CheckpointError, finish_checkpoint, read_state, rng_state, set_rng_state,
                                   start_checkpoint)
-from blt.train.distributed import Dist
+from blt.train.device import resolved_dtype
+from blt.train.distributed import Dist, init_distributed
 from blt.train.optim import build_optimizer
 
 
@@ -63,18 +68,13 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool) -> dic
 
 
 def _quiet_deepspeed(device_type: str = "cpu"):
-    import logging
     import warnings
 
-    if device_type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # say it, rather than have DeepSpeed warn it guessed
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*")
     warnings.filterwarnings("ignore", message=".*reduce_scatter_tensor.*")
-    import deepspeed
-
+    deepspeed = import_deepspeed(device_type)
     # a CPU host would otherwise JIT-compile a shared-memory comm op (~2 minutes) at init
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return deepspeed
 
 
@@ -100,14 +100,28 @@ class DeepSpeedEngine:
     """A model trained by a DeepSpeed engine: ZeRO stage, offload, precision, accumulation and
     clipping from the config; torch AdamW (with the same decay groups as the local engine)."""
 
+    supports_sparse_grads = False  # ZeRO shards dense gradients only
+
+    @classmethod
+    def prepare(cls, cfg: Config, world: Dist, device: torch.device, kind: str = "deepspeed") -> None:
+        """Before the model is built: under `accelerate launch` (kind "accelerate") the accelerate
+        config's ZeRO choices; dense hash-table gradients (the same weights, stored otherwise); then
+        the process group. Each change to the config is logged."""
+        if kind == "accelerate":
+            for change in accelerate_overrides(cfg):
+                log(f"distributed.{change} (from the accelerate config)")
+        if cfg.model.hash_sparse_grad and not cls.supports_sparse_grads:
+            log("model.hash_sparse_grad=false under DeepSpeed (ZeRO shards dense gradients only)")
+            cfg.model.hash_sparse_grad = False
+        init_distributed(cfg, world, device)
+
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, world: Dist, use_accelerate: bool):
-        if any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
+        if not self.supports_sparse_grads and any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
+            # a model built without prepare(), which turns model.hash_sparse_grad off
             raise ConfigError("model.hash_sparse_grad=true is not supported by DeepSpeed ZeRO; "
                               "set model.hash_sparse_grad=false")
-        self.cfg, self.device, self.world = cfg, device, world
+        self.cfg, self.device, self.world, self.use_accelerate = cfg, device, world, use_accelerate
         deepspeed = _quiet_deepspeed(device.type)
-        from blt.train.plan import resolved_dtype
-
         gpu = device.type == "cuda"
         ds_config = deepspeed_config(cfg, world.world_size, resolved_dtype(cfg, gpu), gpu)
         optimizer = build_optimizer(model, cfg.optimizer)
@@ -162,13 +176,30 @@ class DeepSpeedEngine:
         return float(norm) if norm is not None else float("nan")
 
     @property
+    def partitioned(self) -> bool:
+        """ZeRO-3: each rank holds a shard of the weights, gathered only inside module hooks, so
+        generation runs uncached (the cached path reads the weights directly)."""
+        return self.cfg.distributed.zero_stage == 3
+
+    @property
+    def forwards_on_every_rank(self) -> bool:
+        """ZeRO-3: a forward gathers weights from every rank, so all ranks run the same forwards
+        (rank 0's validation pictures included)."""
+        return self.partitioned
+
+    @property
+    def label(self) -> str:
+        """How the start-up line names this engine: "deepspeed ZeRO-2", "accelerate ZeRO-3"."""
+        return f"{'accelerate' if self.use_accelerate else 'deepspeed'} ZeRO-{self.cfg.distributed.zero_stage}"
+
+    @property
     def full_weights_local(self) -> bool:
         """Does every rank hold the full fp32 weights (so rank 0 can write model.safetensors)?"""
         d = self.cfg.distributed
         return d.zero_stage == 0 or (d.zero_stage < 3 and not any(
             self.ds_config[k]["enabled"] for k in ("bf16", "fp16")))
 
-    def save(self, run_dir: Path, step: int, state: dict) -> Path:
+    def save(self, run_dir: Path, step: int, state: dict, prune: bool = True) -> Path:
         world = self.world
         tmp = final = None
         if world.is_main:
@@ -179,53 +210,29 @@ class DeepSpeedEngine:
         data_states = world.all_gather_object(state.pop("data"))
         if world.is_main:
             if self.full_weights_local:
-                from safetensors.torch import save_file
+                from blt.files import write_safetensors
 
                 # ZeRO keeps parameters as views of flat buffers: copy each out
                 weights = {k: v.detach().float().clone().contiguous() for k, v in self.model.state_dict().items()}
-                save_file(weights, str(tmp / "model.safetensors"))
+                write_safetensors(tmp / "model.safetensors", weights)
             engine = {"engine": "deepspeed", "zero_stage": self.cfg.distributed.zero_stage,
                       "world_size": world.world_size}
             full = dict(state, step=step, data=data_states[0], data_ranks=data_states, **engine)
             (tmp / "state.json").write_text(json.dumps(full, indent=1))
         world.barrier()  # every rank's shards are on disk
         if world.is_main:
-            finish_checkpoint(tmp, final, self.cfg)
+            finish_checkpoint(tmp, final, self.cfg, prune)
         world.barrier()
         return final
 
     def load(self, step_dir: Path) -> dict:
         step_dir = Path(step_dir)
         state = read_state(step_dir, "deepspeed", self.world.world_size, self.cfg.distributed.zero_stage)
-        path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_strict=True,
-                                          load_optimizer_states=True, load_lr_scheduler_states=False)
+        with safe_shards(step_dir):
+            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_strict=True,
+                                              load_optimizer_states=True, load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in '{step_dir}'")
-        set_rng_state(torch.load(step_dir / f"rank_{self.world.rank}.pt", weights_only=True))
+        set_rng_state(load_pt(step_dir / f"rank_{self.world.rank}.pt"))
         state["data"] = state["data_ranks"][self.world.rank]
         return state
-
-
-def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
-    """One fp32 state dict from a ZeRO-1/2/3 checkpoint's shards (on CPU; no process group needed)."""
-    _quiet_deepspeed()
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    step_dir = Path(step_dir)
-    quiet = {"TQDM_DISABLE": "1"}
-    saved = {k: os.environ.get(k) for k in quiet}
-    os.environ.update(quiet)
-    try:  # DeepSpeed reports progress on stdout, which carries our results: send it to stderr
-        with contextlib.redirect_stdout(sys.stderr):
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    return {k: v.contiguous() for k, v in sd.items()}
-
-
-def is_zero_checkpoint(step_dir: Path) -> bool:
-    return any(Path(step_dir).glob("*optim_states.pt"))

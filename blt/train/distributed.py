@@ -21,6 +21,7 @@ import torch.distributed as td
 
 from blt.config import Config, ConfigError
 from blt.errors import UserError
+from blt.proc import launched
 
 
 class PeerLostError(UserError):
@@ -96,9 +97,8 @@ class Dist:
 
 def launched_world() -> Dist:
     """The job as the launcher's environment describes it (no process group is joined)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
-    return Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")), local_world)
+    p = launched()
+    return Dist(p.rank, p.world_size, p.local_rank, p.local_world_size)
 
 
 def choose_engine(cfg: Config, world: Dist) -> str:

@@ -1,24 +1,49 @@
 """The engine interface the training loop talks to, and its single-process implementation.
 
 The loop only calls `forward`, `backward`, `step`, `save` and `load`; a distributed engine
-(DeepSpeed) implements the same five methods, so the loop never changes.
+(DeepSpeed) implements the same five methods, so the loop never changes. What an engine asks of
+the code around it is said by the engine, never tested for by that code:
+
+    Engine.prepare(cfg, world, device, kind)  # before the model is built: config changes, process group
+    Engine.supports_sparse_grads              # may the hash tables get sparse gradients?
+    engine.partitioned                        # weights sharded across ranks: generate uncached
+    engine.forwards_on_every_rank             # every rank must run the same forwards (pictures too)
+    engine.label                              # how the start-up line names it ("local", "deepspeed ZeRO-2")
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
+from blt.artifacts.checkpoints import load_weights
 from blt.config import Config, ConfigError
+from blt.errors import UserError
 from blt.evaluate import autocast_ctx
-from blt.train.checkpoint import load_training_state, load_weights, save_checkpoint
+from blt.train.checkpoint import load_training_state, save_checkpoint
+from blt.train.distributed import Dist
 from blt.train.optim import build_optimizer, clip_grad_norm
+
+
+class DivergedError(UserError):
+    """A non-finite loss or gradient norm, found before the update it would have made: the weights
+    are still those of the last completed step."""
 
 
 class LocalEngine:
     """Plain PyTorch on one device: AdamW, gradient clipping, autocast when asked."""
+
+    supports_sparse_grads = True  # sparse hash-table gradients go to a lazy SparseAdam (optim.py)
+    partitioned = False  # the one process holds every weight
+    forwards_on_every_rank = False  # no other process waits on this one's forwards
+    label = "local"
+
+    @classmethod
+    def prepare(cls, cfg: Config, world: Dist, device: torch.device, kind: str = "local") -> None:
+        """Before the model is built: one process changes nothing and joins no process group."""
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None):
         if cfg.training.dtype == "fp16":
@@ -36,17 +61,21 @@ class LocalEngine:
         (loss / self.cfg.training.grad_accum).backward()
 
     def step(self, lr: float) -> float:
-        """Clip, update with learning rate `lr`, zero the gradients; returns the grad norm."""
+        """Clip, update with learning rate `lr`, zero the gradients; returns the grad norm. A
+        non-finite norm raises DivergedError before anything is updated."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = clip_grad_norm(params, self.cfg.optimizer.grad_clip)
+        if not math.isfinite(norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            raise DivergedError(f"the gradient norm became {norm}")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def save(self, run_dir: Path, step: int, state: dict) -> Path:
-        return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg)
+    def save(self, run_dir: Path, step: int, state: dict, prune: bool = True) -> Path:
+        return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg, prune)
 
     def load(self, step_dir: Path) -> dict:
         state = load_training_state(step_dir, self.optimizer)  # refuses a distributed checkpoint first

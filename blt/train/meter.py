@@ -8,24 +8,18 @@ import math
 import time
 
 import numpy as np
-import torch
-
-
-def patch_lengths(patch_ids: torch.Tensor) -> np.ndarray:
-    """(B, T) patch ids -> the length in bytes of every patch in the batch (a row's last patch may be cut)."""
-    B, T = patch_ids.shape
-    flat = (patch_ids + torch.arange(B, device=patch_ids.device)[:, None] * (T + 1)).flatten()
-    counts = torch.bincount(flat)
-    return counts[counts > 0].cpu().numpy()
 
 
 class StepMeter:
+    """Sums since the last log line (this rank's timings; loss, bytes and patches over all ranks)."""
+
     def __init__(self, flops_per_byte: float, peak_flops: float, world_size: int):
         self.flops_per_byte, self.peak_flops, self.world_size = flops_per_byte, peak_flops, world_size
         self.hist = np.zeros(1, dtype=np.int64)
         self.reset()
 
     def reset(self) -> None:
+        """Start a new log interval (its clock too)."""
         self.t0 = time.time()
         self.steps, self.loss, self.bytes, self.patches = 0, 0.0, 0, 0
         self.times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
@@ -41,6 +35,7 @@ class StepMeter:
             self.times[key] += value
 
     def add_patch_lengths(self, lengths: np.ndarray) -> None:
+        """Count patches of each length (bytes) into the histogram, growing it as needed."""
         counts = np.bincount(lengths)
         if len(counts) > len(self.hist):
             self.hist = np.concatenate([self.hist, np.zeros(len(counts) - len(self.hist), dtype=np.int64)])
@@ -51,6 +46,7 @@ class StepMeter:
         self.t0 += seconds
 
     def record(self, step: int, lr: float, grad_norm: float) -> dict:
+        """The metrics.jsonl record of this interval: means per step, rates per second."""
         dt = max(time.time() - self.t0, 1e-9)
         n = max(1, self.steps)
         mean = self.loss / n

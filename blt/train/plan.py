@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 
 from blt.config import Config
-from blt.data.tokens import VOCAB_SIZE
 from blt.model.flops import assumed_patch_size
+from blt.tokens import VOCAB_SIZE
+from blt.train.deepspeed_engine import deepspeed_config  # pure: deepspeed itself is not imported
+from blt.train.device import resolved_dtype
 
 GiB = 1024**3
 
@@ -87,13 +89,8 @@ def stage_memory(params: int, world: int, stage: int, dtype: str, offload_optimi
     return StageMemory(stage, weights, grads, optim, activations, cpu)
 
 
-def resolved_dtype(cfg: Config, gpu: bool) -> str:
-    return cfg.training.dtype if cfg.training.dtype != "auto" else ("bf16" if gpu else "fp32")
-
-
 def make_plan(cfg: Config, nodes: int, procs_per_node: int, gpu: bool = True) -> dict:
-    from blt.train.deepspeed_engine import deepspeed_config  # pure: deepspeed itself is not imported
-
+    """The plan of `cfg` on nodes x procs_per_node processes (GPUs, or CPU processes with gpu=False)."""
     world = nodes * procs_per_node
     dtype = resolved_dtype(cfg, gpu)
     total, non_embed = count_params(cfg)

@@ -1,7 +1,7 @@
 """Incremental (KV-cached) forward passes of BLT and the byte LM, for generation.
 
 The caller feeds bytes as they arrive, with their patch starts (decided on the fly, see
-blt/patching.py `StreamingStarts`); every component keeps its own KV cache:
+blt/patching/streaming.py `StreamingStarts`); every component keeps its own KV cache:
 - the local encoder and decoder run on the new bytes only;
 - when a patch is complete (the next one has started) it is pooled from the cached encoder states
   and the global Transformer runs once for it, extending its patch-level cache;
@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from blt.model.attention import patch_state_attention
-from blt.model.kv_cache import CacheFullError, KVCache
+from blt.generation.kv_cache import CacheFullError, KVCache
+from blt.generation.steps import hash_rows_at_end, transformer_step
 
 
 def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
@@ -55,7 +56,7 @@ class IncrementalByteLM:
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, n) new byte ids, (B,) valid counts -> (B, n, V) next-byte logits at each new byte."""
         m = self.model
-        h = m.transformer.step(m.embed_tokens(tokens), self.cache, valid)  # (B, n, D) byte-level
+        h = transformer_step(m.transformer, m.embed_tokens(tokens), self.cache, valid)  # (B, n, D) byte-level
         return m.lm_head(m.norm(h))
 
 
@@ -118,7 +119,7 @@ class IncrementalBLT:
         x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
         if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
             back = max(enc.hash_embed.sizes)
-            rows = [enc.hash_embed.rows_at_end(self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
+            rows = [hash_rows_at_end(enc.hash_embed, self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
                     for b, s in enumerate(self.lens.tolist())]  # the new byte is already in self.tokens
             x = x + enc.hash_embed.embedding(torch.tensor(rows, device=x.device)).sum(1)[:, None]
         elif enc.hash_embed is not None:  # n-grams reach back max(sizes) - 1 bytes into the cache
@@ -126,7 +127,7 @@ class IncrementalBLT:
             pos = _arange_rows(self.lens - back, back + n)  # (B, back + n)
             ctx = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)
             x = x + enc.hash_embed(ctx)[:, back:]
-        h = enc.transformer.step(x, self.enc_cache, valid)  # (B, n, D)
+        h = transformer_step(enc.transformer, x, self.enc_cache, valid)  # (B, n, D)
         self.h.scatter_(1, slots[..., None].expand_as(h), h)
         return h
 
@@ -164,7 +165,7 @@ class IncrementalBLT:
         order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
         packed = summaries.new_zeros(len(todo), m, self.k * D)
         packed[rows_t, order] = summaries
-        g = glob.transformer.step(glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
+        g = transformer_step(glob.transformer, glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
         kv = dec.patch_embedding_projection(g[rows_t, order]).view(N, self.k, -1)  # (N, k, D) decoder context
         pids_t = torch.tensor(pids, device=idx.device)
         for cross, keys, values in zip(self.cross, self.dec_k, self.dec_v):
@@ -187,7 +188,7 @@ class IncrementalBLT:
         x = self.cross[0].attend(h, *kv[0], kernel, ids, self.k)  # (B, n, D) byte-level
         more = None if len(kv) == 1 else (
             lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
-        return self.model.local_decoder.transformer.step(x, self.dec_cache, count, more)
+        return transformer_step(self.model.local_decoder.transformer, x, self.dec_cache, count, more)
 
     def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         dec = self.model.local_decoder

@@ -3,14 +3,18 @@
     blt generate runs/tiny --prompt "ROMEO." --max-bytes 200 --temperature 0.8 --top-p 0.9 --seed 0
     blt generate exports/tiny --prompt "To be" --prompt "KING" --stop "\\n\\n" --temperature 0
 
-    from blt.generate import Generator
+    from blt.generation import Generator
     gen = Generator.load("exports/tiny")
     texts = gen.generate(["ROMEO.", "JULIET."], max_bytes=100, temperature=0.8, seed=0)   # list[bytes]
     for row, byte in gen.stream(["ROMEO."], max_bytes=100): ...
 
+Prompts and stop strings are str (UTF-8; surrogate escapes, as argv arrives, give their raw bytes
+back) or bytes. The sampling options are checked by sampling.py's `check_sampling` (an OptionError, a UserError,
+names the option), for the API and the CLI alike.
+
 Cached (default): the entropy model, local encoder and local decoder step one byte at a time with
 their KV caches, patch boundaries are decided as bytes arrive, and the global model runs once per
-patch (blt/model/incremental.py). Uncached (`cache=False`, `--no-cache`): every byte re-runs the
+patch (incremental.py). Uncached (`cache=False`, `--no-cache`): every byte re-runs the
 whole context and re-patches it: the reference the cached path is tested against.
 """
 
@@ -23,35 +27,12 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from blt.data import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
-from blt.entropy import Patcher
-from blt.model.incremental import IncrementalBLT, IncrementalByteLM
-from blt.patching import StreamingStarts
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids. temperature 0 is greedy; top-k then top-p (nucleus) filtering."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    logits = logits.float() / temperature
-    if top_k is not None and 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
-
-
-def _entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(..., V) -> (...) entropy in nats, as blt/patching.py entropy_from_logits computes it."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
+from blt.artifacts import load_model
+from blt.evaluate import check_device
+from blt.generation.incremental import IncrementalBLT, IncrementalByteLM
+from blt.generation.sampling import as_bytes, check_sampling, sample_next
+from blt.patching import Patcher, StreamingStarts, entropy
+from blt.tokens import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
 
 
 class _CachedState:
@@ -77,7 +58,7 @@ class _CachedState:
         if not self.is_blt:
             logits = self.net.feed(tokens, valid)  # (B, n, V)
             return logits[torch.arange(B), (valid - 1).clamp(min=0)]
-        ent = _entropy(self.elm.feed(tokens, valid)).cpu() if self.elm is not None else None  # (B, n)
+        ent = entropy(self.elm.feed(tokens, valid)).cpu() if self.elm is not None else None  # (B, n)
         starts = torch.zeros(B, n, dtype=torch.bool)
         for b, r in enumerate(rows):
             for i, tok in enumerate(r):
@@ -95,21 +76,18 @@ class _CachedState:
 class Generator:
     """A model, its patcher and its context length, ready to sample; `stats` describes the last run."""
 
-    def __init__(self, model, patcher: Patcher, context: int):
+    def __init__(self, model, patcher: Patcher, context: int, cached: bool = True):
+        """cached=False: always the uncached path, for a model whose weights are partitioned across
+        ranks (ZeRO-3 gathers them only in module hooks; the cached path reads them directly)."""
         self.model, self.patcher, self.context = model.eval(), patcher, context
         self.stats: dict = {}
-        # ZeRO-3 shards weights and gathers them in module hooks; the cached path reads weights
-        # directly (stacked projections), so a partitioned model generates uncached
-        self.partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+        self.cached = cached
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> "Generator":
         """From a run dir, a checkpoint or an export dir (`blt export`)."""
-        from blt.train.checkpoint import load_model_from_checkpoint
-        from blt.train.loop import build_patcher
-
-        model, cfg, _ = load_model_from_checkpoint(path, device)
-        return cls(model, build_patcher(cfg, device), cfg.data.seq_len)
+        loaded = load_model(path, check_device(device))
+        return cls(loaded.model, loaded.patcher, loaded.cfg.data.seq_len)
 
     def generate(self, prompts: Sequence[str | bytes], **kwargs) -> list[bytes]:
         """Generated bytes (without the prompt) for every prompt; see `stream` for the options."""
@@ -118,17 +96,24 @@ class Generator:
             out[row].append(byte)
         return [bytes(o) for o in out]
 
-    @torch.inference_mode()
     def stream(self, prompts: Sequence[str | bytes], max_bytes: int = 256, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, seed: int = 0,
                stop: Sequence[str | bytes] = (), cache: bool = True) -> Iterator[tuple[int, int]]:
         """Yield (row, byte value) as bytes are sampled. A row ends at EOS, after max_bytes, or
-        right after it has produced one of the `stop` strings (which is included)."""
-        if isinstance(prompts, (str, bytes)):
-            raise TypeError("prompts must be a list of strings or bytes")
-        cache = cache and not self.partitioned
-        rows = [[BOS_ID] + [b + OFFSET for b in (p.encode("utf-8") if isinstance(p, str) else p)] for p in prompts]
-        stops = [s.encode("utf-8") if isinstance(s, str) else bytes(s) for s in stop]
+        right after it has produced one of the `stop` strings (which is included). Bad options
+        raise here, before the first byte: OptionError for a value, TypeError for a lone string."""
+        for what, seq in (("prompts", prompts), ("stop", stop)):
+            if isinstance(seq, (str, bytes)):
+                raise TypeError(f"{what} must be a list of strings or bytes, not one {type(seq).__name__}")
+        max_bytes, temperature, top_k, top_p, seed = check_sampling(max_bytes, temperature, top_k, top_p, seed)
+        rows = [[BOS_ID] + [b + OFFSET for b in as_bytes(p, f"prompt {i}")] for i, p in enumerate(prompts)]
+        stops = [as_bytes(s, f"stop string {i}") for i, s in enumerate(stop)]
+        if not rows:
+            return iter(())
+        return self._stream(rows, stops, max_bytes, temperature, top_k, top_p, seed, cache and self.cached)
+
+    @torch.inference_mode()
+    def _stream(self, rows, stops, max_bytes, temperature, top_k, top_p, seed, cache):
         B, dev = len(rows), next(self.model.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(seed)
         active, outs = [True] * B, [bytearray() for _ in range(B)]

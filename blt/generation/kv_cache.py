@@ -7,7 +7,7 @@ later), so a ragged prefill, a lockstep byte step and a patch step where only so
 patch are the same call:
 
     cache = KVCache.for_transformer(model.transformer, batch=2, capacity=1024)
-    y = model.transformer.step(x, cache, valid)   # x (B, n, D) new positions -> (B, n, D)
+    y = transformer_step(model.transformer, x, cache, valid)   # x (B, n, D) new positions -> (B, n, D)
 
 Every step first plans its slots and mask once (`begin`), then each layer writes and reads (`write`).
 """

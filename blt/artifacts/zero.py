@@ -1,0 +1,80 @@
+"""Reading DeepSpeed ZeRO checkpoints without running code from them: consolidating the shards of
+a ZeRO-1/2/3 checkpoint (fp32 or bf16) into one fp32 state dict with DeepSpeed's own reader, on the
+CPU and with no process group, and the guard under which the training engine resumes them.
+
+DeepSpeed loads its `.pt` shards with `torch.load(weights_only=False)`; here every such load runs
+under files.weights_only_loads() with the plain data classes DeepSpeed pickles allow-listed, so a
+shard that holds anything else is refused, named, and never executed. deepspeed is imported only
+when a ZeRO checkpoint is read.
+
+    if is_zero_checkpoint(step_dir):
+        state = consolidate_zero(step_dir)      # {name: fp32 tensor}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import torch
+
+from blt.artifacts.files import LOAD_ERRORS, UnsafeFileError, first_unreadable, weights_only_loads
+
+
+def is_zero_checkpoint(step_dir: Path) -> bool:
+    return any(Path(step_dir).glob("*optim_states.pt"))
+
+
+def import_deepspeed(device_type: str = "cpu"):
+    """`import deepspeed`, told the accelerator on a CPU host (else it warns that it guessed)."""
+    import logging
+
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+def checkpoint_classes() -> list[type]:
+    """The plain data classes DeepSpeed pickles into its shards (loss scaler, ZeRO stage, fragment
+    addresses), found in ZeRO 1-3 fp32/bf16 checkpoints: the allow-list for loading them."""
+    import_deepspeed()
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def safe_shards(step_dir: Path):
+    """DeepSpeed's own loading of a checkpoint's shards inside, with every torch.load weights_only
+    (DeepSpeed passes weights_only=False); a shard that cannot be read that way is named in one
+    line and nothing of it runs."""
+    allowed = checkpoint_classes()
+    try:
+        with weights_only_loads(allowed):
+            yield
+    except LOAD_ERRORS as e:
+        bad = first_unreadable(sorted(Path(step_dir).glob("*.pt")), allowed)
+        if bad is not None:
+            raise bad from None
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UnsafeFileError(f"DeepSpeed could not read the shards in '{step_dir}' ({first}); "
+                              "they were not loaded (use another checkpoint)") from None
+
+
+def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
+    """One fp32 state dict from a ZeRO-1/2/3 checkpoint's shards (on CPU; no process group needed)."""
+    import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    step_dir = Path(step_dir)
+    # DeepSpeed prints progress bars and notes on stdout and stderr, which carry our results and errors
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with safe_shards(step_dir):
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    return {k: v.contiguous() for k, v in sd.items()}

@@ -1,0 +1,54 @@
+"""What a patching mode is: the rule that cuts a whole sequence, the same rule one byte at a time,
+and what the rest of blt needs to know about it (config checks, FLOPs, HF export, calibration).
+Each mode is one module (static.py, space.py, entropy.py) holding one subclass, listed once in
+registry.py. `cfg` is the `patching` section of the config (blt.config.PatchingConfig).
+
+The rules every mode shares (a BOS starts a patch, `split_first_byte`, `max_patch_length`) are
+applied around a mode's own rule by registry.patch_starts and streaming.StreamingStarts.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class Mode:
+    name = ""
+    needs_entropies = False  # the rule reads the entropy model's next-byte entropies
+    start_reads_its_byte = False  # whether byte t starts a patch depends on byte t itself (space)
+
+    def check(self, cfg, arch: str) -> str | None:
+        """What is wrong with `cfg` for this mode (one line naming the key and the fix), or None."""
+        return None
+
+    def starts(self, tokens: torch.Tensor, cfg, entropies: torch.Tensor | None, threshold: float | None) -> torch.Tensor:
+        """(B, T) byte ids -> (B, T) bool, True where this mode's rule starts a patch."""
+        raise NotImplementedError
+
+    def stream(self, cfg, threshold: float | None) -> "StreamRule":
+        """A fresh per-row rule that decides byte by byte what `starts` decides for the whole row."""
+        raise NotImplementedError
+
+    def assumed_patch_size(self, cfg) -> float:
+        """The mean patch size (bytes) FLOPs are reported for before any data is seen."""
+        raise NotImplementedError
+
+    def calibrate(self, cfg, tokens: torch.Tensor, entropies: torch.Tensor | None) -> float | None:
+        """The threshold this mode derives from sample data (None: it needs none)."""
+        return None
+
+    def describe(self, cfg) -> str:
+        """A few words for a model card: the mode and its settings."""
+        return self.name
+
+    def hf_refusal(self, cfg) -> tuple[str, str] | None:
+        """(key, why) when HF transformers' BltPatcher cannot express this mode, else None."""
+        return None
+
+
+class StreamRule:
+    """One row's state for Mode.stream: `push(t, token, entropy)` says whether byte `t` (> 0) starts
+    a patch by the mode's own rule; `entropy` is H of predicting this byte (entropy modes)."""
+
+    def push(self, t: int, token: int, entropy: float | None) -> bool:
+        raise NotImplementedError

@@ -1,0 +1,48 @@
+"""The runtime patcher: byte ids -> patch ids under a patching config, running the frozen entropy
+model (a `byte_lm`) for modes that read entropies. It loads nothing itself: blt/artifacts builds
+one from a config, with its entropy model (`build_patcher`).
+
+    patcher = Patcher(cfg.patching, entropy_model)
+    patcher.calibrate(sample_tokens)      # a mode with a data-derived threshold and threshold=None
+    ids = patcher(tokens)                 # (B, T) -> (B, T) patch index of every byte
+"""
+
+from __future__ import annotations
+
+import torch
+
+from blt.patching.registry import mode_of, patch_starts
+from blt.patching.rules import entropy_from_logits, patch_ids_from_starts
+
+
+class Patcher:
+    def __init__(self, cfg, entropy_model=None, entropy_source: str = ""):
+        self.cfg = cfg
+        self.mode = mode_of(cfg)
+        self.model = entropy_model
+        self.source = entropy_source  # identifies the entropy model (for cache keys)
+        self.threshold = cfg.threshold
+
+    @torch.no_grad()
+    def entropies(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
+        """(B, T) ids -> (B, T) float32 entropies (nats) of the entropy model's next-byte prediction."""
+        if self.model is None:
+            raise ValueError("entropies need an entropy model (patching.mode=entropy)")
+        dev = next(self.model.parameters()).device
+        outs = [entropy_from_logits(self.model(tokens[i : i + chunk].to(dev))) for i in range(0, len(tokens), chunk)]
+        return torch.cat(outs).to(tokens.device)
+
+    def starts(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode.needs_entropies and entropies is None:
+            entropies = self.entropies(tokens)
+        return patch_starts(tokens, self.cfg, entropies, self.threshold)
+
+    def __call__(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        return patch_ids_from_starts(self.starts(tokens, entropies))
+
+    def calibrate(self, tokens: torch.Tensor) -> float | None:
+        """A mode whose threshold comes from data, with none set: choose it on `tokens` (B, T) (for
+        entropy patching: the mean patch size becomes cfg.target_patch_size). Returns the threshold."""
+        if self.threshold is None and self.mode.needs_entropies:
+            self.threshold = self.mode.calibrate(self.cfg, tokens, self.entropies(tokens))
+        return self.threshold

@@ -1,0 +1,198 @@
+"""The steps that put a training run together, in the order `Trainer.__init__` takes them. Each
+takes the config plus the runtime objects built before it and returns what it builds; none keeps
+state of its own.
+
+    device, amp_dtype = build_device(cfg, world)
+    engine_class(kind).prepare(cfg, world, device, kind)      # the engine's config changes, process group
+    rundir = build_run_dir(cfg, world)
+    data, loader, val_tokens = build_data(cfg, world)
+    patcher, entropy_cache = build_patching(cfg, world, device, data, loader.tokens)
+    model = build_initial_model(cfg, device, rundir.resume_from)
+    info = describe_model(cfg, model, patcher, data)          # before ZeRO-3 partitions the weights
+    engine = build_engine(cfg, world, kind, model, device, amp_dtype)
+    step, state = resume_or_calibrate(cfg, engine, loader, patcher, rundir.resume_from)
+    meter, peak = build_meter(world, device, engine.amp_dtype, info)
+    trace = start_run_files(cfg, world, rundir, step, {**info, **peak})   # the first write
+
+Nothing is written before `start_run_files`: every check of the steps above has passed by then.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from blt.artifacts import build_patcher, load_model
+from blt.config import Config, ConfigError, dump_config
+from blt.data import ByteLoader, PackedData, prepare_data, read_tokens
+from blt.model import build_model
+from blt.model.flops import model_info
+from blt.monitor.peak import peak_flops
+from blt.patching import EntropyCache, Patcher, mode_of
+from blt.proc import log
+from blt.train.deepspeed_engine import DeepSpeedEngine
+from blt.train.device import cpu_threads, resolve_device
+from blt.train.distributed import Dist
+from blt.train.engine import LocalEngine
+from blt.train.meter import StepMeter
+from blt.train.recompute import apply_activation_checkpointing
+from blt.train.rundir import RunDir, check_resumable, describe_diff, model_diff, prepare_run_dir
+from blt.train.trace import DataTrace
+
+
+def engine_class(kind: str) -> type:
+    """The engine of distributed.engine resolved (choose_engine): local, deepspeed or accelerate."""
+    return LocalEngine if kind == "local" else DeepSpeedEngine
+
+
+def entropy_patching(cfg: Config) -> bool:
+    """Does this run patch by an entropy model (so it has a threshold to calibrate and record)?"""
+    return cfg.model.arch == "blt" and mode_of(cfg.patching).needs_entropies
+
+
+def build_device(cfg: Config, world: Dist) -> tuple[torch.device, torch.dtype | None]:
+    """This process's CPU threads, its device and autocast dtype (None = fp32)."""
+    torch.set_num_threads(cpu_threads(cfg, world))
+    return resolve_device(cfg, world.local_rank)
+
+
+def build_run_dir(cfg: Config, world: Dist) -> RunDir:
+    """The run directory, checked by rank 0 and shared (nothing is created yet); a checkpoint to
+    resume must fit the model config."""
+    rundir = world.on_main_first(lambda: prepare_run_dir(cfg), share=True)
+    if rundir.resume_from is not None:
+        check_resumable(cfg, rundir.resume_from)
+    return rundir
+
+
+def build_data(cfg: Config, world: Dist) -> tuple[PackedData, ByteLoader, np.ndarray]:
+    """The packed data (rank 0 packs, the others find its cache), this rank's training loader and
+    the validation tokens."""
+    data = world.on_main_first(lambda: prepare_data(cfg.data, log=log))
+    loader = ByteLoader(read_tokens(data.train), cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed,
+                        world.rank, world.world_size)
+    return data, loader, read_tokens(data.val)
+
+
+def build_patching(cfg: Config, world: Dist, device: torch.device, data: PackedData,
+                   train_tokens: np.ndarray) -> tuple[Patcher, EntropyCache | None]:
+    """The patcher (with its entropy model, if any) and, when patching.entropy_cache, the entropies
+    of every training window, computed once by rank 0 beside the packed data."""
+    patcher = build_patcher(cfg, device)
+    cache = None
+    if entropy_patching(cfg) and cfg.patching.entropy_cache:
+        cache = world.on_main_first(lambda: EntropyCache.build(
+            patcher, train_tokens, cfg.data.seq_len, data.dir, log=log))
+    return patcher, cache
+
+
+def init_weights_from(model: nn.Module, source: str, cfg: Config) -> None:
+    """Fine-tuning: copy the weights of a run, checkpoint or export into `model` (built from `cfg`;
+    same architecture)."""
+    src = load_model(source, "cpu", patcher=False)
+    src_cfg, where = src.cfg, src.where
+    try:
+        model.load_state_dict(src.model.state_dict())
+    except RuntimeError as e:
+        diff = model_diff(src_cfg, cfg)
+        if diff:
+            detail = describe_diff(diff, "its config.yaml", "this config")
+        else:  # the same config and still no fit: say what torch found
+            lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
+            detail = "; ".join(lines)[:300] or type(e).__name__
+        raise ConfigError(f"training.init_from '{where}' does not fit this model config ({detail}); "
+                          "use the model section of its config.yaml") from None
+
+
+def build_initial_model(cfg: Config, device: torch.device, resume_from: Path | None) -> nn.Module:
+    """The model on `device` with the same initial weights on every rank, or, fine-tuning a fresh
+    run, the weights of training.init_from (a resume loads its checkpoint's later)."""
+    torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
+    model = build_model(cfg.model).to(device)
+    if cfg.training.init_from and resume_from is None:
+        init_weights_from(model, cfg.training.init_from, cfg)
+        log(f"weights from {cfg.training.init_from} (training.init_from)")
+    return model
+
+
+def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: PackedData) -> dict:
+    """model_info.json: architecture, parameter counts, FLOPs per byte, bytes of each split (read
+    before ZeRO-3 partitions the weights)."""
+    ecfg = patcher.model.cfg if patcher.model is not None else None
+    return {**model_info(cfg, model, ecfg), "train_bytes": data.train.num_tokens, "val_bytes": data.val.num_tokens}
+
+
+def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: torch.device,
+                 amp_dtype: torch.dtype | None):
+    """Activation checkpointing if asked, distinct dropout masks per rank, then the engine (its
+    `model` and `amp_dtype` are the ones to train and evaluate with)."""
+    if cfg.training.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if world.world_size > 1:
+        torch.manual_seed(cfg.training.seed + 1 + world.rank)  # distinct dropout masks per rank
+    if kind == "local":
+        return LocalEngine(model, cfg, device, amp_dtype)
+    return DeepSpeedEngine(model, cfg, device, world, use_accelerate=kind == "accelerate")
+
+
+def resume_or_calibrate(cfg: Config, engine, loader: ByteLoader, patcher: Patcher,
+                        resume_from: Path | None) -> tuple[int, dict]:
+    """(step, trainer state): a resume loads the checkpoint into the engine, the loader and the
+    patcher's threshold; a fresh entropy-patched run without a threshold calibrates one on a
+    sample of training windows. The resolved config then records the threshold used and where
+    the entropy model is."""
+    entropy = entropy_patching(cfg)
+    step, state = 0, {}
+    if resume_from is not None:
+        state = engine.load(resume_from)
+        loader.load_state_dict(state["data"])
+        step = state["step"]
+        patcher.threshold = state.get("threshold", patcher.threshold)
+        log(f"resumed from {resume_from} at step {step}")
+    elif entropy and patcher.threshold is None:
+        sample = ByteLoader(loader.tokens, cfg.data.seq_len, min(16, loader.num_windows), cfg.data.seed + 1)
+        th = patcher.calibrate(next(sample)[:, :-1])  # (B, T) input bytes
+        log(f"entropy threshold {th:.4f} nats gives mean patch size {cfg.patching.target_patch_size} bytes")
+    if entropy:
+        cfg.patching.threshold = patcher.threshold
+        cfg.patching.entropy_model = str(Path(cfg.patching.entropy_model).resolve())
+    return step, state
+
+
+def build_meter(world: Dist, device: torch.device, amp_dtype: torch.dtype | None,
+                info: dict) -> tuple[StepMeter, dict]:
+    """The step meter (throughput, MFU against this device's peak, measured by rank 0 only) and the
+    peak for model_info.json."""
+    peak, source = peak_flops(device, amp_dtype) if world.is_main else (1.0, "")
+    return StepMeter(info["flops_per_byte"], peak, world.world_size), {
+        "peak_flops_per_device": peak, "peak_flops_source": source}
+
+
+def start_run_files(cfg: Config, world: Dist, rundir: RunDir, step: int, info: dict) -> DataTrace | None:
+    """The first writes, once every check has passed: the run dir, this rank's data trace (if
+    logging.data_trace), and on rank 0 config.yaml and model_info.json. A failure here takes back
+    what this start wrote."""
+    world.on_main_first(rundir.create)
+    try:
+        trace = DataTrace(rundir.path, world.rank, step) if cfg.logging.data_trace else None
+        if world.is_main:
+            dump_config(cfg, rundir.path / "config.yaml")
+            (rundir.path / "model_info.json").write_text(json.dumps(info, indent=1))
+    except BaseException:
+        if world.is_main:  # no step has run: all the run dir holds is this start's
+            rundir.discard()
+        raise
+    return trace
+
+
+def start_line(cfg: Config, world: Dist, engine, info: dict, data: PackedData, run_dir: Path) -> str:
+    """The one line a start logs: model size and cost, data, processes and engine, run dir."""
+    where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {engine.label}"
+    return (f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
+            f"{info['flops_per_byte']:.3g} train FLOPs/byte ({info['flops_per_byte_with_entropy']:.3g} with the "
+            f"entropy model), {data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
+            f"{where} -> {run_dir}")

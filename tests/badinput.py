@@ -1,0 +1,61 @@
+"""The contract every bad input is held to, in one place: run `blt ARGS` as a user does (a real
+child process), expect exit code 2, exactly one line on stderr starting with `blt <verb>: error:`,
+no traceback, and every file that existed before byte-identical afterwards (nothing overwritten,
+nothing half-written left behind where nothing was there)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(*roots: Path) -> dict[str, str]:
+    """path -> sha256 of every file (and a marker for every dir) under `roots`."""
+    out: dict[str, str] = {}
+    for root in map(Path, roots):
+        if root.is_file():
+            out[str(root)] = hashlib.sha256(root.read_bytes()).hexdigest()
+            continue
+        for p in sorted(root.rglob("*")) if root.exists() else []:
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+    return out
+
+
+def run_blt(*args, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
+            stdin: bytes | None = None) -> subprocess.CompletedProcess:
+    """`python -m blt ARGS` in a child process; args may be str, Path or bytes (raw argv bytes)."""
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    return subprocess.run([sys.executable, "-m", "blt", *argv], capture_output=True, cwd=cwd, timeout=timeout,
+                          input=stdin, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
+                                            **(env or {})})
+
+
+def assert_user_error(args, watch=(), cwd: Path | None = None, env: dict | None = None,
+                      contains: str | None = None, timeout: int = 300, progress: tuple[str, ...] = ()) -> str:
+    """Run `blt *args`; assert the one-line-error contract; returns the error line.
+
+    watch: paths whose files must be byte-identical after the command (and nothing new appears
+    under a watched dir). progress: prefixes of progress lines a job may print before its error
+    (`blt train` resuming says which data it reuses before it reads the checkpoint)."""
+    args = list(args)
+    verb = str(args[0])
+    before = snapshot(*watch)
+    proc = run_blt(*args, cwd=cwd, env=env, timeout=timeout)
+    err = proc.stderr.decode("utf-8", errors="replace")
+    lines = [ln for ln in err.splitlines() if ln.strip() and not (progress and ln.startswith(progress))]
+    shown = f"`blt {' '.join(map(str, args))}` -> rc {proc.returncode}, stderr:\n{err}"
+    assert proc.returncode == 2, shown
+    assert "Traceback" not in err, shown
+    assert len(lines) == 1, shown
+    assert lines[0].startswith(f"blt {verb}: error: "), shown
+    if contains is not None:
+        assert contains.lower() in lines[0].lower(), shown
+    after = snapshot(*watch)
+    assert after == before, f"{shown}\nfiles changed: " + ", ".join(
+        sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
+    return lines[0]

@@ -1,0 +1,233 @@
+"""Every command in README.md's code blocks runs as written, in README order, in a scratch
+directory holding the repo's configs/ and launch/, with `blt` and `python` on PATH: the README
+cannot drift from the code.
+
+Shell blocks (bash, sh, console, unlabelled) are cut into commands: comments dropped, `\\` lines
+joined, `&&` chains split. A `$ ` line is run and must print the lines shown under it; every other
+command must exit 0. Python blocks run with this Python. A command that trains gets only
+`shrunk`'s overrides appended (2 steps, conftest's tiny sizes, the session's data cache), none of
+the keys it sets itself. What cannot run here is in NOT_HERE with the reason, and every entry must
+still be a README command, so the table cannot go stale.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, TINY_BLT, TINY_LM
+
+README = ROOT / "README.md"
+INSTALL = "installs packages: CI installs the same way before it runs the tests"
+NOT_HERE = {  # command, as README.md writes it -> why it cannot run in a test
+    "pip install torch==2.13.0": INSTALL,
+    "pip install -e .": INSTALL,
+    'pip install -e ".[test]"': INSTALL,
+    "pytest": "the test suite itself",
+    "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh configs/blt_1b.yaml": "two nodes, the 1B GPU preset",
+    "NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh configs/blt_1b.yaml": "two nodes, the 1B GPU preset",
+    "HOSTFILE=launch/hostfile.example launch/deepspeed.sh configs/blt_8b.yaml": "ssh to a hostfile's hosts, 8B preset",
+    "sbatch --nodes 8 launch/slurm.sbatch configs/blt_8b.yaml": "a SLURM cluster",
+    "ACCEL_CONFIG=launch/accelerate/zero3.yaml launch/accelerate.sh configs/blt_1b.yaml":
+        "the 1B GPU preset (CUDA, bf16, and its entropy model runs/entropy_100m, which no command trains)",
+}
+NOT_COMMANDS = {  # first line of a shell block that is not commands -> what it is
+    "blt train CONFIG [key=value ...]": "the command-line synopsis: words in capitals are placeholders",
+}
+STAND_INS = {  # a path a command names that no README command makes -> the README output standing in for it
+    "path/to/blt-1b": "exports/tiny-hf",  # an HF BLT dir; facebook/blt-1b itself needs the network
+}
+SERVERS = ("blt dashboard runs/tiny",)  # must serve its URL; then stopped with Ctrl-C (exit 130)
+SHELL = ("bash", "sh", "console", "shell", "")
+# shrunk's overrides are conftest's tiny sizes less its 64-byte windows and batch: `blt eval` scores
+# the whole validation split, twice as fast in the configs' own 512-byte windows
+KEEP = {"data.seq_len", "training.batch_size"}
+
+
+def blocks(text: str) -> list[tuple[str, str]]:
+    """(language, body) of every fenced code block."""
+    return [(m[1].strip().lower(), m[2]) for m in re.finditer(r"^```([^\n]*)\n(.*?)^```", text, re.M | re.S)]
+
+
+def _cut(line: str) -> list[str]:
+    """One shell line -> its commands: the comment dropped, split at top-level `&&` (quotes respected)."""
+    quote, i, start, out = None, 0, 0, []
+    while i < len(line):
+        ch = line[i]
+        if ch == "\\" and quote != "'":
+            i += 2
+            continue
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            break
+        elif line.startswith("&&", i):
+            out.append(line[start:i])
+            start = i = i + 2
+            continue
+        i += 1
+    return [c.strip() for c in [*out, line[start:i]] if c.strip()]
+
+
+def steps(text: str) -> list[tuple[str, str, list[str] | None]]:
+    """README order: (kind, code, expected output lines) with kind run, console, python or skip."""
+    out = []
+    for lang, body in blocks(text):
+        if lang == "python":
+            out.append(("python", body, None))
+            continue
+        if lang not in SHELL:
+            continue
+        lines = re.sub(r"\\\n\s*", " ", body).splitlines()
+        if lines and lines[0].split("#")[0].strip() in NOT_COMMANDS:
+            out.append(("skip", lines[0].split("#")[0].strip(), None))
+            continue
+        if any(ln.startswith("$ ") for ln in lines):  # a console session: commands and their output
+            for ln in lines:
+                if ln.startswith("$ "):
+                    out.append(("console", ln[2:].strip(), []))
+                elif ln.strip() and out and out[-1][0] == "console":
+                    out[-1][2].append(ln)
+            continue
+        for ln in lines:
+            out.extend(("skip" if c in NOT_HERE else "run", c, None) for c in _cut(ln))
+    return out
+
+
+def shrunk(command: str, scratch: Path, cache_dir: Path) -> str:
+    """`command` with the small overrides appended when it trains (blt train, or a launcher that is
+    not a dry run), leaving the keys it sets itself alone."""
+    words = shlex.split(command)
+    env = {}
+    while words and re.match(r"[A-Za-z_]\w*=", words[0]):
+        key, value = words.pop(0).split("=", 1)
+        env[key] = value
+    if words[:2] == ["blt", "train"]:
+        config = words[2]
+    elif words and words[0].startswith("launch/") and env.get("DRY_RUN") != "1":
+        config = words[1]
+    else:
+        return command
+    arch = ((yaml.safe_load((scratch / config).read_text()) or {}).get("model") or {}).get("arch", "blt")
+    own = {w.split("=", 1)[0] for w in words if "=" in w and not w.startswith("-")}
+    extra = [*(TINY_LM if arch == "byte_lm" else TINY_BLT), "training.steps=2", f"data.cache_dir={cache_dir}"]
+    return " ".join([command, *(shlex.quote(o) for o in extra if o.split("=", 1)[0] not in own | KEEP)])
+
+
+def scratch_dir(tmp: Path) -> tuple[Path, dict]:
+    """A directory with configs/ and launch/, and the environment the commands run in."""
+    for name in ("configs", "launch"):
+        (tmp / name).symlink_to(ROOT / name)
+    bin_dir = tmp / ".bin"
+    bin_dir.mkdir()
+    for name, run in (("blt", "-m blt "), ("python", ""), ("python3", "")):  # this Python, its venv included
+        (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {run}"$@"\n')
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # W&B auto: offline, no key
+    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
+               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return tmp, env
+
+
+def serve_and_stop(command: str, cwd: Path, env: dict) -> None:
+    """Run a server command: it must print a URL that answers; then Ctrl-C stops it (exit 130)."""
+    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()  # the server prints its URL once it listens
+        url = re.search(r"http://\S+", line)
+        assert url, f"`{command}` printed {line!r}; stderr: {proc.stderr.read() if proc.poll() is not None else ''}"
+        for _ in range(30):
+            try:
+                with urllib.request.urlopen(url[0], timeout=5) as r:
+                    assert r.status == 200
+                    break
+            except OSError:
+                time.sleep(1)
+        else:
+            raise AssertionError(f"`{command}`: nothing answers at {url[0]}")
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rc = proc.wait(timeout=60)
+    assert rc == 130, f"`{command}` after Ctrl-C: rc {rc}, stderr:\n{proc.stderr.read()}"
+
+
+def test_readme_tables_are_current():
+    """NOT_HERE, NOT_COMMANDS and STAND_INS name README commands; every block is parsed."""
+    text = README.read_text(encoding="utf-8")
+    found = steps(text)
+    skipped = {code for kind, code, _ in found if kind == "skip"}
+    for entry in [*NOT_HERE, *NOT_COMMANDS]:
+        assert entry in text and entry in skipped, f"stale table entry (not a README command any more): {entry}"
+    runs = [code for kind, code, _ in found if kind == "run"]
+    for stand_in in STAND_INS:
+        assert any(stand_in in c for c in runs), f"stale stand-in: {stand_in}"
+    for server in SERVERS:
+        assert server in runs, f"stale server entry: {server}"
+    assert any(kind == "python" for kind, _, _ in found) and any(kind == "console" for kind, _, _ in found)
+    assert len(runs) >= 15  # the block parser still sees the README's commands (19 today)
+
+
+def test_readme_hf_export_path_holds_at_full_size():
+    """What the README exports with --format hf, it trained with a config HF can hold at full size
+    (the run test below shrinks the models, which can hide a shape HF's layout has no place for)."""
+    import torch
+
+    from blt.config import load_config
+    from blt.hf import PROJ, check_hf_expressible
+
+    runs = [code for kind, code, _ in steps(README.read_text(encoding="utf-8")) if kind == "run"]
+    exported = [shlex.split(c)[2] for c in runs if c.startswith("blt export ") and "--format hf" in c]
+    assert exported
+    for run in exported:
+        trained = []
+        for c in runs:
+            words = shlex.split(c)
+            if words[:2] == ["blt", "train"]:
+                cfg = load_config(ROOT / words[2], words[3:])
+                if cfg.resolved_run_dir == Path(run):
+                    trained.append(cfg)
+        assert trained, f"no README command trains {run}, which the README exports"
+        for cfg in trained:  # a trained projection is never the identity HF puts in its place
+            check_hf_expressible(cfg, {PROJ: torch.zeros(0)})
+
+
+@pytest.mark.slow
+def test_readme_commands_run_as_written(tmp_path, cache_dir):
+    scratch, env = scratch_dir(tmp_path)
+    for kind, code, shown in steps(README.read_text(encoding="utf-8")):
+        if kind == "skip":
+            continue
+        if kind == "python":
+            proc = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=env, capture_output=True, text=True,
+                                  timeout=300)
+            assert proc.returncode == 0, f"README python block failed:\n{code}\n{proc.stderr[-3000:]}"
+            continue
+        for stand_in, real in STAND_INS.items():
+            if stand_in in code and not (scratch / stand_in).exists():
+                (scratch / stand_in).parent.mkdir(parents=True, exist_ok=True)
+                (scratch / stand_in).symlink_to(scratch / real)
+        if code in SERVERS:
+            serve_and_stop(code, scratch, env)
+            continue
+        command = code if kind == "console" else shrunk(code, scratch, cache_dir)
+        proc = subprocess.run(["bash", "-c", command], cwd=scratch, env=env, capture_output=True, text=True,
+                              timeout=600)
+        said = f"`{command}` -> rc {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
+        if kind == "console":  # the README shows what it prints: an error line means exit 2
+            assert (proc.stdout + proc.stderr).splitlines() == shown, said
+            assert proc.returncode == (2 if re.match(r"blt [\w-]+: error: ", shown[0]) else 0), said
+        else:
+            assert proc.returncode == 0, said
