@@ -142,7 +142,7 @@ def _cmd_consolidate(args) -> None:
 
     from blt.artifacts.checkpoints import CheckpointError, find_checkpoint
     from blt.artifacts.zero import consolidate_zero, is_zero_checkpoint
-    from blt.files import write_safetensors
+    from blt.disk import write_safetensors
 
     step_dir = find_checkpoint(args.checkpoint)
     if not is_zero_checkpoint(step_dir):

@@ -29,7 +29,7 @@ import torch
 from blt.artifacts import load_model
 from blt.artifacts.exports import FORMAT, ExportError
 from blt.config import Config, dump_config
-from blt.files import write_safetensors
+from blt.disk import write_safetensors
 from blt.patching import mode_of
 
 WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")  # names of a file, not of an export dir

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from blt.config import Config, ConfigError, TransformerConfig, check_config, config_from_dict
+from blt.disk import write_safetensors
 from blt.errors import UserError
 from blt.model.layers import ffn_hidden
 from blt.patching import mode_of
@@ -195,8 +196,6 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
     Entropy patching puts the entropy model in as HF's patcher (patch_in_forward=true, `threshold` or
     patching.threshold); static patching writes patch_in_forward=false, and HF's forward then makes
     every byte a patch unless `patch_lengths` is passed (see hf_patch_lengths)."""
-    from safetensors.torch import save_file
-
     check_hf_expressible(cfg, state)
     m, p = cfg.model, cfg.patching
     entropy = mode_of(p).needs_entropies
@@ -243,7 +242,7 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    write_safetensors(out / "model.safetensors", tensors, metadata={"format": "pt"})
 
 
 # the JSON type of every config.json field read_hf reads; None: it may be null

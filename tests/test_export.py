@@ -92,6 +92,10 @@ def test_hf_export_loads_in_transformers_and_imports_back(tmp_path, capsys, cach
     train(capsys, run, cache_dir, entropy_run, "model.hf_compat=true", "patching.split_first_byte=true")
     code, _, err = run_cli(capsys, "export", run, tmp_path / "hf", "--format", "hf")
     assert code == 0, err
+    from blt.disk import umask
+
+    # readable by whoever may read the dir's other files (safetensors alone would write 0600)
+    assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask()
     hf = transformers.BltForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     from blt.hf import hf_patch_lengths
     from blt.artifacts import build_patcher, load_model

@@ -230,7 +230,7 @@ def test_an_unwritable_cache_dir_is_one_line(tmp_path):
 def test_safetensors_files_get_the_mode_of_any_other_file(tmp_path, capsys, cache_dir, entropy_run):
     import torch
 
-    from blt.files import write_safetensors
+    from blt.disk import write_safetensors
 
     old = os.umask(0o022)
     try:

@@ -27,7 +27,7 @@ import numpy as np
 from blt.config import DataConfig
 from blt.tokens import encode_documents
 from blt.errors import UserError
-from blt.files import make_dirs, remove_made_dirs
+from blt.disk import make_dirs, remove_made_dirs
 
 FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
 BUNDLED_DIR = Path(__file__).resolve().parent / "shakespeare"

@@ -26,7 +26,7 @@ import torch.nn as nn
 from blt.artifacts.checkpoints import CheckpointError, read_state_json
 from blt.artifacts.files import load_pt
 from blt.config import Config, dump_config
-from blt.files import write_safetensors
+from blt.disk import write_safetensors
 
 
 def step_dir_name(step: int) -> str:

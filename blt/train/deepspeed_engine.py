@@ -210,7 +210,7 @@ class DeepSpeedEngine:
         data_states = world.all_gather_object(state.pop("data"))
         if world.is_main:
             if self.full_weights_local:
-                from blt.files import write_safetensors
+                from blt.disk import write_safetensors
 
                 # ZeRO keeps parameters as views of flat buffers: copy each out
                 weights = {k: v.detach().float().clone().contiguous() for k, v in self.model.state_dict().items()}

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from blt.config import Config, ConfigError, config_to_dict
 from blt.errors import UserError
-from blt.files import make_dirs
+from blt.disk import make_dirs
 from blt.artifacts.checkpoints import CheckpointError, checkpoint_config, find_checkpoint, has_checkpoints
 from blt.artifacts.exports import is_export
 
