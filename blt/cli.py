@@ -254,6 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def say_error(line: str) -> None:
+    """The error line on stderr in one write, so the same line from every rank of a job never
+    interleaves with another's (a pipe keeps writes under 4 KiB whole)."""
+    sys.stderr.flush()
+    try:
+        os.write(sys.stderr.fileno(), (line.replace("\n", " ") + "\n").encode("utf-8", "backslashreplace"))
+    except (OSError, ValueError, AttributeError):  # no real file descriptor (captured in a test)
+        print(line, file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:  # old-style launchers
@@ -274,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         place = launched()
         where = f" (rank {place.rank})" if place.world_size > 1 else ""
-        print(f"blt {args.command}{where}: error: {e}", file=sys.stderr)
+        say_error(f"blt {args.command}{where}: error: {e}")
         return 2
     except KeyboardInterrupt:
         print(f"blt {args.command}: interrupted", file=sys.stderr)
