@@ -18,7 +18,7 @@ from blt.artifacts.checkpoints import CheckpointError, checkpoint_config, find_c
 from blt.artifacts.exports import is_export, load_export
 from blt.config import Config, ConfigError, PatchingConfig
 from blt.model import build_model
-from blt.patching import Patcher
+from blt.patching import Patcher, mode_of
 
 
 @dataclass
@@ -56,7 +56,7 @@ def build_patcher(cfg: Config, device="cpu") -> Patcher:
     if cfg.model.arch == "byte_lm":
         return Patcher(PatchingConfig(mode="static", patch_size=1, max_patch_length=None))
     p = cfg.patching
-    if not Patcher(p).mode.needs_entropies:
+    if not mode_of(p).needs_entropies:
         return Patcher(p)
     if not p.entropy_model:
         raise ConfigError(f"patching.mode={p.mode} needs patching.entropy_model (a run dir of a byte_lm)")
