@@ -10,6 +10,8 @@
     blt export runs/tiny exports/tiny [--format hf]      # engine-free safetensors dir (or HF transformers dir)
     blt import-hf HF_BLT_DIR exports/blt                 # HF BLT dir -> export dir, to evaluate or fine-tune
     blt dashboard runs/tiny [--port 6006]                # TensorBoard on 127.0.0.1, offline
+    blt lm-eval runs/tiny --tasks blt_shakespeare_next_line [--limit N]   # lm-evaluation-harness tasks, offline
+    blt serve exports/tiny [--port 8000 --max-batch 16]  # OpenAI-compatible HTTP API on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -164,6 +166,35 @@ def _cmd_import_hf(args) -> None:
     print(json.dumps(import_hf(args.src, args.out)))
 
 
+def _cmd_serve(args) -> None:
+    from blt.serve.server import serve
+
+    serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.device,
+          args.api_key, args.name, args.drain, args.threads)
+
+
+def _cmd_lm_eval(args) -> None:
+    from blt.config import NonNegInt, PosInt, check_option
+    from blt.evaluate import check_device
+
+    check_option("limit", args.limit, PosInt, optional=True, flag=True)  # before anything slow
+    check_option("batch_size", args.batch_size, PosInt, flag=True)
+    check_option("num_fewshot", args.num_fewshot, NonNegInt, optional=True, flag=True)
+    device = check_device(args.device, "--device")
+    from blt.harness.run import evaluate_model, require_lm_eval
+
+    require_lm_eval()
+    results, table = evaluate_model(args.checkpoint, args.tasks.split(","), args.include_path or [], args.limit,
+                                    args.num_fewshot, args.batch_size, device, args.dtype)
+    from lm_eval.utils import handle_non_serializable, make_table
+
+    print(make_table(results), file=sys.stderr)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2, default=handle_non_serializable)
+    print(json.dumps({"model": args.checkpoint, "tasks": table, "limit": args.limit, "num_fewshot": args.num_fewshot}))
+
+
 def _cmd_dashboard(args) -> None:
     from blt.monitor.dashboard import serve
 
@@ -246,11 +277,37 @@ def build_parser() -> argparse.ArgumentParser:
     ih.add_argument("out")
     ih.set_defaults(func=_cmd_import_hf)
 
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model, offline (needs blt[eval])")
+    le.add_argument("checkpoint", help="run dir, checkpoint dir (any ZeRO stage) or export dir")
+    le.add_argument("--tasks", required=True, help="comma-separated task, group or tag names (blt's: blt_*)")
+    le.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    le.add_argument("--batch-size", type=int, default=16, help="rows per forward")
+    le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
+    le.add_argument("--include-path", action="append", help="a directory of task YAML files; repeatable")
+    le.add_argument("--output", help="write lm-eval's full results (JSON) to this file")
+    le.add_argument("--device", default="cpu")
+    le.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast on GPU")
+    le.set_defaults(func=_cmd_lm_eval)
+
     d = sub.add_parser("dashboard", help="serve a run's TensorBoard on 127.0.0.1 (no internet needed)")
     d.add_argument("run", help="run dir (or a folder of run dirs)")
     d.add_argument("--port", type=int, default=6006)
     d.add_argument("--host", default="127.0.0.1")
     d.set_defaults(func=_cmd_dashboard)
+
+    s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (the serve extra)")
+    s.add_argument("checkpoint", help="run dir, checkpoint dir or export dir")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--max-batch", type=int, default=16, help="sequences generated together, at most")
+    s.add_argument("--max-queue", type=int, default=256, help="sequences waiting for the batch; more: HTTP 429")
+    s.add_argument("--max-tokens", type=int, default=4096, help="the most bytes one request may ask for")
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set BLT_API_KEY)")
+    s.add_argument("--name", default=None, help="the model's name in the API (default: the MODEL dir's name)")
+    s.add_argument("--drain", type=float, default=5.0, help="seconds Ctrl-C lets running requests finish")
+    s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default on CPU: one fewer than the cores)")
+    s.set_defaults(func=_cmd_serve)
     return p
 
 

@@ -190,7 +190,12 @@ class TrainingConfig:
 class EvalConfig:
     every: NonNegInt = 200  # validate every N steps (and at the end); 0 = only at the end
     max_bytes: Optional[PosInt] = None  # cap on validation bytes per evaluation; None = whole split
-    batch_size: PosInt = 8  # sequences per evaluation batch
+    batch_size: PosInt = 8  # sequences per evaluation batch (task requests too)
+    tasks: list[str] = field(default_factory=list)  # lm-eval tasks to run while training, logged as eval/<task>/<metric> (blt[eval])
+    tasks_every: NonNegInt = 0  # run eval.tasks every N steps (and at the end); 0 = only at the end
+    tasks_limit: Optional[PosInt] = None  # documents per task per run; None = all
+    tasks_num_fewshot: Optional[NonNegInt] = None  # few-shot examples per prompt; None = each task's default
+    tasks_include_path: list[str] = field(default_factory=list)  # more directories of task YAML files
 
 
 @dataclass

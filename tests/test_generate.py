@@ -133,3 +133,22 @@ def test_cached_generation_with_sparse_attention_patterns():
     gen = Generator(build_model(cfg.model).eval(), Patcher(cfg.patching), 96)
     assert gen.generate(PROMPTS, max_bytes=40, temperature=0) == gen.generate(PROMPTS, max_bytes=40, temperature=0,
                                                                               cache=False)
+
+
+def test_sampling_draws_each_id_with_its_filtered_probability():
+    """Inverse-CDF sampling: frequencies follow the softmax, top-k / top-p drop what they should,
+    and a row's draw is the same alone or in a batch with the same uniform number."""
+    from blt.generation.sampling import sample_next
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 0.0]]))
+    gen = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample_next(logits.expand(1000, -1), 1.0, None, None, gen) for _ in range(20)])
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0]), atol=0.01)
+    assert set(sample_next(logits.expand(2000, -1), 1.0, 2, None, gen).tolist()) == {0, 1}
+    assert set(sample_next(logits.expand(2000, -1), 1.0, None, 0.7, gen).tolist()) == {0, 1}  # 0.5 + 0.3 >= 0.7
+    u = torch.rand(8, generator=gen)
+    batch = torch.randn(8, 260, generator=gen)
+    together = sample_next(batch, 0.8, 40, 0.9, None, u)
+    alone = [int(sample_next(batch[i : i + 1], 0.8, 40, 0.9, None, u[i : i + 1])) for i in range(8)]
+    assert together.tolist() == alone

@@ -33,6 +33,7 @@ NOT_HERE = {  # command, as README.md writes it -> why it cannot run in a test
     "pip install torch==2.13.0": INSTALL,
     "pip install -e .": INSTALL,
     'pip install -e ".[test]"': INSTALL,
+    'pip install -e ".[serve]"': INSTALL,
     "pytest": "the test suite itself",
     "NNODES=2 NODE_RANK=0 MASTER_ADDR=node0 launch/torchrun.sh configs/blt_1b.yaml": "two nodes, the 1B GPU preset",
     "NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh configs/blt_1b.yaml": "two nodes, the 1B GPU preset",
@@ -47,7 +48,8 @@ NOT_COMMANDS = {  # first line of a shell block that is not commands -> what it 
 STAND_INS = {  # a path a command names that no README command makes -> the README output standing in for it
     "path/to/blt-1b": "exports/tiny-hf",  # an HF BLT dir; facebook/blt-1b itself needs the network
 }
-SERVERS = ("blt dashboard runs/tiny",)  # must serve its URL; then stopped with Ctrl-C (exit 130)
+SERVERS = ("blt dashboard runs/tiny", "blt serve runs/tiny --port 8000")  # must serve its URL; then
+# stopped with Ctrl-C (exit 130); the Python blocks right after a server's command run while it serves
 SHELL = ("bash", "sh", "console", "shell", "")
 # shrunk's overrides are conftest's tiny sizes less its 64-byte windows and batch: `blt eval` scores
 # the whole validation split, twice as fast in the configs' own 512-byte windows
@@ -141,8 +143,9 @@ def scratch_dir(tmp: Path) -> tuple[Path, dict]:
     return tmp, env
 
 
-def serve_and_stop(command: str, cwd: Path, env: dict) -> None:
-    """Run a server command: it must print a URL that answers; then Ctrl-C stops it (exit 130)."""
+def serve_and_stop(command: str, cwd: Path, env: dict, clients: list[str] = ()) -> None:
+    """Run a server command: it must print a URL that answers; the Python `clients` run against it;
+    then Ctrl-C stops it (exit 130)."""
     proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
@@ -158,6 +161,8 @@ def serve_and_stop(command: str, cwd: Path, env: dict) -> None:
                 time.sleep(1)
         else:
             raise AssertionError(f"`{command}`: nothing answers at {url[0]}")
+        for code in clients:
+            run_python(code, cwd, env)
     finally:
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=60)
@@ -204,23 +209,28 @@ def test_readme_hf_export_path_holds_at_full_size():
             check_hf_expressible(cfg, {PROJ: torch.zeros(0)})
 
 
+def run_python(code: str, cwd: Path, env: dict) -> None:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"README python block failed:\n{code}\n{proc.stderr[-3000:]}"
+
+
 @pytest.mark.slow
 def test_readme_commands_run_as_written(tmp_path, cache_dir):
     scratch, env = scratch_dir(tmp_path)
-    for kind, code, shown in steps(README.read_text(encoding="utf-8")):
-        if kind == "skip":
-            continue
+    todo = steps(README.read_text(encoding="utf-8"))
+    for i, (kind, code, shown) in enumerate(todo):
+        if kind == "skip" or (kind == "python" and i and todo[i - 1][1] in SERVERS):
+            continue  # a server's clients run in serve_and_stop
         if kind == "python":
-            proc = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=env, capture_output=True, text=True,
-                                  timeout=300)
-            assert proc.returncode == 0, f"README python block failed:\n{code}\n{proc.stderr[-3000:]}"
+            run_python(code, scratch, env)
             continue
         for stand_in, real in STAND_INS.items():
             if stand_in in code and not (scratch / stand_in).exists():
                 (scratch / stand_in).parent.mkdir(parents=True, exist_ok=True)
                 (scratch / stand_in).symlink_to(scratch / real)
         if code in SERVERS:
-            serve_and_stop(code, scratch, env)
+            clients = [c for k, c, _ in todo[i + 1 : i + 2] if k == "python"]
+            serve_and_stop(code, scratch, env, clients)
             continue
         command = code if kind == "console" else shrunk(code, scratch, cache_dir)
         proc = subprocess.run(["bash", "-c", command], cwd=scratch, env=env, capture_output=True, text=True,

@@ -21,6 +21,7 @@ whole context and re-patches it: the reference the cached path is tested against
 from __future__ import annotations
 
 import codecs
+import copy
 import math
 import time
 from typing import Callable, Iterator, Sequence
@@ -30,14 +31,15 @@ import torch
 from blt.artifacts import load_model
 from blt.evaluate import check_device
 from blt.generation.incremental import IncrementalBLT, IncrementalByteLM
-from blt.generation.sampling import as_bytes, check_sampling, sample_next
+from blt.generation.sampling import as_bytes, byte_logits, check_sampling, sample_next
 from blt.patching import Patcher, StreamingStarts, entropy
 from blt.tokens import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
 
 
-class _CachedState:
+class CachedState:
     """Everything that steps with the bytes: the entropy model, the patch-start rule of every row
-    and the incremental BLT (or byte LM)."""
+    and the incremental BLT (or byte LM). Rows can be dropped or reordered (`take`) and another
+    state's rows added (`append`), so a server's batch can change between steps."""
 
     def __init__(self, model, patcher: Patcher, batch: int, capacity: int):
         self.is_blt = hasattr(model, "local_encoder")
@@ -47,8 +49,10 @@ class _CachedState:
         self.next_entropy = [math.inf] * batch  # entropy of each row's next byte
         self.device = next(model.parameters()).device
 
-    def feed(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
-        """New byte ids per row (possibly none) -> (B, V) next-byte logits of every row."""
+    def feed(self, rows: Sequence[Sequence[int]], every: bool = False) -> torch.Tensor:
+        """New byte ids per row (possibly none) -> (B, V) next-byte logits of every row's last
+        byte; every=True: (B, n, V) at each of the n = max(len(r)) new bytes (row b's first
+        len(rows[b]) are real; not for HF-compatible BLT models)."""
         B, n = len(rows), max(1, max(len(r) for r in rows))
         tokens = torch.zeros(B, n, dtype=torch.long)
         for b, r in enumerate(rows):
@@ -57,7 +61,7 @@ class _CachedState:
         tokens, valid = tokens.to(self.device), valid.to(self.device)
         if not self.is_blt:
             logits = self.net.feed(tokens, valid)  # (B, n, V)
-            return logits[torch.arange(B), (valid - 1).clamp(min=0)]
+            return logits if every else logits[torch.arange(B), (valid - 1).clamp(min=0)]
         ent = entropy(self.elm.feed(tokens, valid)).cpu() if self.elm is not None else None  # (B, n)
         starts = torch.zeros(B, n, dtype=torch.bool)
         for b, r in enumerate(rows):
@@ -66,7 +70,33 @@ class _CachedState:
                 starts[b, i] = self.starts[b].push(int(tok), h)
             if r and ent is not None:
                 self.next_entropy[b] = float(ent[b, len(r) - 1])
-        return self.net.feed(tokens, starts.to(self.device), valid)
+        return self.net.feed(tokens, starts.to(self.device), valid, every)
+
+    @property
+    def lens(self) -> torch.Tensor:
+        """(B,) bytes fed to each row so far."""
+        return self.net.lens
+
+    def take(self, rows: Sequence[int]) -> None:
+        """Keep these rows, in this order (a row named twice is copied)."""
+        idx = torch.tensor(list(rows), dtype=torch.long, device=self.device)
+        self.net.take(idx)
+        if self.elm is not None:
+            self.elm.take(idx)
+        seen: set[int] = set()
+        starts = []
+        for i in rows:
+            starts.append(copy.deepcopy(self.starts[i]) if i in seen else self.starts[i])
+            seen.add(i)
+        self.starts, self.next_entropy = starts, [self.next_entropy[i] for i in rows]
+
+    def append(self, other: "CachedState") -> None:
+        """Add the rows of `other` (same model, patcher and capacity) after these."""
+        self.net.append(other.net)
+        if self.elm is not None:
+            self.elm.append(other.elm)
+        self.starts += other.starts
+        self.next_entropy += other.next_entropy
 
     def counts(self) -> tuple[int, int]:
         """(global Transformer calls, patches they processed) so far."""
@@ -124,10 +154,7 @@ class Generator:
         else:
             logits = self._full(rows, active)
         for step in range(max_bytes):
-            logits = logits.float().clone()
-            eos = logits[:, EOS_ID].clone()
-            logits[:, :OFFSET] = float("-inf")  # no special ids but EOS
-            logits[:, EOS_ID] = eos
+            logits = byte_logits(logits)
             logits[~torch.tensor(active, device=logits.device)] = 0.0  # finished rows: ignored, but same RNG use
             nxt = sample_next(logits, temperature, top_k, top_p, gen)
             new = [[] for _ in range(B)]
@@ -162,7 +189,7 @@ class Generator:
     def _restart(self, rows, keep: int | None = None):
         """A fresh cached state on each row's last `keep` bytes (default: the whole context)."""
         keep = keep or self.context
-        state = _CachedState(self.model, self.patcher, len(rows), self.context)
+        state = CachedState(self.model, self.patcher, len(rows), self.context)
         return state, state.feed([r[-keep:] for r in rows])
 
     def _full(self, rows, active) -> torch.Tensor:

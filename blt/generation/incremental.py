@@ -52,6 +52,14 @@ class IncrementalByteLM:
     def lens(self) -> torch.Tensor:
         return self.cache.lens
 
+    def take(self, rows: torch.Tensor) -> None:
+        """Keep these rows, in this order (see KVCache.take)."""
+        self.cache.take(rows)
+
+    def append(self, other: "IncrementalByteLM") -> None:
+        """Add the rows of `other` (the same model and capacity) after these."""
+        self.cache.append(other.cache)
+
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, n) new byte ids, (B,) valid counts -> (B, n, V) next-byte logits at each new byte."""
@@ -88,10 +96,37 @@ class IncrementalBLT:
         self.global_calls = 0  # global Transformer steps (one per batch of newly completed patches)
         self.global_patches = 0  # patches the global Transformer processed
 
+    _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid")  # (B, ...) tensors
+
+    def take(self, rows: torch.Tensor) -> None:
+        """Keep these rows (a (B',) index: any order, repeats allowed), in this order."""
+        for cache in (self.enc_cache, self.dec_cache, self.glob_cache):
+            cache.take(rows)
+        for name in self._ROWS:
+            setattr(self, name, getattr(self, name)[rows])
+        self.dec_k, self.dec_v = [t[rows] for t in self.dec_k], [t[rows] for t in self.dec_v]
+
+    def append(self, other: "IncrementalBLT") -> None:
+        """Add the rows of `other` (the same model and capacity) after these; counters add up."""
+        for mine, theirs in ((self.enc_cache, other.enc_cache), (self.dec_cache, other.dec_cache),
+                             (self.glob_cache, other.glob_cache)):
+            mine.append(theirs)
+        for name in self._ROWS:
+            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
+        self.dec_k = [torch.cat(pair) for pair in zip(self.dec_k, other.dec_k)]
+        self.dec_v = [torch.cat(pair) for pair in zip(self.dec_v, other.dec_v)]
+        self.global_calls += other.global_calls
+        self.global_patches += other.global_patches
+
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def feed(self, tokens: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor,
+             every: bool = False) -> torch.Tensor:
         """tokens, starts (B, n): new bytes and whether each begins a patch; valid (B,): how many of
-        each row's n are real. Returns (B, V) logits for the byte after each row's last real byte."""
+        each row's n are real. Returns (B, V) logits for the byte after each row's last real byte;
+        every=True: (B, n, V), the next-byte logits at every new byte (not for HF-compatible
+        models, whose last byte's logits wait for the byte after it)."""
+        if every and self.hf:
+            raise ValueError("feed(every=True) needs a model that is not HF-compatible")
         B, n = tokens.shape
         if int((self.lens + n).max()) > self.capacity:
             raise CacheFullError(f"IncrementalBLT holds {self.capacity} bytes: start a new one on a shorter context")
@@ -108,8 +143,9 @@ class IncrementalBLT:
         self._complete_patches(new_lens)
         if not self.hf and n == 1 and bool(valid.all()) and int(self.cur_pid.min()) > 0:
             logits = self._decode_one(h)  # the common generation step: one byte per row, after patch 0
+            logits = logits[:, None] if every else logits
         else:
-            logits = self._decode(new_lens, valid)
+            logits = self._decode(new_lens, valid, every)
         self.lens = new_lens
         return logits
 
@@ -190,7 +226,7 @@ class IncrementalBLT:
             lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
         return transformer_step(self.model.local_decoder.transformer, x, self.dec_cache, count, more)
 
-    def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor, every: bool = False) -> torch.Tensor:
         dec = self.model.local_decoder
         first = self.lens.clone()
         if self.hf:  # HF: a byte reads the patch its next byte closes, so the previous byte is redone
@@ -212,6 +248,8 @@ class IncrementalBLT:
         kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
         local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
         x = self._run_decoder(h, kv, partial(patch_state_attention, valid=src >= 0), local, count)  # (B, n2, D)
+        if every:  # not HF: the n2 decoded bytes are the new ones (padding past valid[b])
+            return dec.lm_head(dec.norm(x))  # (B, n2, V) byte-level
         last = (count - 1).clamp(min=0)
         x_last = x[torch.arange(B, device=h.device), last]  # (B, D)
         return dec.lm_head(dec.norm(x_last))  # (B, V)

@@ -4,7 +4,8 @@ One cache holds every layer's keys and values for a batch of sequences that may 
 lengths: row b has `lens[b]` cached positions. A step appends `n` new positions to every row, of
 which the first `valid[b]` count (the rest are padding, written past the row's end and overwritten
 later), so a ragged prefill, a lockstep byte step and a patch step where only some rows have a new
-patch are the same call:
+patch are the same call. Rows can be dropped, reordered or copied (`take`) and another cache's rows
+added (`append`), so a server's batch can change between steps:
 
     cache = KVCache.for_transformer(model.transformer, batch=2, capacity=1024)
     y = transformer_step(model.transformer, x, cache, valid)   # x (B, n, D) new positions -> (B, n, D)
@@ -80,6 +81,15 @@ class KVCache:
             self.k[layer].scatter_(2, idx, k.to(self.k.dtype))
             self.v[layer].scatter_(2, idx, v.to(self.v.dtype))
         return self.k[layer, :, :, self.lo : self.L], self.v[layer, :, :, self.lo : self.L]
+
+    def take(self, rows: torch.Tensor) -> None:
+        """Keep these rows (a (B',) index: any order, repeats allowed), in this order."""
+        self.k, self.v, self.lens = self.k[:, rows], self.v[:, rows], self.lens[rows]
+
+    def append(self, other: "KVCache") -> None:
+        """Add the rows of `other` (same capacity, layers and heads) after this cache's rows."""
+        self.k, self.v = torch.cat([self.k, other.k], 1), torch.cat([self.v, other.v], 1)
+        self.lens = torch.cat([self.lens, other.lens])
 
     def advance(self, valid: torch.Tensor | int) -> None:
         self.lens += valid

@@ -11,6 +11,7 @@ from typing import Annotated
 import torch
 
 from blt.config import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, check_option
+from blt.tokens import EOS_ID, OFFSET
 
 
 SAMPLING = {  # each sampling option's type and range (None is allowed for top_k and top_p: no filter)
@@ -44,9 +45,21 @@ def as_bytes(text: str | bytes, what: str) -> bytes:
         raise OptionError(f"{what} holds {text[e.start]!r}, which has no UTF-8 bytes (pass bytes instead)") from None
 
 
+def byte_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) model logits -> a float copy in which only the 256 bytes and EOS can be sampled."""
+    out = logits.float().clone()
+    eos = out[:, EOS_ID].clone()
+    out[:, :OFFSET] = float("-inf")
+    out[:, EOS_ID] = eos
+    return out
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None) -> torch.Tensor:
-    """(B, V) logits -> (B,) ids. temperature 0 is greedy; top-k then top-p (nucleus) filtering."""
+                generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) ids. temperature 0 is greedy; top-k then top-p (nucleus) filtering.
+    A sampled row draws one uniform number u from `generator` and takes the first id whose
+    cumulative probability exceeds u (inverse CDF), so each row's draw depends on its own logits
+    and u only: `uniforms` (B,) passes draws made elsewhere (a server's per-request RNGs)."""
     if temperature <= 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -59,5 +72,8 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
         drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    cdf = logits.softmax(-1).cumsum(-1)  # (B, V)
+    if uniforms is None:
+        uniforms = torch.rand(logits.shape[0], generator=generator, device=logits.device)
+    target = (uniforms.to(cdf)[:, None] * cdf[:, -1:]).contiguous()  # (B, 1) in [0, total mass)
+    return torch.searchsorted(cdf, target, right=True).squeeze(-1).clamp(max=logits.shape[-1] - 1)

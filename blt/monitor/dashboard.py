@@ -8,42 +8,16 @@ files, with no internet: no assets are fetched, nothing is uploaded.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
-import socket
 import time
 from pathlib import Path
 
 from blt.errors import UserError
+from blt.net import check_bindable
 
 
 class DashboardError(UserError):
-    """No event files to show, or an address or port it cannot serve on; one-line message."""
-
-
-def check_bindable(host: str, port: int) -> None:
-    """Bind (and release) host:port as TensorBoard will, so a bad --host or a taken --port is a
-    DashboardError naming the fix, not TensorBoard's own exit."""
-    if not 0 <= port < 65536:
-        raise DashboardError(f"--port {port} is not a TCP port; use one from 1024 to 65535 (0: any free one)")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as e:
-        raise DashboardError(f"--host {host} is not an address or name this machine can resolve ({e}); "
-                             "use --host 127.0.0.1") from None
-    family, _, _, _, addr = infos[0]
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(addr)
-        except OSError as e:
-            if e.errno == errno.EADDRINUSE:
-                fix = "pick another --port"
-            elif e.errno == errno.EACCES:
-                fix = "ports below 1024 need root: pick --port 1024 or above"
-            else:
-                fix = "give --host an address of this machine, e.g. 127.0.0.1"
-            raise DashboardError(f"cannot serve on {host}:{port} ({e.strerror}); {fix}") from None
+    """No event files to show, or TensorBoard could not start; one-line message."""
 
 
 def serve(path: str | Path, port: int = 6006, host: str = "127.0.0.1", block: bool = True) -> str:

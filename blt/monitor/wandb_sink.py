@@ -47,12 +47,13 @@ def resolve_mode(mode: str, timeout: float = 3.0) -> str:
 
 
 def flat(record: dict) -> dict:
-    """metrics.jsonl names -> dashboard names: train/loss, val/bpb, ... (numbers only)."""
+    """metrics.jsonl names -> dashboard names: train/loss, val/bpb, ... (numbers only); a name that
+    has its section already (eval/<task>/<metric>) stays as it is."""
     out = {}
     for key, value in record.items():
         if key in ("step", "time") or not isinstance(value, (int, float)) or isinstance(value, bool):
             continue
-        out[f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"] = value
+        out[key if "/" in key else f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"] = value
     return out
 
 

@@ -37,6 +37,7 @@ from blt.train.distributed import PeerLostError, choose_engine, is_peer_failure,
 from blt.train.engine import DivergedError
 from blt.train.metrics import MetricsLogger
 from blt.train.optim import lr_at
+from blt.train.tasks import TaskEval, find_eval_tasks
 from blt.train.validation import Validation
 
 
@@ -77,6 +78,7 @@ class Trainer:
         self.cfg = cfg
         self.world = world = launched_world()
         kind = choose_engine(cfg, world)
+        tasks = find_eval_tasks(cfg)  # an unknown eval.tasks name stops here, before anything is made
         self.device, amp_dtype = build_device(cfg, world)
         engine_class(kind).prepare(cfg, world, self.device, kind)  # the engine's config changes, process group
         self.rundir = build_run_dir(cfg, world)
@@ -88,6 +90,7 @@ class Trainer:
         self.engine = build_engine(cfg, world, kind, model, self.device, amp_dtype)
         self.step, self.state = resume_or_calibrate(cfg, self.engine, self.loader, self.patcher, resume_from)
         self.validation = Validation(cfg, world, self.engine, self.patcher, val_tokens)
+        self.task_eval = TaskEval(cfg, world, self.engine, self.patcher, tasks) if tasks else None
         # what the last checkpoint holds, and what a failure would need to give back to save this step
         self.start_step = self.saved_step = self.step
         self.saved_path = resume_from
@@ -248,6 +251,10 @@ class Trainer:
                     if (last and stop_reason is None) or (c.eval.every and self.step % c.eval.every == 0):
                         t_eval = time.time()
                         self.last_val, self.last_val_step = self.validate(metrics), self.step
+                        self.meter.exclude(time.time() - t_eval)
+                    if self.task_eval is not None and self.task_eval.due(self.step, last and stop_reason is None):
+                        t_eval = time.time()
+                        self.task_eval.run(self.step, metrics)
                         self.meter.exclude(time.time() - t_eval)
                     if last or self.step % c.checkpoint.every == 0:
                         path = self.save(elapsed())

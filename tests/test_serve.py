@@ -1,0 +1,317 @@
+"""`blt serve`: the real `openai` client and httpx against uvicorn on 127.0.0.1, every answer held
+against what the generator (the code behind `blt generate`) gives for the same prompt and seed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from badinput import ROOT, assert_user_error
+from conftest import CONFIGS, TINY_BLT
+from blt.artifacts import load_model
+from blt.generation import Generator
+from blt.serve.app import create_app
+from blt.serve.batcher import Batcher
+from blt.serve.protocol import CHAT_STOP, ChatMessage, Limits, render_chat
+from blt.cli import main
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    """uvicorn in a thread of this process, serving `path` on 127.0.0.1."""
+
+    def __init__(self, path: Path, max_batch: int = 16, max_queue: int = 256, max_tokens: int = 4096,
+                 api_key: str | None = None):
+        import uvicorn
+
+        loaded = load_model(path)
+        self.gen = Generator(loaded.model, loaded.patcher, loaded.cfg.data.seq_len)
+        self.batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, max_batch, max_queue)
+        self.batcher.start()
+        app = create_app(self.batcher, "tiny", Limits(max_tokens, max_batch), api_key)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.02)
+
+    def client(self, key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, timeout=60)
+
+    def alone(self, prompt, stop=(), **kw) -> str:
+        """What the generator gives for this prompt alone, as the API returns it (stop string cut)."""
+        out = self.gen.generate([prompt], stop=list(stop), **kw)[0]
+        for s in sorted(stop, key=len, reverse=True):
+            if out.endswith(s.encode()):
+                out = out[: -len(s.encode())]
+                break
+        return out.decode("utf-8", errors="replace")
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.batcher.stop()
+
+
+@pytest.fixture(scope="module")
+def model_run(tmp_path_factory, cache_dir, entropy_run) -> Path:
+    """A tiny entropy-patched BLT trained 30 steps (so greedy text is not one repeated byte)."""
+    run = tmp_path_factory.mktemp("serve") / "run"
+    assert main(["train", str(CONFIGS / "tiny.yaml"), f"run_dir={run}", f"data.cache_dir={cache_dir}",
+                 f"patching.entropy_model={entropy_run}", *TINY_BLT, "training.steps=30",
+                 "optimizer.lr=3e-3"]) == 0
+    return run
+
+
+@pytest.fixture(scope="module")
+def served(model_run):
+    s = Served(model_run)
+    yield s
+    s.close()
+
+
+def test_openai_client_gets_the_generators_text(served, model_run, capsys):
+    client = served.client()
+    for opts in (dict(temperature=0.0, seed=0), dict(temperature=0.9, top_p=0.95, seed=7)):
+        want = served.alone("ROMEO.", max_bytes=60, **opts)
+        got = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=60, **opts)
+        assert got.choices[0].text == want and got.choices[0].finish_reason in ("length", "stop")
+        raw = served.gen.generate(["ROMEO."], max_bytes=60, **opts)[0]
+        assert got.usage.prompt_tokens == 6 and got.usage.completion_tokens == len(raw)
+        chunks = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=60, stream=True, **opts)
+        assert "".join(c.choices[0].text for c in chunks) == want
+    # the same text as the command line prints for the same settings
+    assert main(["generate", str(model_run), "--prompt", "ROMEO.", "--max-bytes", "60",
+                 "--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert line["text"] == served.alone("ROMEO.", max_bytes=60, temperature=0.9, top_p=0.95, seed=7)
+    assert client.models.list().data[0].id == "tiny"
+
+
+def test_concurrent_clients_share_batched_steps(served):
+    prompts = ["ROMEO.", "JULIET. O", "KING HENRY", "To be, or not", "", "What", "Enter", "Exeunt all but"]
+    want = [served.alone(p, max_bytes=80, temperature=0.8, seed=i) for i, p in enumerate(prompts)]
+    before = served.batcher.stats()
+    got: dict[int, str] = {}
+
+    def ask(i: int) -> None:
+        client = served.client()
+        if i % 2:
+            chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8,
+                                               seed=i, stream=True)
+            got[i] = "".join(c.choices[0].text for c in chunks)
+        else:
+            got[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8,
+                                               seed=i).choices[0].text
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [got.get(i) for i in range(len(prompts))] == want  # each its single-request output
+    after = served.batcher.stats()
+    steps, rows = after["steps"] - before["steps"], after["row_steps"] - before["row_steps"]
+    assert rows / steps > 2, (steps, rows)  # rows shared steps: 8 alone would be one row per step
+    assert after["max_batch_seen"] >= 4
+
+
+def test_stop_strings_n_and_odd_prompts(served):
+    client = served.client()
+    # a stop string ends the text and is not part of it
+    stop = ["e ", "\n"]
+    want = served.alone("ROMEO.", stop=stop, max_bytes=200, temperature=0.8, seed=1)
+    got = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=200, temperature=0.8, seed=1, stop=stop)
+    assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
+    assert "\n" not in want and "e " not in want and len(want) < 200
+    streamed = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=200, temperature=0.8, seed=1,
+                                         stop=stop, stream=True)
+    assert "".join(c.choices[0].text for c in streamed) == want
+    # n choices: choice j samples with seed + j; several prompts keep their order
+    got = client.completions.create(model="tiny", prompt=["KING", "QUEEN"], max_tokens=30, temperature=1.0,
+                                    seed=5, n=3)
+    assert [c.index for c in got.choices] == list(range(6))
+    want = [served.alone(p, max_bytes=30, temperature=1.0, seed=5 + j) for p in ("KING", "QUEEN") for j in range(3)]
+    assert [c.text for c in got.choices] == want
+    # a prompt of byte values ending inside a character: the completion finishes that character
+    raw = "Café".encode()[:-1]  # b"Caf\xc3"
+    out = served.gen.generate([raw], max_bytes=20, temperature=0.0)[0]
+    got = client.completions.create(model="tiny", prompt=list(raw), max_tokens=20, temperature=0)
+    assert got.choices[0].text == (b"\xc3" + out).decode("utf-8", errors="replace")
+    assert got.usage.prompt_tokens == len(raw)
+    # an empty prompt starts from BOS alone
+    got = client.completions.create(model="tiny", prompt="", max_tokens=20, temperature=0)
+    assert got.choices[0].text == served.alone("", max_bytes=20, temperature=0.0)
+
+
+def test_chat_renders_the_documented_template(served):
+    messages = [{"role": "system", "content": "Speak as a king."}, {"role": "user", "content": "Who art thou?"}]
+    prompt = render_chat([ChatMessage(**m) for m in messages])
+    assert prompt == "System: Speak as a king.\n\nUser: Who art thou?\n\nAssistant: "
+    got = served.client().chat.completions.create(model="tiny", messages=messages, max_tokens=50, temperature=0)
+    want = served.alone(prompt, stop=[CHAT_STOP], max_bytes=50, temperature=0.0)
+    assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
+    chunks = served.client().chat.completions.create(model="tiny", messages=messages, max_tokens=50, temperature=0,
+                                                     stream=True, stream_options={"include_usage": True})
+    chunks = list(chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].usage.completion_tokens >= len(want.encode("utf-8", errors="replace")) - 3 * want.count("\ufffd")
+
+
+@pytest.mark.parametrize("body, field", [
+    ('{"model": "tiny", "prompt": "x", "max_tokens": "many"}', "max_tokens"),
+    ('{"model": "tiny", "prompt": "x", "max_tokens": 5000}', "max_tokens"),
+    ('{"model": "tiny", "prompt": "x", "top_p": 1.5}', "top_p"),
+    ('{"model": "tiny", "prompt": "x", "temperature": -1}', "temperature"),
+    ('{"model": "tiny", "prompt": "x", "n": 0}', "n"),
+    ('{"model": "tiny", "prompt": [72, 300]}', "prompt"),
+    ('{"model": "tiny", "prompt": "x", "stop": [""]}', "stop"),
+    ('{"model": "tiny", "prompt": "x", "logprobs": 3}', "logprobs"),
+    ('{"model": "tiny", "prompt": "x", "best_off": 3}', "best_off"),
+    ('{"prompt": "x"}', "model"),
+    ('{"model": "tiny", "prompt": "x",}', None),
+    ('[1, 2]', None),
+])
+def test_malformed_requests_are_400_naming_the_field(served, body, field):
+    r = httpx.post(served.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+    if field:
+        assert field in err["message"]
+    r = httpx.post(served.url + "/v1/chat/completions", json={"model": "tiny", "messages": []})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_unknown_model_is_404(served):
+    with pytest.raises(openai.NotFoundError, match="serves 'tiny'"):
+        served.client().completions.create(model="gpt-4", prompt="x", max_tokens=1)
+
+
+def test_disconnected_stream_frees_its_row(served):
+    before = served.batcher.stats()["cancelled"]
+    with httpx.stream("POST", served.url + "/v1/completions", json={
+            "model": "tiny", "prompt": "x", "max_tokens": 4000, "temperature": 0, "stream": True}) as r:
+        lines = r.iter_lines()
+        assert next(ln for ln in lines if ln.startswith("data:"))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        s = served.batcher.stats()
+        if s["running"] == 0 and s["cancelled"] > before:
+            break
+        time.sleep(0.05)
+    assert s["running"] == 0 and s["cancelled"] == before + 1, s
+
+
+def test_full_queue_is_429_and_the_key_is_401(model_run):
+    s = Served(model_run, max_batch=1, max_queue=1, api_key="sesame")
+    try:
+        with pytest.raises(openai.AuthenticationError):
+            s.client().completions.create(model="tiny", prompt="x", max_tokens=1)
+        assert httpx.get(s.url + "/v1/models").status_code == 401
+        assert httpx.get(s.url + "/health").status_code == 200  # for load balancers: no key
+        client = s.client("sesame")
+        body = {"model": "tiny", "prompt": "ROMEO.", "max_tokens": 4000, "temperature": 0, "stream": True}
+        head = {"authorization": "Bearer sesame"}
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=head) as first:
+            lines = first.iter_lines()  # held: a dropped iterator closes the stream
+            next(lines)  # running: the batch (1 row) is full
+            second = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body,
+                                                                headers=head, timeout=60))
+            second.start()  # waits in the queue (1 place)
+            deadline = time.monotonic() + 10
+            while s.batcher.stats()["waiting"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert s.batcher.stats()["running"] == 1 and s.batcher.stats()["waiting"] == 1, s.batcher.stats()
+            with pytest.raises(openai.RateLimitError, match="waiting"):
+                client.completions.create(model="tiny", prompt="x", max_tokens=1)
+        with pytest.raises(openai.BadRequestError, match="queues at most 1"):  # never fits: 400, not 429
+            client.completions.create(model="tiny", prompt=["a", "b"], max_tokens=1)
+        second.join(60)
+        assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
+    finally:
+        s.close()
+
+
+def test_serve_needs_its_extra(monkeypatch):
+    from blt.errors import UserError
+    from blt.serve.server import need_extra
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(UserError, match=r'pip install -e "\.\[serve\]"'):
+        need_extra()
+
+
+@pytest.mark.parametrize("args, contains", [
+    (["--max-batch", "0"], "--max-batch"),
+    (["--port", "70000"], "--port"),
+    (["--drain", "nan"], "--drain"),
+])
+def test_bad_serve_options_are_one_line(model_run, args, contains):
+    assert_user_error(["serve", model_run, *args], contains=contains)
+
+
+@pytest.mark.slow
+def test_cli_server_stops_cleanly_on_ctrl_c(model_run):
+    """The real `blt serve` process: a client streams, Ctrl-C comes, the stream ends and the process
+    exits within the drain time plus a few seconds."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "blt", "serve", str(model_run), "--port", str(port),
+                             "--drain", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        body = {"model": model_run.name, "prompt": "x", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(ln for ln in lines if ln.startswith("data:"))
+            proc.send_signal(signal.SIGINT)
+            t0 = time.monotonic()
+            rest = list(lines)  # the stream ends (cancelled after the drain) instead of hanging
+        assert proc.wait(15) in (0, 130)
+        assert time.monotonic() - t0 < 10
+        assert any("the server stopped before this request was done" in ln for ln in rest), rest[-3:]
+        out = proc.stdout.read().decode()
+        assert "Traceback" not in out, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_streamed_text_holds_back_only_what_may_be_a_stop_string():
+    from blt.serve.text import ChoiceText
+
+    out = ChoiceText([b"\n\n", b"END"], prompt=b"caf\xc3")
+    assert out.push(b"\xa9") == "é"  # the prompt's unfinished character, finished by the completion
+    assert out.push(b"\n") == ""  # may begin "\n\n"
+    assert out.push(b"E") == "\n"  # it did not; "E" may begin "END"
+    assert out.push(b"x\xe2\x82") == "Ex"  # half a character waits for the rest
+    assert out.push(b"\xac\n") == "€"
+    assert out.push(b"\n") == "" and out.finish("stop") == ""  # the stop string is never sent
+    out = ChoiceText([b"\n\n"])
+    assert out.push(b"a\n") == "a" and out.finish("length") == "\n"  # not a stop: the held byte is sent
+    assert ChoiceText().push(b"\xff") == "\ufffd"
