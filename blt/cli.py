@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     ih.add_argument("out")
     ih.set_defaults(func=_cmd_import_hf)
 
-    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model, offline (needs blt[eval])")
+    le = sub.add_parser("lm-eval", help="lm-evaluation-harness tasks on a model, offline (the eval extra)")
     le.add_argument("checkpoint", help="run dir, checkpoint dir (any ZeRO stage) or export dir")
     le.add_argument("--tasks", required=True, help="comma-separated task, group or tag names (blt's: blt_*)")
     le.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set BLT_API_KEY)")
     s.add_argument("--name", default=None, help="the model's name in the API (default: the MODEL dir's name)")
     s.add_argument("--drain", type=float, default=5.0, help="seconds Ctrl-C lets running requests finish")
-    s.add_argument("--threads", type=int, default=None, help="CPU threads for the model (default on CPU: one fewer than the cores)")
+    s.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the model (default on CPU: one fewer than the cores)")
     s.set_defaults(func=_cmd_serve)
     return p
 

@@ -134,7 +134,8 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
         if len(jobs) > batcher.max_queue:  # could never be queued: not a matter of waiting
             raise RequestError(f"this request asks for {len(jobs)} sequences (prompts x n); the server queues at "
                                f"most {batcher.max_queue} (--max-queue)", "n" if req.n > 1 else "prompt")
-        rows = [Row([BOS_ID] + [b + OFFSET for b in prompt], params, emitter(i)) for i, (prompt, params) in enumerate(jobs)]
+        rows = [Row([BOS_ID] + [b + OFFSET for b in prompt], params, emitter(i))
+                for i, (prompt, params) in enumerate(jobs)]
         texts = [ChoiceText(params.stop, prompt) for prompt, params in jobs]
         batcher.submit(rows)
         usage = {"prompt_tokens": sum(len(p) for p, _ in jobs[:: req.n]), "completion_tokens": 0}
