@@ -174,16 +174,17 @@ def _cmd_serve(args) -> None:
 
 
 def _cmd_lm_eval(args) -> None:
-    from blt.config import NonNegInt, PosInt, check_option
+    from blt.typed import NonNegInt, PosInt, check_option
     from blt.evaluate import check_device
 
     check_option("limit", args.limit, PosInt, optional=True, flag=True)  # before anything slow
     check_option("batch_size", args.batch_size, PosInt, flag=True)
     check_option("num_fewshot", args.num_fewshot, NonNegInt, optional=True, flag=True)
     device = check_device(args.device, "--device")
-    from blt.harness.run import evaluate_model, require_lm_eval
+    from blt.errors import require_extra
+    from blt.harness.run import evaluate_model
 
-    require_lm_eval()
+    require_extra("eval", "lm_eval")
     results, table = evaluate_model(args.checkpoint, args.tasks.split(","), args.include_path or [], args.limit,
                                     args.num_fewshot, args.batch_size, device, args.dtype)
     from lm_eval.utils import handle_non_serializable, make_table

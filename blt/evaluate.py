@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.config import OptionError, PosInt, check_option
+from blt.typed import OptionError, PosInt, check_option
 from blt.data import OFFSET, PAD_ID, DataError, eval_windows
 from blt.patching import Patcher
 

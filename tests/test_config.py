@@ -5,8 +5,8 @@ import typing
 
 import pytest
 
-from blt.config import (ConfigError, Config, OptimizerConfig, OptionError, PosFloat, PosInt, Range, check_config,
-                        check_option, config_to_dict, dump_config, load_config)
+from blt.config import ConfigError, Config, OptimizerConfig, check_config, config_to_dict, dump_config, load_config
+from blt.typed import OptionError, PosFloat, PosInt, Range, check_option
 from blt.errors import UserError
 
 

@@ -251,13 +251,13 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
         s.close()
 
 
-def test_serve_needs_its_extra(monkeypatch):
+def test_serve_needs_its_extra(monkeypatch, tmp_path):
     from blt.errors import UserError
-    from blt.serve.server import need_extra
+    from blt.serve.server import serve
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
-    with pytest.raises(UserError, match=r'pip install -e "\.\[serve\]"'):
-        need_extra()
+    with pytest.raises(UserError, match=r'uvicorn is not installed: pip install -e "\.\[serve\]"'):
+        serve(str(tmp_path / "not_loaded"))  # refused before any model is looked for
 
 
 @pytest.mark.parametrize("args, contains", [

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import torch
 
-from blt.config import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, check_option
+from blt.typed import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, check_option
 from blt.tokens import EOS_ID, OFFSET
 
 
@@ -46,11 +46,11 @@ def as_bytes(text: str | bytes, what: str) -> bytes:
 
 
 def byte_logits(logits: torch.Tensor) -> torch.Tensor:
-    """(B, V) model logits -> a float copy in which only the 256 bytes and EOS can be sampled."""
+    """(..., V) model logits -> a float copy in which only the 256 bytes and EOS can be sampled."""
     out = logits.float().clone()
-    eos = out[:, EOS_ID].clone()
-    out[:, :OFFSET] = float("-inf")
-    out[:, EOS_ID] = eos
+    eos = out[..., EOS_ID].clone()
+    out[..., :OFFSET] = float("-inf")
+    out[..., EOS_ID] = eos
     return out
 
 

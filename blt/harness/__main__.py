@@ -17,11 +17,11 @@ import sys
 
 
 def main() -> None:
-    from blt.harness.run import TASKS_DIR, require_lm_eval
-    from blt.errors import UserError
+    from blt.errors import UserError, require_extra
+    from blt.harness.run import TASKS_DIR
 
     try:
-        require_lm_eval()
+        require_extra("eval", "lm_eval")
     except UserError as e:
         sys.exit(f"python -m blt.harness: error: {e}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

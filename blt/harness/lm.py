@@ -24,7 +24,7 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from blt.config import OptionError, PosInt, check_option
+from blt.typed import OptionError, PosInt, check_option
 from blt.harness.scoring import Scorer
 
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from blt.errors import UserError
+from blt.errors import UserError, require_extra
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 NETWORK_ERRORS = ("offline", "connection", "couldn't reach", "could not reach", "resolve", "hub", "internet",
@@ -29,15 +29,6 @@ NETWORK_ERRORS = ("offline", "connection", "couldn't reach", "could not reach", 
 
 class TaskError(UserError):
     """An unknown task, or a task whose data cannot be read here; one line naming the fix."""
-
-
-def require_lm_eval() -> None:
-    """lm-eval is the optional extra `eval`: without it, one line naming the extra."""
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        raise UserError("lm-eval is not installed: pip install -e \".[eval]\" "
-                        "(the 'eval' extra; or pip install lm-eval)") from None
 
 
 @contextlib.contextmanager
@@ -106,7 +97,7 @@ class Tasks:
 def find_tasks(names: list[str], include_path: list[str] | tuple = (), flag: str = "--include-path") -> Tasks:
     """Every name a task, group or tag of blt's tasks, the include paths or lm-eval's own; `flag`
     is how the caller spells the include path (--include-path, eval.tasks_include_path)."""
-    require_lm_eval()
+    require_extra("eval", "lm_eval")
     from lm_eval.tasks import TaskManager
 
     names = [n.strip() for n in names if n.strip()]

@@ -35,7 +35,6 @@ maps this rank's count to the largest count over ranks; the ranks short of it ru
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -43,7 +42,8 @@ import torch
 
 from blt.errors import UserError
 from blt.evaluate import autocast_ctx
-from blt.tokens import BOS_ID, EOS_ID, OFFSET, PAD_ID, encode
+from blt.generation.sampling import byte_logits
+from blt.tokens import BOS_ID, OFFSET, PAD_ID, encode
 
 
 class BatchTooLargeError(UserError):
@@ -145,8 +145,6 @@ class Scorer:
     def _generate_in_step(self, contexts: list[bytes], stops: list[bytes], max_bytes: int) -> list[bytes]:
         """Greedy, uncached: one forward of every unfinished row's last `context` bytes per new byte,
         and (with `sync`) one per step on every rank until all ranks are done, as ZeRO-3 needs."""
-        from blt.generation.sampling import byte_logits
-
         rows = [[BOS_ID] + _ids(c) for c in contexts]
         outs, active = [bytearray() for _ in contexts], [True] * len(contexts)
         for _ in range(max_bytes):
@@ -287,10 +285,7 @@ def _pick(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, to
     logp = torch.log_softmax(logits, dim=-1)
     tgt = targets.clamp(min=0)
     picked = logp.gather(-1, tgt[..., None])[..., 0].masked_fill(~scored, 0.0)  # (b, T)
-    can = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)  # what greedy decoding may emit
-    can[OFFSET:] = True
-    can[EOS_ID] = True
-    hit = (logits.masked_fill(~can, float("-inf")).argmax(-1) == tgt) | ~scored  # (b, T)
+    hit = (byte_logits(logits).argmax(-1) == tgt) | ~scored  # (b, T): greedy decoding's choice, as the Generator's
     return picked.double().sum(1).cpu(), hit.all(1).cpu()
 
 
@@ -303,6 +298,3 @@ def cut_at_stop(text: bytes, until: Sequence[bytes]) -> bytes:
             cut = min(cut, at)
     return text[:cut]
 
-
-def bits_per_byte(logprob_sum: float, num_bytes: int) -> float:
-    return -logprob_sum / max(1, num_bytes) / math.log(2)

@@ -25,7 +25,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from blt.config import OptionError
+from blt.typed import OptionError
 from blt.generation.sampling import check_sampling
 from blt.serve.batcher import Params
 

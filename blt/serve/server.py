@@ -17,8 +17,8 @@ import os
 import threading
 from pathlib import Path
 
-from blt.config import OptionError, PosInt, check_option
-from blt.errors import UserError
+from blt.typed import OptionError, PosInt, check_option
+from blt.errors import require_extra
 
 
 def check_serve_options(max_batch: int, max_queue: int, max_tokens: int, drain: float,
@@ -31,22 +31,12 @@ def check_serve_options(max_batch: int, max_queue: int, max_tokens: int, drain: 
         raise OptionError(f"--drain must be a number of seconds >= 0, got {drain}")
 
 
-def need_extra() -> None:
-    """fastapi and uvicorn come with the serve extra; without them, one line saying how to get them."""
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise UserError(f"blt serve needs the 'serve' extra ({e.name} is not installed): "
-                        "pip install -e \".[serve]\"") from None
-
-
 def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
           max_tokens: int = 4096, device: str = "cpu", api_key: str | None = None, name: str | None = None,
           drain: float = 5.0, threads: int | None = None) -> None:
     """Load the model at `path` and serve it until Ctrl-C (see the module docstring)."""
     check_serve_options(max_batch, max_queue, max_tokens, drain, threads)
-    need_extra()
+    require_extra("serve", "fastapi", "uvicorn")
     from blt.evaluate import check_device
     from blt.net import check_bindable
 
