@@ -7,6 +7,7 @@
     blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
     blt plan configs/blt_8b.yaml --nodes 8 --procs-per-node 8   # DeepSpeed config + memory per ZeRO stage
     blt consolidate runs/tiny [--out FILE]               # ZeRO shards -> one model.safetensors
+    blt consolidate runs/tiny --universal                # -> checkpoints/universal/step_N (any layout resumes it)
     blt export runs/tiny exports/tiny [--format hf]      # engine-free safetensors dir (or HF transformers dir)
     blt import-hf HF_BLT_DIR exports/blt                 # HF BLT dir -> export dir, to evaluate or fine-tune
     blt dashboard runs/tiny [--port 6006]                # TensorBoard on 127.0.0.1, offline
@@ -147,6 +148,14 @@ def _cmd_consolidate(args) -> None:
     from blt.disk import write_safetensors
 
     step_dir = find_checkpoint(args.checkpoint)
+    if args.universal:
+        from blt.proc import log
+        from blt.train.reshard import universal_checkpoint
+
+        if args.out:
+            raise CheckpointError("--universal writes beside the checkpoint, where a resume finds it; drop --out")
+        print(json.dumps({"checkpoint": str(step_dir), "universal": str(universal_checkpoint(step_dir, log))}))
+        return
     if not is_zero_checkpoint(step_dir):
         raise CheckpointError(f"'{step_dir}' holds no ZeRO shards; its model.safetensors is already the whole model")
     out = Path(args.out) if args.out else step_dir / "model.safetensors"
@@ -265,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="merge a ZeRO checkpoint's shards into one model.safetensors")
     c.add_argument("checkpoint", help="run dir or checkpoint step dir")
     c.add_argument("--out", help="file to write (default: model.safetensors in the step dir)")
+    c.add_argument("--universal", action="store_true",
+                   help="write the checkpoint's universal form instead (weights and optimizer state for any process "
+                        "count or ZeRO stage), as a resume on another layout does")
     c.set_defaults(func=_cmd_consolidate)
 
     x = sub.add_parser("export", help="write an engine-free model dir (or an HF transformers dir with --format hf)")

@@ -1,5 +1,6 @@
 """Multi-process training through the real launchers in launch/ (2 CPU processes over gloo):
-ZeRO 0-3 against one process, resume, a two-"node" job, a killed rank, consolidation, dry runs."""
+ZeRO 0-3 against one process, resume on the same and on another layout, a two-"node" job, a
+killed rank, consolidation, dry runs."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from blt.train.distributed import free_port
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
@@ -155,14 +157,113 @@ def test_export_of_a_zero3_checkpoint_gives_the_same_bpb_without_deepspeed(zero_
     assert json.loads(done.stdout)["bpb"] == pytest.approx(final_val(run), abs=1e-5)
 
 
+def train_one_process(run: Path, cache_dir: Path, entropy_run: Path, *extra) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"),
+                           *dist_args(run, cache_dir, entropy_run, "training.batch_size=4", *extra)],
+                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+
+
+def windows_per_step(run: Path, ranks: int) -> dict[int, list[int]]:
+    """step -> the windows all ranks trained on in it, sorted (with accumulation a rank's micro-batches
+    interleave with the others', so only the set per step is layout-free)."""
+    out: dict[int, list[int]] = {}
+    for rank in range(ranks):
+        for t in trace(run, rank):
+            out.setdefault(t["step"], []).extend(t["windows"])
+    return {step: sorted(w) for step, w in out.items()}
+
+
+def assert_continues(run: Path, ref: Path, first: int, ranks: int, tol: float = 1e-5) -> None:
+    """Steps first..8 of `run` have the uninterrupted reference's losses and read its windows."""
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(first, 9))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], abs=tol), step
+    expected = windows_per_step(ref, 1)
+    assert windows_per_step(run, ranks) == {s: expected[s] for s in range(first, 9)}
+
+
+def universal_step(step_dir: Path) -> float:
+    """The Adam step count in a checkpoint's universal form (made by `blt consolidate --universal`)."""
+    out = subprocess.run([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    udir = Path(json.loads(out.stdout)["universal"])
+    return {float(torch.load(f, weights_only=True)) for f in udir.glob("zero/*/step.pt")}.pop()
+
+
 @slow
-def test_a_distributed_checkpoint_is_not_resumed_by_one_process(zero_run, tmp_path, capsys, cache_dir, entropy_run):
+def test_zero2_checkpoint_resumes_on_one_process_then_on_zero3(zero_run, single, tmp_path, cache_dir, entropy_run):
+    """A job changes shape twice: ZeRO-2 on 2 processes -> 1 process (local engine) -> ZeRO-3 on 2
+    processes with micro-batch 1 x 2 accumulation steps. Each part continues one uninterrupted
+    process's losses (DeepSpeed's universal checkpoint: fp32 weights and Adam moments) and its data
+    stream, and Adam's step count goes on."""
+    shutil.copytree(zero_run(2), tmp_path / "zero2")  # the conversion writes beside the checkpoint
+    source = tmp_path / "zero2" / "checkpoints" / "step_00000004"
+    one = tmp_path / "one_process"
+    done = train_one_process(one, cache_dir, entropy_run, "checkpoint.every=2", f"checkpoint.resume={source}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming a checkpoint of deepspeed ZeRO-2 with 2 processes as local with 1 process" in done.stderr
+    assert_continues(one, single, 5, 1)
+    optimizer = torch.load(one / "checkpoints" / "step_00000008" / "optimizer.pt", weights_only=True)
+    assert {float(s["step"]) for s in optimizer["state"].values()} == {8.0}
+
+    three = tmp_path / "zero3"
+    done = launch("torchrun.sh", dist_args(three, cache_dir, entropy_run, "distributed.zero_stage=3",
+                                           "training.batch_size=1", "training.grad_accum=2",
+                                           f"checkpoint.resume={one / 'checkpoints' / 'step_00000006'}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "as deepspeed ZeRO-3 with 2 processes; the same global batch" in done.stderr
+    assert_continues(three, single, 7, 2)
+    assert universal_step(three / "checkpoints" / "step_00000008") == 8.0
+
+
+@slow
+def test_zero3_checkpoint_resumes_on_zero1(zero_run, single, tmp_path, cache_dir, entropy_run):
+    run = tmp_path / "zero1"
+    shutil.copytree(zero_run(3), tmp_path / "zero3")
+    source = tmp_path / "zero3" / "checkpoints" / "step_00000004"
+    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=1",
+                                           f"checkpoint.resume={source}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming a checkpoint of deepspeed ZeRO-3 with 2 processes as deepspeed ZeRO-1" in done.stderr
+    assert_continues(run, single, 5, 2)
+    assert universal_step(run / "checkpoints" / "step_00000008") == 8.0
+
+
+@slow
+def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, single, tmp_path, cache_dir,
+                                                                 entropy_run):
+    """kill -9 during the universal conversion: the checkpoint is as it was, nothing half-written is
+    read, and the next resume on another layout converts again and continues exactly."""
     run = tmp_path / "copy"
     shutil.copytree(zero_run(2), run)
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", *dist_args(run, cache_dir, entropy_run,
-                                                                               "training.steps=12"))
-    assert code == 2
-    assert "zero_stage=2 with 2 process(es)" in err and "same engine" in err and "Traceback" not in err
+    step_dir = run / "checkpoints" / "step_00000004"
+    before = {p.name: p.stat().st_size for p in step_dir.iterdir()}
+    forms = run / "checkpoints" / "universal"
+    partial = forms / "step_00000004.tmp"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for _ in range(5):  # the conversion takes well under a second: kill it once it has written something
+        job = subprocess.Popen([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        while job.poll() is None and not (partial.is_dir() and any(partial.rglob("*.pt"))):
+            time.sleep(0.001)
+        if job.poll() is None:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+            break
+        shutil.rmtree(forms)
+    else:
+        pytest.fail("the conversion always finished before it could be killed")
+    assert partial.is_dir() and not (forms / "step_00000004").exists()
+    assert {p.name: p.stat().st_size for p in step_dir.iterdir()} == before
+
+    one = tmp_path / "one_process"
+    done = train_one_process(one, cache_dir, entropy_run, f"checkpoint.resume={step_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "converted step_00000004" in done.stderr
+    assert not partial.exists()
+    assert_continues(one, single, 5, 1)
 
 
 @slow

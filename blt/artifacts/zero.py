@@ -1,6 +1,7 @@
 """Reading DeepSpeed ZeRO checkpoints without running code from them: consolidating the shards of
 a ZeRO-1/2/3 checkpoint (fp32 or bf16) into one fp32 state dict with DeepSpeed's own reader, on the
-CPU and with no process group, and the guard under which the training engine resumes them.
+CPU and with no process group; converting them to DeepSpeed's universal checkpoint (for a resume
+on another layout); and the guard under which the training engine resumes them.
 
 DeepSpeed loads its `.pt` shards with `torch.load(weights_only=False)`; here every such load runs
 under files.weights_only_loads() with the plain data classes DeepSpeed pickles allow-listed, so a
@@ -9,10 +10,12 @@ when a ZeRO checkpoint is read.
 
     if is_zero_checkpoint(step_dir):
         state = consolidate_zero(step_dir)      # {name: fp32 tensor}
+    zero_to_universal(step_dir, out_dir)        # DeepSpeed's universal checkpoint (blt/train/reshard.py)
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import os
 from pathlib import Path
@@ -78,3 +81,20 @@ def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
         with safe_shards(step_dir):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(step_dir.parent), tag=step_dir.name)
     return {k: v.contiguous() for k, v in sd.items()}
+
+
+def zero_to_universal(step_dir: Path, out_dir: Path) -> None:
+    """DeepSpeed's ds_to_universal over a ZeRO-1/2/3 checkpoint's shards (read weights_only), into
+    out_dir: per parameter the whole fp32 tensor and its Adam moments."""
+    import_deepspeed()
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    step_dir, out_dir = Path(step_dir), Path(out_dir)
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))  # DeepSpeed's forked workers inherit the guard
+    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(out_dir), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # blt's models carry no Megatron universal_checkpoint_info
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
+        with safe_shards(step_dir):
+            ds_to_universal(args)
+    (out_dir.parent / "latest_universal").unlink(missing_ok=True)  # names out_dir; blt passes the tag itself

@@ -9,7 +9,7 @@ state of its own.
     patcher, entropy_cache = build_patching(cfg, world, device, data, loader.tokens)
     model = build_initial_model(cfg, device, rundir.resume_from)
     info = describe_model(cfg, model, patcher, data)          # before ZeRO-3 partitions the weights
-    engine = build_engine(cfg, world, kind, model, device, amp_dtype)
+    engine = build_engine(cfg, world, kind, model, device, amp_dtype, rundir.resume_from)
     step, state = resume_or_calibrate(cfg, engine, loader, patcher, rundir.resume_from)
     meter, peak = build_meter(world, device, engine.amp_dtype, info)
     trace = start_run_files(cfg, world, rundir, step, {**info, **peak})   # the first write
@@ -127,7 +127,7 @@ def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: Packed
 
 
 def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: torch.device,
-                 amp_dtype: torch.dtype | None):
+                 amp_dtype: torch.dtype | None, resume_from: Path | None = None):
     """Activation checkpointing if asked, distinct dropout masks per rank, then the engine (its
     `model` and `amp_dtype` are the ones to train and evaluate with)."""
     if cfg.training.activation_checkpointing:
@@ -136,7 +136,7 @@ def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: 
         torch.manual_seed(cfg.training.seed + 1 + world.rank)  # distinct dropout masks per rank
     if kind == "local":
         return LocalEngine(model, cfg, device, amp_dtype)
-    return DeepSpeedEngine(model, cfg, device, world, use_accelerate=kind == "accelerate")
+    return DeepSpeedEngine(model, cfg, device, world, use_accelerate=kind == "accelerate", resume_from=resume_from)
 
 
 def resume_or_calibrate(cfg: Config, engine, loader: ByteLoader, patcher: Patcher,

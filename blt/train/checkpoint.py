@@ -9,6 +9,7 @@ loading their weights is blt/artifacts/checkpoints.py.
         state.json          step, data-loader state, patching threshold, engine, counters
         rng.pt              torch RNG states
         config.yaml         the resolved config that built the model
+    run_dir/checkpoints/universal/step_00000100/   its universal form, made when a resume changes layout
 Distributed runs write the same directory with DeepSpeed's shards in it (deepspeed_engine.py).
 A checkpoint is complete when its directory is no longer named .tmp and holds state.json.
 """
@@ -27,6 +28,9 @@ from blt.artifacts.checkpoints import CheckpointError, read_state_json
 from blt.artifacts.files import load_pt
 from blt.config import Config, dump_config
 from blt.disk import write_safetensors
+
+
+UNIVERSAL = "universal"  # checkpoints/universal/<step dir name>/: universal forms (blt/train/reshard.py)
 
 
 def step_dir_name(step: int) -> str:
@@ -95,26 +99,16 @@ def _prune(ckpts: Path, keep_last: int, just_saved: Path) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for stale in ckpts.glob("step_*.tmp"):  # left by a save that crashed; never the one just finished
         shutil.rmtree(stale, ignore_errors=True)
-
-
-def read_state(step_dir: Path, engine: str, world_size: int, zero_stage: int | None = None) -> dict:
-    """state.json of a checkpoint that this engine can resume (same engine, ZeRO stage and process
-    count: optimizer shards and data positions are per process)."""
-    step_dir = Path(step_dir)
-    state = read_state_json(step_dir)
-    got = (state.get("engine", "local"), state.get("zero_stage"), state.get("world_size", 1))
-    if got != (engine, zero_stage, world_size):
-        def say(e, z, w):
-            return f"engine={e}" + (f" zero_stage={z}" if z is not None else "") + f" with {w} process(es)"
-        raise CheckpointError(
-            f"checkpoint '{step_dir}' was written by {say(*got)} but this job is {say(engine, zero_stage, world_size)}; "
-            "resume it with the same engine, stage and process count (its weights load anywhere: blt eval/generate)")
-    return state
+    for form in (ckpts / UNIVERSAL).glob("step_*"):  # the universal forms of pruned checkpoints
+        if not (ckpts / form.name.removesuffix(".tmp")).is_dir():
+            shutil.rmtree(form, ignore_errors=True)
 
 
 def load_training_state(step_dir: Path, optimizer) -> dict:
+    """state.json, optimizer.pt and rng.pt of a single-process checkpoint (other layouts go through
+    blt/train/reshard.py)."""
     step_dir = Path(step_dir)
-    state = read_state(step_dir, "local", 1)
+    state = read_state_json(step_dir)
     if optimizer is not None and (step_dir / "optimizer.pt").is_file():
         saved = load_pt(step_dir / "optimizer.pt")
         try:

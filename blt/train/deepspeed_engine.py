@@ -31,16 +31,18 @@ from blt.artifacts.files import load_pt
 from blt.artifacts.zero import import_deepspeed, safe_shards
 from blt.config import Config, ConfigError
 from blt.proc import log
-from blt.train.checkpoint import (CheckpointError, finish_checkpoint, read_state, rng_state, set_rng_state,
-                                  start_checkpoint)
+from blt.artifacts.checkpoints import read_state_json
+from blt.train.checkpoint import CheckpointError, finish_checkpoint, rng_state, set_rng_state, start_checkpoint
 from blt.train.device import resolved_dtype
 from blt.train.distributed import Dist, init_distributed
 from blt.train.optim import build_optimizer
+from blt.train.reshard import Layout, describe_change, load_universal, rng_file, universal_checkpoint
 
 
-def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool) -> dict:
+def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool, load_universal: bool = False) -> dict:
     """The DeepSpeed JSON config for this training config, number of processes, precision (fp32,
-    bf16 or fp16: training.dtype resolved for the device) and device kind."""
+    bf16 or fp16: training.dtype resolved for the device) and device kind; `load_universal` when
+    the job resumes a checkpoint of another layout (blt/train/reshard.py)."""
     t, d = cfg.training, cfg.distributed
     bucket = d.bucket_size
     zero: dict = {"stage": d.zero_stage, "contiguous_gradients": True, "overlap_comm": gpu,
@@ -52,7 +54,9 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool) -> dic
         zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": gpu}
     if d.offload_params != "none":
         zero["offload_param"] = {"device": d.offload_params, "pin_memory": gpu}
+    extra = {"checkpoint": {"load_universal": True}} if load_universal else {}
     return {
+        **extra,
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
@@ -115,15 +119,19 @@ class DeepSpeedEngine:
             cfg.model.hash_sparse_grad = False
         init_distributed(cfg, world, device)
 
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, world: Dist, use_accelerate: bool):
+    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, world: Dist, use_accelerate: bool,
+                 resume_from: Path | None = None):
         if not self.supports_sparse_grads and any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
             # a model built without prepare(), which turns model.hash_sparse_grad off
             raise ConfigError("model.hash_sparse_grad=true is not supported by DeepSpeed ZeRO; "
                               "set model.hash_sparse_grad=false")
         self.cfg, self.device, self.world, self.use_accelerate = cfg, device, world, use_accelerate
+        self.layout = Layout("deepspeed", cfg.distributed.zero_stage, world.world_size)
         deepspeed = _quiet_deepspeed(device.type)
         gpu = device.type == "cuda"
-        ds_config = deepspeed_config(cfg, world.world_size, resolved_dtype(cfg, gpu), gpu)
+        # DeepSpeed reads a universal checkpoint only if told so when the engine is built
+        universal = resume_from is not None and self._universal_load(read_state_json(resume_from))
+        ds_config = deepspeed_config(cfg, world.world_size, resolved_dtype(cfg, gpu), gpu, universal)
         optimizer = build_optimizer(model, cfg.optimizer)
         if use_accelerate:
             self.ds = self._prepare_with_accelerate(model, optimizer, ds_config)
@@ -225,14 +233,53 @@ class DeepSpeedEngine:
         world.barrier()
         return final
 
+    def _universal_load(self, state: dict) -> bool:
+        """Does resuming this checkpoint go through its universal form and DeepSpeed's universal
+        loader? (ZeRO-0 has no ZeRO optimizer to load one: it is filled like the local engine.)"""
+        return Layout.of_state(state) != self.layout and self.cfg.distributed.zero_stage > 0
+
     def load(self, step_dir: Path) -> dict:
+        """Resume: DeepSpeed's own shards on the same layout; any other layout through the
+        checkpoint's universal form, converted once by rank 0 (blt/train/reshard.py)."""
         step_dir = Path(step_dir)
-        state = read_state(step_dir, "deepspeed", self.world.world_size, self.cfg.distributed.zero_stage)
+        state = read_state_json(step_dir)
+        saved = Layout.of_state(state)
+        if saved == self.layout:
+            self._load_shards(step_dir)
+            set_rng_state(load_pt(step_dir / f"rank_{self.world.rank}.pt"))
+            state["data"] = state["data_ranks"][self.world.rank]
+            return state
+        if self.world.is_main:
+            log(describe_change(step_dir, saved, self.layout, self.cfg))
+        udir = self.world.on_main_first(lambda: universal_checkpoint(step_dir, log if self.world.is_main else None))
+        if self._universal_load(state):
+            settings = [{k: v for k, v in g.items() if k != "params"} for g in self.ds.optimizer.param_groups]
+            self._load_shards(udir)
+            # DeepSpeed's universal loaders give every group the checkpoint's settings (ZeRO-3: group 0's,
+            # so norms and embeddings would get weight decay); this job's config owns them
+            for group, kept in zip(self.ds.optimizer.param_groups, settings):
+                group.update(kept)
+            # ZeRO-3's loader hands every sub-group one shared step tensor, which torch's Adam increments
+            # in place: once per sub-group and step, so the bias correction would run ahead
+            for st in self.ds.optimizer.optimizer.state.values():
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].clone()
+        elif isinstance(self.ds.optimizer, torch.optim.Optimizer):  # ZeRO-0 in fp32: the client optimizer
+            load_universal(self.model, self.ds.optimizer, udir)
+        else:
+            raise CheckpointError(f"ZeRO-0 in {resolved_dtype(self.cfg, self.device.type == 'cuda')} cannot load a "
+                                  f"checkpoint of {saved}; resume it with ZeRO-1 or more "
+                                  "(distributed.zero_stage=1), or in fp32")
+        rng = rng_file(step_dir, saved, self.world.rank)
+        if rng is not None:
+            set_rng_state(load_pt(rng))
+        return state
+
+    def _load_shards(self, step_dir: Path) -> None:
+        """DeepSpeed's load_checkpoint of a step dir (or a universal form), every shard read weights_only."""
         with safe_shards(step_dir):
-            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name, load_module_strict=True,
-                                              load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
+                                              load_module_strict=True, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in '{step_dir}'")
-        set_rng_state(load_pt(step_dir / f"rank_{self.world.rank}.pt"))
-        state["data"] = state["data_ranks"][self.world.rank]
-        return state

@@ -19,13 +19,16 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from blt.artifacts.checkpoints import load_weights
+from blt.artifacts.checkpoints import load_weights, read_state_json
+from blt.artifacts.files import load_pt
 from blt.config import Config, ConfigError
 from blt.errors import UserError
 from blt.evaluate import autocast_ctx
-from blt.train.checkpoint import load_training_state, save_checkpoint
+from blt.proc import log
+from blt.train.checkpoint import load_training_state, save_checkpoint, set_rng_state
 from blt.train.distributed import Dist
 from blt.train.optim import build_optimizer, clip_grad_norm
+from blt.train.reshard import Layout, describe_change, load_universal, rng_file, universal_checkpoint
 
 
 class DivergedError(UserError):
@@ -40,6 +43,7 @@ class LocalEngine:
     partitioned = False  # the one process holds every weight
     forwards_on_every_rank = False  # no other process waits on this one's forwards
     label = "local"
+    layout = Layout("local", None, 1)
 
     @classmethod
     def prepare(cls, cfg: Config, world: Dist, device: torch.device, kind: str = "local") -> None:
@@ -78,6 +82,17 @@ class LocalEngine:
         return save_checkpoint(run_dir, step, self.model, self.optimizer, state, self.cfg, prune)
 
     def load(self, step_dir: Path) -> dict:
-        state = load_training_state(step_dir, self.optimizer)  # refuses a distributed checkpoint first
-        load_weights(self.model, step_dir)
+        """Resume: this engine's own files, or a checkpoint of any other layout through its
+        universal form (the same weights, Adam moments, step and data position)."""
+        state = read_state_json(step_dir)
+        saved = Layout.of_state(state)
+        if saved == self.layout:
+            state = load_training_state(step_dir, self.optimizer)
+            load_weights(self.model, step_dir)
+            return state
+        log(describe_change(step_dir, saved, self.layout, self.cfg))
+        load_universal(self.model, self.optimizer, universal_checkpoint(step_dir, log))
+        rng = rng_file(step_dir, saved, 0)
+        if rng is not None:
+            set_rng_state(load_pt(rng))
         return state

@@ -87,7 +87,7 @@ class Trainer:
         self.patcher, self.entropy_cache = build_patching(cfg, world, self.device, self.data, self.loader.tokens)
         model = build_initial_model(cfg, self.device, resume_from)
         info = describe_model(cfg, model, self.patcher, self.data)  # before ZeRO-3 partitions the weights
-        self.engine = build_engine(cfg, world, kind, model, self.device, amp_dtype)
+        self.engine = build_engine(cfg, world, kind, model, self.device, amp_dtype, resume_from)
         self.step, self.state = resume_or_calibrate(cfg, self.engine, self.loader, self.patcher, resume_from)
         self.validation = Validation(cfg, world, self.engine, self.patcher, val_tokens)
         self.task_eval = TaskEval(cfg, world, self.engine, self.patcher, tasks) if tasks else None
