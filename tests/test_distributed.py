@@ -183,6 +183,13 @@ def assert_continues(run: Path, ref: Path, first: int, ranks: int, tol: float = 
     assert windows_per_step(run, ranks) == {s: expected[s] for s in range(first, 9)}
 
 
+def resume_on_two(run: Path, source: Path, cache_dir: Path, entropy_run: Path, says: str, *extra) -> None:
+    """A 2-process job (torchrun) resuming the checkpoint `source`; its log must say `says`."""
+    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, *extra, f"checkpoint.resume={source}"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert says in done.stderr
+
+
 def universal_step(step_dir: Path) -> float:
     """The Adam step count in a checkpoint's universal form (made by `blt consolidate --universal`)."""
     out = subprocess.run([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
@@ -209,11 +216,9 @@ def test_zero2_checkpoint_resumes_on_one_process_then_on_zero3(zero_run, single,
     assert {float(s["step"]) for s in optimizer["state"].values()} == {8.0}
 
     three = tmp_path / "zero3"
-    done = launch("torchrun.sh", dist_args(three, cache_dir, entropy_run, "distributed.zero_stage=3",
-                                           "training.batch_size=1", "training.grad_accum=2",
-                                           f"checkpoint.resume={one / 'checkpoints' / 'step_00000006'}"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "as deepspeed ZeRO-3 with 2 processes; the same global batch" in done.stderr
+    resume_on_two(three, one / "checkpoints" / "step_00000006", cache_dir, entropy_run,
+                  "as deepspeed ZeRO-3 with 2 processes; the same global batch",
+                  "distributed.zero_stage=3", "training.batch_size=1", "training.grad_accum=2")
     assert_continues(three, single, 7, 2)
     assert universal_step(three / "checkpoints" / "step_00000008") == 8.0
 
@@ -223,10 +228,9 @@ def test_zero3_checkpoint_resumes_on_zero1(zero_run, single, tmp_path, cache_dir
     run = tmp_path / "zero1"
     shutil.copytree(zero_run(3), tmp_path / "zero3")
     source = tmp_path / "zero3" / "checkpoints" / "step_00000004"
-    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=1",
-                                           f"checkpoint.resume={source}"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "resuming a checkpoint of deepspeed ZeRO-3 with 2 processes as deepspeed ZeRO-1" in done.stderr
+    resume_on_two(run, source, cache_dir, entropy_run,
+                  "resuming a checkpoint of deepspeed ZeRO-3 with 2 processes as deepspeed ZeRO-1",
+                  "distributed.zero_stage=1")
     assert_continues(run, single, 5, 2)
     assert universal_step(run / "checkpoints" / "step_00000008") == 8.0
 

@@ -13,7 +13,8 @@ from blt.artifacts.files import load_pt
 from blt.model import build_model
 from blt.train.optim import Optimizers, build_optimizer
 from blt.train.reshard import load_universal, universal_checkpoint, universal_dir
-from conftest import run_cli
+from badinput import assert_user_error
+from conftest import CONFIGS, TINY_BLT, run_cli
 
 
 def _built(step_dir):
@@ -79,3 +80,23 @@ def test_a_universal_form_of_another_model_is_refused_in_one_line(static_run, tm
     model = build_model(cfg.model)
     with pytest.raises(CheckpointError, match="resume with the model config it was trained with"):
         load_universal(model, build_optimizer(model, cfg.optimizer), udir)
+
+
+def test_resuming_with_another_model_config_is_refused_in_one_line(static_run, tmp_path, cache_dir):
+    """Layouts can change between a checkpoint and its resume; the model cannot."""
+    run = tmp_path / "run"
+    shutil.copytree(static_run, run)
+    line = assert_user_error(["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
+                              "patching.mode=static", *TINY_BLT, "training.steps=4", "model.decoder.layers=2"],
+                             watch=[run], contains="another model config (model.decoder.layers: 1 in the checkpoint, "
+                                                   "2 in the config)", progress=("data: ",))
+    assert "blt train: error:" in line
+
+
+def test_a_damaged_optimizer_file_stops_the_conversion_in_one_line(static_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(static_run, run)
+    step_dir = find_checkpoint(run)
+    (step_dir / "optimizer.pt").write_bytes((step_dir / "optimizer.pt").read_bytes()[:100])
+    assert_user_error(["consolidate", run, "--universal"], watch=[step_dir], contains="optimizer.pt")
+    assert not (run / "checkpoints" / "universal").exists()

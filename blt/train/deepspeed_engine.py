@@ -16,6 +16,8 @@ Checkpoints (one directory per step, the same layout as the single-process engin
                     model.safetensors when the full weights are at hand (ZeRO 0-2 in fp32, ZeRO 0)
 All ranks write into step_X.tmp; after a barrier rank 0 renames it and only then moves the
 `latest` marker, so a crash during a save leaves the previous checkpoint the newest complete one.
+A checkpoint of another layout (process count, ZeRO stage, the local engine) is resumed through its
+universal form (blt/train/reshard.py) with DeepSpeed's universal loader.
 """
 
 from __future__ import annotations
@@ -27,11 +29,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from blt.artifacts.checkpoints import read_state_json
 from blt.artifacts.files import load_pt
 from blt.artifacts.zero import import_deepspeed, safe_shards
 from blt.config import Config, ConfigError
 from blt.proc import log
-from blt.artifacts.checkpoints import read_state_json
 from blt.train.checkpoint import CheckpointError, finish_checkpoint, rng_state, set_rng_state, start_checkpoint
 from blt.train.device import resolved_dtype
 from blt.train.distributed import Dist, init_distributed

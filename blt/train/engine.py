@@ -9,6 +9,8 @@ the code around it is said by the engine, never tested for by that code:
     engine.partitioned                        # weights sharded across ranks: generate uncached
     engine.forwards_on_every_rank             # every rank must run the same forwards (pictures too)
     engine.label                              # how the start-up line names it ("local", "deepspeed ZeRO-2")
+    engine.layout                             # engine, ZeRO stage, processes: a checkpoint of another resumes
+                                              # through its universal form (reshard.py)
 """
 
 from __future__ import annotations

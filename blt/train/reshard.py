@@ -24,6 +24,7 @@ was, and the next resume starts it again. Pruning a checkpoint removes its unive
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -94,14 +95,14 @@ def universal_checkpoint(step_dir: Path, log=None) -> Path:
         shutil.rmtree(out, ignore_errors=True)  # one an older blt made
         os.replace(tmp, out)
     except PermissionError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise CheckpointError(f"cannot write the universal form of '{step_dir}' beside it ({e.strerror}); copy "
                               "the checkpoint somewhere writable and resume from the copy") from None
     except UserError:  # already one line: a shard that is unsafe or does not fit
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         raise
     except Exception as e:  # DeepSpeed's converter asserts; every rank must hear of it as one line
-        shutil.rmtree(tmp, ignore_errors=True)
+        _discard(tmp)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"converting '{step_dir}' ({layout}) to a universal checkpoint failed ({first}); "
                               f"the checkpoint is unchanged: resume it as {layout}") from None
@@ -156,6 +157,13 @@ def _parameter_shapes(step_dir: Path) -> dict[str, torch.Size]:
     with torch.device("meta"):
         model = build_model(checkpoint_config(step_dir).model)
     return {n: p.shape for n, p in model.named_parameters()}
+
+
+def _discard(tmp: Path) -> None:
+    """Take back a failed conversion: its files, and checkpoints/universal/ if it is left empty."""
+    shutil.rmtree(tmp, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        tmp.parent.rmdir()
 
 
 def _made_here(udir: Path) -> bool:
