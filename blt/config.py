@@ -139,6 +139,7 @@ class TrainingConfig:
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on GPU, fp32 on CPU; fp16 needs DeepSpeed
     threads: NonNegInt = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
     activation_checkpointing: bool = False  # recompute every Transformer block in backward (less memory)
+    compile: bool = False  # torch.compile each Transformer block (inductor; paid once per process at the start)
     max_minutes: Optional[PosFloat] = None  # stop (and checkpoint) after this wall time
     init_from: Optional[str] = None  # fine-tune: start from these weights (run, checkpoint or export dir), fresh optimizer
 

@@ -106,6 +106,19 @@ def test_zero_stage_matches_single_process(stage, zero_run, single):
 
 
 @slow
+def test_compiled_blocks_under_zero3_match_single_process(single, tmp_path, cache_dir, entropy_run):
+    """training.compile with ZeRO-3's gathered weights: the same curve as one eager process."""
+    run = tmp_path / "compiled"
+    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=3",
+                                           "training.compile=true"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref, got = losses(single), losses(run)
+    assert sorted(got) == sorted(ref)
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-4), step
+
+
+@slow
 def test_zero3_resume_continues_exactly(zero_run, tmp_path, cache_dir, entropy_run):
     """Resume a ZeRO-3 run from its step-4 checkpoint: steps 5-8 repeat the uninterrupted losses."""
     full = zero_run(3)

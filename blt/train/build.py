@@ -36,6 +36,7 @@ from blt.patching import EntropyCache, Patcher, mode_of
 from blt.proc import log
 from blt.train.deepspeed_engine import DeepSpeedEngine
 from blt.train.device import cpu_threads, resolve_device
+from blt.train.compile import apply_compile
 from blt.train.distributed import Dist
 from blt.train.engine import LocalEngine
 from blt.train.meter import StepMeter
@@ -128,10 +129,13 @@ def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: Packed
 
 def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: torch.device,
                  amp_dtype: torch.dtype | None, resume_from: Path | None = None):
-    """Activation checkpointing if asked, distinct dropout masks per rank, then the engine (its
-    `model` and `amp_dtype` are the ones to train and evaluate with)."""
+    """Activation checkpointing and compiling if asked, distinct dropout masks per rank, then the
+    engine (its `model` and `amp_dtype` are the ones to train and evaluate with)."""
     if cfg.training.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.training.compile:
+        n = apply_compile(model)
+        log(f"training.compile: {n} Transformer blocks compile (torch.compile, inductor) at their first call")
     if world.world_size > 1:
         torch.manual_seed(cfg.training.seed + 1 + world.rank)  # distinct dropout masks per rank
     if kind == "local":
