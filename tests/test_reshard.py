@@ -100,3 +100,17 @@ def test_a_damaged_optimizer_file_stops_the_conversion_in_one_line(static_run, t
     (step_dir / "optimizer.pt").write_bytes((step_dir / "optimizer.pt").read_bytes()[:100])
     assert_user_error(["consolidate", run, "--universal"], watch=[step_dir], contains="optimizer.pt")
     assert not (run / "checkpoints" / "universal").exists()
+
+
+def test_the_universal_form_is_made_once_and_again_for_a_checkpoint_saved_anew(static_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(static_run, run)
+    step_dir = find_checkpoint(run)
+    said: list[str] = []
+    universal_checkpoint(step_dir, said.append)
+    universal_checkpoint(step_dir, said.append)  # cached
+    assert len(said) == 1 and "converted" in said[0]
+    state = step_dir / "state.json"  # the same step saved again (by a run resumed from an earlier one)
+    state.write_text(state.read_text().replace('"step": 2', '"step": 2, "again": true'))
+    universal_checkpoint(step_dir, said.append)
+    assert len(said) == 2

@@ -78,6 +78,7 @@ def finish_checkpoint(tmp: Path, final: Path, cfg: Config, prune: bool = True) -
     (prune=False: a save after a failure keeps every older checkpoint, which may be the one to go
     back to)."""
     dump_config(cfg, tmp / "config.yaml")
+    shutil.rmtree(final.parent / UNIVERSAL / final.name, ignore_errors=True)  # made from an earlier save of this step
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -25,6 +25,7 @@ was, and the next resume starts it again. Pruning a checkpoint removes its unive
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -78,7 +79,7 @@ def universal_checkpoint(step_dir: Path, log=None) -> Path:
     """The universal form of the checkpoint in `step_dir`, made now if it is not there yet."""
     step_dir = Path(step_dir)
     out = universal_dir(step_dir)
-    if _made_here(out):
+    if _made_here(out, step_dir):
         return out
     layout = checkpoint_layout(step_dir)
     tmp = out.with_name(out.name + ".tmp")
@@ -91,7 +92,7 @@ def universal_checkpoint(step_dir: Path, log=None) -> Path:
         else:
             _convert_whole(step_dir, tmp, layout)
         _for_every_stage(tmp, step_dir)
-        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "from": str(layout)}))
+        (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "from": str(layout), "source": _fingerprint(step_dir)}))
         shutil.rmtree(out, ignore_errors=True)  # one an older blt made
         os.replace(tmp, out)
     except PermissionError as e:
@@ -166,9 +167,20 @@ def _discard(tmp: Path) -> None:
         tmp.parent.rmdir()
 
 
-def _made_here(udir: Path) -> bool:
+def _fingerprint(step_dir: Path) -> str:
+    """What the checkpoint holds: its state.json and the names and sizes of its files (a step
+    saved again, by a run resumed from an earlier one, gets a new universal form)."""
+    files = sorted((p.name, p.stat().st_size) for p in step_dir.iterdir() if p.is_file())
+    digest = hashlib.sha256((step_dir / "state.json").read_bytes())
+    digest.update(json.dumps(files).encode())
+    return digest.hexdigest()
+
+
+def _made_here(udir: Path, step_dir: Path) -> bool:
+    """A complete universal form, made by this version of the conversion from this checkpoint."""
     try:
-        return json.loads((udir / MARKER).read_text()).get("format") == FORMAT
+        marker = json.loads((udir / MARKER).read_text())
+        return marker.get("format") == FORMAT and marker.get("source") == _fingerprint(step_dir)
     except (OSError, ValueError, AttributeError):
         return False
 
