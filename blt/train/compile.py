@@ -1,7 +1,7 @@
 """training.compile: torch.compile applied from outside the model, one Transformer block at a time
-(as torchtitan does). Each block's forward and backward become inductor graphs (elementwise ops
-fused into the matrix products around them: C++/OpenMP on CPU, Triton on GPU); the model code
-stays plain, and parameter names, so checkpoints, do not change.
+(as torchtitan does). Each block's forward and backward become inductor graphs, whose elementwise
+ops (norms, RoPE, SwiGLU, residuals) are fused into a few generated kernels (C++/OpenMP on CPU,
+Triton on GPU); the model code stays plain, and parameter names, so checkpoints, do not change.
 
     n = apply_compile(model)    # after activation checkpointing (recompute.py), before the engine
 
