@@ -59,12 +59,15 @@ def _cmd_eval(args) -> None:
 
 
 def _cmd_generate(args) -> None:
+    from blt.errors import UserError
     from blt.evaluate import check_device
     from blt.generation import Generator, stream_text
     from blt.generation.sampling import check_sampling
 
     check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, args.seed, flag=True)
-    gen = Generator.load(args.checkpoint, check_device(args.device, "--device"))
+    if args.compile and args.no_cache:
+        raise UserError("--compile compiles the cached path's one-byte steps; drop --no-cache or --compile")
+    gen = Generator.load(args.checkpoint, check_device(args.device, "--device"), compile=args.compile)
     # argv arrives as str with surrogate escapes for bytes that are not UTF-8: os.fsencode gives them back
     prompts = [os.fsencode(p) for p in args.prompt or [""]]
     stops = [os.fsencode(s.replace("\\n", "\n").replace("\\t", "\t")) for s in args.stop or []]
@@ -246,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop after this string (included; \\n and \\t work); repeatable")
     g.add_argument("--no-cache", action="store_true", help="re-run the whole context for every byte (reference)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the one-byte steps (tens of seconds "
+                   "of compiling first; the same bytes)")
     g.add_argument("--json", action="store_true", help="print {prompt, text} JSON lines instead of streaming")
     g.add_argument("--stats", action="store_true", help="print bytes/s and global-model calls to stderr")
     g.add_argument("--device", default="cpu")

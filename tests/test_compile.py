@@ -1,14 +1,19 @@
 """training.compile: torch.compile applied to every Transformer block from outside the model gives
-eager's losses, and a compiled run resumes exactly. (Under ZeRO-3: test_distributed.py.)"""
+eager's losses, and a compiled run resumes exactly (under ZeRO-3: test_distributed.py); and the GPU
+script's dry run. (Compiled generation: test_generate.py.)"""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from badinput import run_blt
-from conftest import CONFIGS, TINY_BLT, read_metrics
+from conftest import CONFIGS, ROOT, TINY_BLT, read_metrics
 
 slow = pytest.mark.slow
 
@@ -37,3 +42,24 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, cache_dir
     shutil.rmtree(resumed / "checkpoints" / "step_00000004")
     (resumed / "checkpoints" / "latest").write_text("step_00000002")
     assert train(resumed, cache_dir, "training.compile=true") == compiled
+
+
+@slow
+def test_the_gpu_script_dry_run_runs_every_part(tmp_path):
+    """bench/gpu.py --dry-run: the GPU script's every part on CPU at toy sizes, so it cannot rot
+    between the rare GPU runs; only what cannot run on a CPU (FlexAttention's backward) is skipped."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    rows = [r for part in report["parts"].values() for r in part]
+    assert set(report["parts"]) == {"correctness", "zero2", "train", "generation"}
+    skipped = [r["case"] for r in rows if r["ok"] is None]
+    assert skipped and all("flex" in case for case in skipped), skipped
+    assert all(r["ok"] for r in rows if r["ok"] is not None)
+    assert sum(r["ok"] is True for r in report["parts"]["correctness"]) == 6  # 3 patching modes x gather, dense
+    train = {r["case"]: r for r in report["parts"]["train"]}
+    assert train["toy: compiled"]["bytes_per_s"] > 0 and train["toy: compiled"]["peak_mem_gb"] > 0
+    gen = {r["case"]: r for r in report["parts"]["generation"]}
+    assert gen["generation, batch 8, compiled"]["compiled_steps"] > 0
+    assert "| train | toy: windowed SDPA | yes |" in out.stdout  # the table

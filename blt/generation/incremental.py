@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from blt.model.attention import patch_state_attention
 from blt.generation.kv_cache import CacheFullError, KVCache
+from blt.generation.static_step import OneByteSteps
 from blt.generation.steps import hash_rows_at_end, transformer_step
 
 
@@ -40,13 +41,20 @@ def _one_patch_kernel(q, k, v, ids, cross_k):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-class IncrementalByteLM:
-    """The byte LM (entropy model or baseline) one chunk of bytes at a time."""
+def _compilable(tf) -> bool:
+    """Whether a Transformer's one-byte step can use the compiled steps (no sparse pattern)."""
+    return not len(tf.layers) or tf.layers[0].self_attn.pattern is None
 
-    def __init__(self, model, batch: int, capacity: int):
+
+class IncrementalByteLM:
+    """The byte LM (entropy model or baseline) one chunk of bytes at a time; `steps`: the compiled
+    one-byte steps (static_step.py), used for one new byte per row."""
+
+    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None):
         p = next(model.parameters())
         self.model = model
         self.cache = KVCache.for_transformer(model.transformer, batch, capacity, p.device, p.dtype)
+        self.steps = steps if steps is not None and _compilable(model.transformer) else None
 
     @property
     def lens(self) -> torch.Tensor:
@@ -64,6 +72,8 @@ class IncrementalByteLM:
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, n) new byte ids, (B,) valid counts -> (B, n, V) next-byte logits at each new byte."""
         m = self.model
+        if self.steps is not None and tokens.shape[1] == 1:
+            return self.steps.byte_lm(m, tokens, self.cache, valid)
         h = transformer_step(m.transformer, m.embed_tokens(tokens), self.cache, valid)  # (B, n, D) byte-level
         return m.lm_head(m.norm(h))
 
@@ -71,11 +81,14 @@ class IncrementalByteLM:
 class IncrementalBLT:
     """BLT one chunk of bytes at a time; see the module docstring."""
 
-    def __init__(self, model, batch: int, capacity: int):
+    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None):
         p = next(model.parameters())
         dev, dt = p.device, p.dtype
         self.model, self.capacity = model, capacity
         enc, dec = model.local_encoder, model.local_decoder
+        # the compiled one-byte steps (static_step.py), per component that can use them
+        self.enc_steps = steps if steps is not None and _compilable(enc.transformer) else None
+        self.dec_steps = steps if steps is not None and _compilable(dec.transformer) else None
         self.k, self.hf = enc.k, dec.hf_compat
         D = enc.embed_tokens.embedding_dim
         self.enc_cache = KVCache.for_transformer(enc.transformer, batch, capacity, dev, dt)
@@ -152,6 +165,13 @@ class IncrementalBLT:
     def _encode(self, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         enc = self.model.local_encoder
         B, n = tokens.shape
+        if self.enc_steps is not None and n == 1:
+            back = max(enc.hash_embed.sizes) if enc.hash_embed is not None else 1
+            pos = _arange_rows(self.lens - back + 1, back)  # (B, back) the n-grams' bytes, the new one last
+            history = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)
+            h = self.enc_steps.encode(enc, tokens, history, self.enc_cache, valid)  # (B, 1, D)
+            self.h.scatter_(1, slots[..., None].expand_as(h), h)
+            return h
         x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
         if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
             back = max(enc.hash_embed.sizes)
@@ -215,6 +235,8 @@ class IncrementalBLT:
         dec, B = self.model.local_decoder, h.shape[0]
         at = (torch.arange(B, device=h.device), self.cur_pid - 1)
         kv = [(keys[at], values[at]) for keys, values in zip(self.dec_k, self.dec_v)]  # (B, k, D) each
+        if self.dec_steps is not None:
+            return self.dec_steps.decode(dec, self.cross, h, kv, self.dec_cache, self.k, _one_patch_kernel)
         x = self._run_decoder(h, kv, _one_patch_kernel, None, None)  # (B, 1, D)
         return dec.lm_head(dec.norm(x[:, 0]))  # (B, V)
 

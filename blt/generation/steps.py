@@ -44,6 +44,22 @@ def block_step(block: Block, x: torch.Tensor, rope: tuple, cache: KVCache, layer
     return x + block.mlp.down_proj(F.silu(gate) * up)
 
 
+def step_tables(tf: Transformer, cache: KVCache) -> tuple:
+    """The cache's per-Transformer constants, made on first use: RoPE cos and sin of every position
+    (C, 1, hd), the index that exchanges a head's halves, and every block's stacked projections."""
+    if cache.tables is None:
+        dev = cache.k.device
+        cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=dev),
+                                   tf.cfg.dim // tf.cfg.heads, tf.rope_theta)  # (C, hd/2)
+        cos_t, sin_t = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([-sin_t, sin_t], -1)[:, None]  # (C, 1, hd)
+        hd = cos_t.shape[-1]
+        swap = torch.cat([torch.arange(hd // 2, hd), torch.arange(hd // 2)]).to(dev)  # halves exchanged
+        fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
+                  torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in tf.layers]
+        cache.tables = (cos_t, sin_t, swap, fused)
+    return cache.tables
+
+
 def transformer_step(tf: Transformer, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
                      before=None) -> torch.Tensor:
     """Incremental Transformer.forward: (B, n, D) new positions of each row -> (B, n, D), the same
@@ -52,16 +68,7 @@ def transformer_step(tf: Transformer, x: torch.Tensor, cache: KVCache, valid: to
     B, n, _ = x.shape
     pattern = tf.layers[0].self_attn.pattern if len(tf.layers) else None
     mask = cache.begin(n, tf.cfg.window if pattern is None else None, pattern)
-    if cache.tables is None:  # once per cache: RoPE tables of every position, stacked projections
-        cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=x.device),
-                                   tf.cfg.dim // tf.cfg.heads, tf.rope_theta)  # (C, hd/2)
-        cos_t, sin_t = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([-sin_t, sin_t], -1)[:, None]  # (C, 1, hd)
-        hd = cos_t.shape[-1]
-        swap = torch.cat([torch.arange(hd // 2, hd), torch.arange(hd // 2)]).to(x.device)  # halves exchanged
-        fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
-                  torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in tf.layers]
-        cache.tables = (cos_t, sin_t, swap, fused)
-    cos_t, sin_t, swap, fused = cache.tables
+    cos_t, sin_t, swap, fused = step_tables(tf, cache)
     rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2), swap)  # (B, 1, n, hd)
     for i, layer in enumerate(tf.layers):
         x = x if before is None else before(i, x)

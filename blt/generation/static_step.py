@@ -1,0 +1,134 @@
+"""Compiled generation: the one-new-byte step of each cached component at fixed shapes, compiled
+with torch.compile (`Generator.load(path, compile=True)`, `blt generate --compile`).
+
+The eager step (steps.py) attends over the cache's filled slots only, so its shapes grow by one
+every byte: compiled, that is a new graph per length. Here every shape is fixed by (batch,
+capacity): a new position is written at slot lens[b] with a scatter, attention reads the whole
+capacity with a mask (slots <= lens[b], within the window), and RoPE is read at lens[b]. One graph
+then serves every byte, and inductor fuses each component's ~100 small ops (norms, RoPE, masks,
+residuals, SwiGLU) into a few generated kernels around the matrix products.
+
+    steps = OneByteSteps()                             # once per Generator: graphs are reused
+    h = steps.encode(enc, tokens, history, cache)      # (B, 1) new bytes -> (B, 1, D) byte-level
+
+What stays eager: prompts and other multi-byte feeds, the global model (once per patch, on patches
+of varying length), HF-compatible decoders (they redo the previous byte) and sparse attention
+patterns. Compiling costs tens of seconds per component on first use (less with inductor's cache
+warm from an earlier process); the graphs are kept for the Generator's life.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from blt.generation.kv_cache import KVCache
+from blt.generation.steps import block_step, step_tables
+from blt.model.layers import Transformer
+
+# one graph per component and batch size, plus a symbolic-batch one; past dynamo's default of 8
+# graphs per function it would fall back to eager without an error
+RECOMPILE_LIMIT = 64
+
+
+class _WholeCapacity:
+    """Stands in for KVCache.write (steps.attention_step calls it): writes one new position per row
+    at slot lens[b] and returns every slot, for attention under a mask."""
+
+    def __init__(self, k: list, v: list, lens: torch.Tensor):
+        self.k, self.v, self.lens = k, v, lens  # per layer (B, H, C, hd); (B,)
+        self.rows = torch.arange(lens.shape[0], device=lens.device)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # an index_put on each layer's own tensor: inductor writes it in place (a scatter into a
+        # slice of the stacked cache would copy the whole cache every step)
+        self.k[layer][self.rows, :, self.lens] = k[:, :, 0].to(self.k[layer].dtype)  # (B, H, hd)
+        self.v[layer][self.rows, :, self.lens] = v[:, :, 0].to(self.v[layer].dtype)
+        return self.k[layer], self.v[layer]  # (B, H, C, hd)
+
+
+def one_position(tf: Transformer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
+                 tables: tuple, before=None) -> torch.Tensor:
+    """transformer_step for one new position per row, at fixed shapes: x (B, 1, D) -> (B, 1, D);
+    k, v (per layer (B, H, C, hd)) are written at slot lens[b] (the caller advances lens)."""
+    cos_t, sin_t, swap, fused = tables
+    slots = torch.arange(k[0].shape[2], device=x.device)[None]  # (1, C)
+    seen = slots <= lens[:, None]  # (B, C)
+    if tf.cfg.window is not None:
+        seen = seen & (slots > lens[:, None] - tf.cfg.window)
+    mask = seen[:, None, None, :]  # (B, 1, 1, C)
+    at = lens[:, None]  # (B, 1)
+    rope = (cos_t[at].transpose(1, 2), sin_t[at].transpose(1, 2), swap)  # (B, 1, 1, hd)
+    cache = _WholeCapacity(k, v, lens)
+    for i, layer in enumerate(tf.layers):
+        x = x if before is None else before(i, x)
+        x = block_step(layer, x, rope, cache, i, mask, fused[i])
+    return x
+
+
+def _lm_logits(model: nn.Module, tokens, k, v, lens, tables):
+    """A byte LM (entropy model or baseline): (B, 1) new bytes -> (B, 1, V) next-byte logits."""
+    h = one_position(model.transformer, model.embed_tokens(tokens), k, v, lens, tables)
+    return model.lm_head(model.norm(h))
+
+
+def _encoder_states(enc: nn.Module, tokens, history, k, v, lens, tables):
+    """The local encoder: (B, 1) new bytes and (B, n) the bytes ending with them (zeros before the
+    first; n = the largest hash n-gram size) -> (B, 1, D) byte-level states."""
+    x = enc.embed_tokens(tokens)  # (B, 1, D)
+    if enc.hash_embed is not None:
+        x = x + enc.hash_embed(history)[:, -1:]
+    return one_position(enc.transformer, x, k, v, lens, tables)
+
+
+def _decoder_logits(dec: nn.Module, cross: list, h, kv: list, k, v, lens, tables, cross_k: int, kernel):
+    """The local decoder: (B, 1, D) encoder states and each cross-attention's (keys, values) of the
+    byte's source patch (B, cross_k, D) -> (B, V) next-byte logits."""
+    x = cross[0].attend(h, *kv[0], kernel, None, cross_k)  # (B, 1, D) byte-level
+
+    def more(i, y):
+        return y if i == 0 else cross[i].attend(y, *kv[i], kernel, None, cross_k)
+
+    x = one_position(dec.transformer, x, k, v, lens, tables, more if len(kv) > 1 else None)
+    return dec.lm_head(dec.norm(x[:, 0]))
+
+
+class OneByteSteps:
+    """The compiled one-byte steps, shared by every cached state of one Generator. Each call runs
+    the component's graph and advances its cache by one position per row (by `valid`)."""
+
+    def __init__(self):
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        self._lm = torch.compile(_lm_logits, fullgraph=True, dynamic=False)
+        self._enc = torch.compile(_encoder_states, fullgraph=True, dynamic=False)
+        self._dec = torch.compile(_decoder_logits, fullgraph=True, dynamic=False)
+        self.calls = 0  # compiled steps run so far (Generator.stats["compiled_steps"])
+
+    def byte_lm(self, model: nn.Module, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1) new bytes (valid (B,): 1, or 0 for a row without one) -> (B, 1, V) next-byte logits."""
+        cache.check_room(1)
+        self.calls += 1
+        out = self._lm(model, tokens, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(model.transformer, cache))
+        cache.advance(valid)
+        return out
+
+    def encode(self, enc: nn.Module, tokens: torch.Tensor, history: torch.Tensor, cache: KVCache,
+               valid: torch.Tensor) -> torch.Tensor:
+        """(B, 1) new bytes, (B, n) the last n bytes of each row -> (B, 1, D) encoder states."""
+        cache.check_room(1)
+        self.calls += 1
+        out = self._enc(enc, tokens, history, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(enc.transformer, cache))
+        cache.advance(valid)
+        return out
+
+    def decode(self, dec: nn.Module, cross: list, h: torch.Tensor, kv: list, cache: KVCache, cross_k: int,
+               kernel) -> torch.Tensor:
+        """(B, 1, D) encoder states, per cross-attention the source patch's (keys, values) -> (B, V)."""
+        cache.check_room(1)
+        self.calls += 1
+        out = self._dec(dec, cross, h, kv, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(dec.transformer, cache),
+                        cross_k, kernel)
+        cache.advance(1)
+        return out
