@@ -3,13 +3,14 @@ with torch.compile (`Generator.load(path, compile=True)`, `blt generate --compil
 
 The eager step (steps.py) attends over the cache's filled slots only, so its shapes grow by one
 every byte: compiled, that is a new graph per length. Here every shape is fixed by (batch,
-capacity): a new position is written at slot lens[b] with a scatter, attention reads the whole
-capacity with a mask (slots <= lens[b], within the window), and RoPE is read at lens[b]. One graph
-then serves every byte, and inductor fuses each component's ~100 small ops (norms, RoPE, masks,
-residuals, SwiGLU) into a few generated kernels around the matrix products.
+capacity, window): a new position is written at slot lens[b] in place; attention reads the whole
+capacity under a mask (slots <= lens[b]), or, in a windowed model, each row's last `window` slots,
+gathered; RoPE is read at lens[b]. One graph then serves every byte, and inductor fuses each
+component's ~100 small ops (norms, RoPE, masks, residuals, SwiGLU) into a few generated kernels
+around the matrix products.
 
-    steps = OneByteSteps()                             # once per Generator: graphs are reused
-    h = steps.encode(enc, tokens, history, cache)      # (B, 1) new bytes -> (B, 1, D) byte-level
+    steps = OneByteSteps()                                    # once per Generator: graphs are reused
+    h = steps.encode(enc, tokens, history, cache, valid)      # (B, 1) new bytes -> (B, 1, D) byte-level
 
 What stays eager: prompts and other multi-byte feeds, the global model (once per patch, on patches
 of varying length), HF-compatible decoders (they redo the previous byte) and sparse attention
@@ -31,12 +32,13 @@ from blt.model.layers import Transformer
 RECOMPILE_LIMIT = 64
 
 
-class _WholeCapacity:
+class _FixedSlots:
     """Stands in for KVCache.write (steps.attention_step calls it): writes one new position per row
-    at slot lens[b] and returns every slot, for attention under a mask."""
+    at slot lens[b] and returns the slots attention reads: every slot, or, under a window, each
+    row's last `window` slots (slots (B, W): gathered, so a windowed model reads W, not C)."""
 
-    def __init__(self, k: list, v: list, lens: torch.Tensor):
-        self.k, self.v, self.lens = k, v, lens  # per layer (B, H, C, hd); (B,)
+    def __init__(self, k: list, v: list, lens: torch.Tensor, slots: torch.Tensor | None):
+        self.k, self.v, self.lens, self.slots = k, v, lens, slots  # per layer (B, H, C, hd); (B,)
         self.rows = torch.arange(lens.shape[0], device=lens.device)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,7 +46,11 @@ class _WholeCapacity:
         # slice of the stacked cache would copy the whole cache every step)
         self.k[layer][self.rows, :, self.lens] = k[:, :, 0].to(self.k[layer].dtype)  # (B, H, hd)
         self.v[layer][self.rows, :, self.lens] = v[:, :, 0].to(self.v[layer].dtype)
-        return self.k[layer], self.v[layer]  # (B, H, C, hd)
+        if self.slots is None:
+            return self.k[layer], self.v[layer]  # (B, H, C, hd)
+        B, H, _, hd = k.shape
+        at = self.slots[:, None, :, None].expand(B, H, -1, hd)
+        return self.k[layer].gather(2, at), self.v[layer].gather(2, at)  # (B, H, W, hd)
 
 
 def one_position(tf: Transformer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
@@ -52,14 +58,17 @@ def one_position(tf: Transformer, x: torch.Tensor, k: torch.Tensor, v: torch.Ten
     """transformer_step for one new position per row, at fixed shapes: x (B, 1, D) -> (B, 1, D);
     k, v (per layer (B, H, C, hd)) are written at slot lens[b] (the caller advances lens)."""
     cos_t, sin_t, swap, fused = tables
-    slots = torch.arange(k[0].shape[2], device=x.device)[None]  # (1, C)
-    seen = slots <= lens[:, None]  # (B, C)
-    if tf.cfg.window is not None:
-        seen = seen & (slots > lens[:, None] - tf.cfg.window)
-    mask = seen[:, None, None, :]  # (B, 1, 1, C)
+    C, W = k[0].shape[2], tf.cfg.window
+    if W is not None and W < C:  # each row's last W slots (before slot 0: masked)
+        wanted = lens[:, None] - W + 1 + torch.arange(W, device=x.device)[None]  # (B, W)
+        slots, seen = wanted.clamp(min=0), wanted >= 0
+    else:
+        slots = None
+        seen = torch.arange(C, device=x.device)[None] <= lens[:, None]  # (B, C)
+    mask = seen[:, None, None, :]  # (B, 1, 1, W or C)
     at = lens[:, None]  # (B, 1)
     rope = (cos_t[at].transpose(1, 2), sin_t[at].transpose(1, 2), swap)  # (B, 1, 1, hd)
-    cache = _WholeCapacity(k, v, lens)
+    cache = _FixedSlots(k, v, lens, slots)
     for i, layer in enumerate(tf.layers):
         x = x if before is None else before(i, x)
         x = block_step(layer, x, rope, cache, i, mask, fused[i])
