@@ -93,14 +93,14 @@ def main() -> None:
     rows = []
     for n in args.lengths:
         # cached and uncached runs alternate, so a slow moment of a shared machine hits both
-        cached_bps, uncached_bps, compiled_bps = [], [], []
+        cached_bps, uncached_bps, compiled_bps, compiled_same = [], [], [], []
         for _ in range(args.repeats):
             cached = gen.generate([args.prompt], max_bytes=n, **opts)[0]
             cs = dict(gen.stats)
             cached_bps.append(cs["bytes_per_s"])
             if comp is not None:
-                same_bytes = comp.generate([args.prompt], max_bytes=n, **opts)[0] == cached
-                compiled_bps.append(comp.stats["bytes_per_s"] if same_bytes else float("nan"))
+                compiled_same.append(comp.generate([args.prompt], max_bytes=n, **opts)[0] == cached)
+                compiled_bps.append(comp.stats["bytes_per_s"])
             us = None
             if n <= args.uncached_max:
                 ref = gen.generate([args.prompt], max_bytes=n, cache=False, **opts)[0]
@@ -113,6 +113,7 @@ def main() -> None:
         k_bps = statistics.median(compiled_bps) if compiled_bps else None
         rows.append({"bytes": n, "generated": len(cached), "runs": args.repeats, "cached_bps": c_bps,
                      "compiled_bps": k_bps, "compiled_bps_runs": compiled_bps,
+                     "compiled_same_text": all(compiled_same) if compiled_same else None,
                      "uncached_bps": u_bps, "speedup": c_bps / u_bps if u_bps else None,
                      "cached_bps_runs": cached_bps, "uncached_bps_runs": uncached_bps,
                      "ms_per_byte": 1000 / c_bps,
@@ -143,10 +144,10 @@ def main() -> None:
     if batch_line:
         print(f"\n{batch_line}")
     if comp is not None:
-        print("\n| bytes | eager cached B/s | compiled B/s | compiled / eager |\n|---|---|---|---|")
-        for r in rows:  # nan: the compiled path gave other bytes than eager
+        print("\n| bytes | eager cached B/s | compiled B/s | compiled / eager | same text |\n|---|---|---|---|---|")
+        for r in rows:
             print(f"| {r['bytes']} | {r['cached_bps']:.0f} | {r['compiled_bps']:.0f} "
-                  f"| {r['compiled_bps'] / r['cached_bps']:.2f}x |")
+                  f"| {r['compiled_bps'] / r['cached_bps']:.2f}x | {'yes' if r['compiled_same_text'] else 'no'} |")
         if args.batch > 1:
             comp.generate(prompts, max_bytes=n, **opts)
             print(f"\nA batch of {args.batch}, compiled: {comp.stats['bytes_per_s']:.0f} bytes/s in all.")

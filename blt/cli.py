@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="stop after this string (included; \\n and \\t work); repeatable")
     g.add_argument("--no-cache", action="store_true", help="re-run the whole context for every byte (reference)")
     g.add_argument("--compile", action="store_true", help="torch.compile the one-byte steps (tens of seconds "
-                   "of compiling first; the same bytes)")
+                   "of compiling first; in fp32 the same bytes)")
     g.add_argument("--json", action="store_true", help="print {prompt, text} JSON lines instead of streaming")
     g.add_argument("--stats", action="store_true", help="print bytes/s and global-model calls to stderr")
     g.add_argument("--device", default="cpu")

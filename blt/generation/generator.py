@@ -153,7 +153,8 @@ class Generator:
         B, dev = len(rows), next(self.model.parameters()).device
         gen = torch.Generator(device=dev).manual_seed(seed)
         active, outs = [True] * B, [bytearray() for _ in range(B)]
-        t0, produced, compiled = time.perf_counter(), 0, self.steps.calls if self.steps is not None else 0
+        t0, produced = time.perf_counter(), 0
+        compiled = sum(self.steps.calls.values()) if self.steps is not None else 0
         state, done = None, [0, 0, 0]  # global calls, patches and restarts of earlier cached states
         if cache:
             state, logits = self._restart(rows)
@@ -191,7 +192,7 @@ class Generator:
         calls, patches = (done[0] + state.counts()[0], done[1] + state.counts()[1]) if cache else (None, None)
         self.stats = {"bytes": produced, "seconds": dt, "bytes_per_s": produced / max(dt, 1e-9), "cache": cache,
                       "global_calls": calls, "global_patches": patches, "context_restarts": done[2],
-                      "compiled_steps": (self.steps.calls - compiled) if self.steps is not None else 0}
+                      "compiled_steps": sum(self.steps.calls.values()) - compiled if self.steps is not None else 0}
 
     def _restart(self, rows, keep: int | None = None):
         """A fresh cached state on each row's last `keep` bytes (default: the whole context)."""

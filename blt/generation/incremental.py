@@ -154,8 +154,9 @@ class IncrementalBLT:
         h = self._encode(tokens, slots, valid)
         new_lens = self.lens + valid
         self._complete_patches(new_lens)
-        if not self.hf and n == 1 and bool(valid.all()) and int(self.cur_pid.min()) > 0:
-            logits = self._decode_one(h)  # the common generation step: one byte per row, after patch 0
+        one = not self.hf and n == 1 and int(self.cur_pid.min()) > 0
+        if one and (self.dec_steps is not None or bool(valid.all())):
+            logits = self._decode_one(h, valid)  # the common generation step: one byte per row, after patch 0
             logits = logits[:, None] if every else logits
         else:
             logits = self._decode(new_lens, valid, every)
@@ -167,8 +168,8 @@ class IncrementalBLT:
         B, n = tokens.shape
         if self.enc_steps is not None and n == 1:
             back = max(enc.hash_embed.sizes) if enc.hash_embed is not None else 1
-            pos = _arange_rows(self.lens - back + 1, back)  # (B, back) the n-grams' bytes, the new one last
-            history = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)
+            pos = _arange_rows(self.lens - back + 1, back)  # (B, back) byte slots of the n-grams, the new one last
+            history = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)  # (B, back) byte ids
             h = self.enc_steps.encode(enc, tokens, history, self.enc_cache, valid)  # (B, 1, D)
             self.h.scatter_(1, slots[..., None].expand_as(h), h)
             return h
@@ -230,13 +231,14 @@ class IncrementalBLT:
         self.global_calls += 1
         self.global_patches += N
 
-    def _decode_one(self, h: torch.Tensor) -> torch.Tensor:
-        """_decode for one new byte per row, each reading the patch before its own (all exist)."""
+    def _decode_one(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """_decode for one new byte per row, each reading the patch before its own (all exist);
+        eager only when every row has a byte (valid all 1), compiled also with rows that have none."""
         dec, B = self.model.local_decoder, h.shape[0]
         at = (torch.arange(B, device=h.device), self.cur_pid - 1)
         kv = [(keys[at], values[at]) for keys, values in zip(self.dec_k, self.dec_v)]  # (B, k, D) each
         if self.dec_steps is not None:
-            return self.dec_steps.decode(dec, self.cross, h, kv, self.dec_cache, self.k, _one_patch_kernel)
+            return self.dec_steps.decode(dec, self.cross, h, kv, self.dec_cache, valid, self.k, _one_patch_kernel)
         x = self._run_decoder(h, kv, _one_patch_kernel, None, None)  # (B, 1, D)
         return dec.lm_head(dec.norm(x[:, 0]))  # (B, V)
 

@@ -20,6 +20,8 @@ warm from an earlier process); the graphs are kept for the Generator's life.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 import torch.nn as nn
 
@@ -27,8 +29,8 @@ from blt.generation.kv_cache import KVCache
 from blt.generation.steps import block_step, step_tables
 from blt.model.layers import Transformer
 
-# one graph per component and batch size, plus a symbolic-batch one; past dynamo's default of 8
-# graphs per function it would fall back to eager without an error
+# graphs per step function (one per component and batch size, across every Generator of the
+# process); past it, dynamo runs that step eagerly (the same values, uncompiled)
 RECOMPILE_LIMIT = 64
 
 
@@ -104,22 +106,27 @@ def _decoder_logits(dec: nn.Module, cross: list, h, kv: list, k, v, lens, tables
 
 class OneByteSteps:
     """The compiled one-byte steps, shared by every cached state of one Generator. Each call runs
-    the component's graph and advances its cache by one position per row (by `valid`)."""
+    the component's graph and advances its cache by `valid` (B,): 1 for a row with a new byte, 0 for
+a row without (its slot is written and later overwritten, as in the eager step)."""
 
     def __init__(self):
         import torch._dynamo
 
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-        self._lm = torch.compile(_lm_logits, fullgraph=True, dynamic=False)
-        self._enc = torch.compile(_encoder_states, fullgraph=True, dynamic=False)
-        self._dec = torch.compile(_decoder_logits, fullgraph=True, dynamic=False)
-        self.calls = 0  # compiled steps run so far (Generator.stats["compiled_steps"])
+        # dynamic=False: a graph per batch size, with every shape fixed (a symbolic batch was
+        # slower); no fullgraph=True, so a graph past the recompile limit runs eagerly instead of
+        # raising in the middle of a generation (the tests check that there is no graph break)
+        self._lm = torch.compile(_lm_logits, dynamic=False)
+        self._enc = torch.compile(_encoder_states, dynamic=False)
+        self._dec = torch.compile(_decoder_logits, dynamic=False)
+        self.calls = Counter()  # compiled steps run so far, per component (Generator.stats["compiled_steps"])
 
     def byte_lm(self, model: nn.Module, tokens: torch.Tensor, cache: KVCache, valid: torch.Tensor) -> torch.Tensor:
         """(B, 1) new bytes (valid (B,): 1, or 0 for a row without one) -> (B, 1, V) next-byte logits."""
         cache.check_room(1)
-        self.calls += 1
-        out = self._lm(model, tokens, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(model.transformer, cache))
+        self.calls["byte_lm"] += 1
+        out = self._lm(model, tokens, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
+                       step_tables(model.transformer, cache))
         cache.advance(valid)
         return out
 
@@ -127,17 +134,18 @@ class OneByteSteps:
                valid: torch.Tensor) -> torch.Tensor:
         """(B, 1) new bytes, (B, n) the last n bytes of each row -> (B, 1, D) encoder states."""
         cache.check_room(1)
-        self.calls += 1
-        out = self._enc(enc, tokens, history, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(enc.transformer, cache))
+        self.calls["encode"] += 1
+        out = self._enc(enc, tokens, history, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
+                        step_tables(enc.transformer, cache))
         cache.advance(valid)
         return out
 
-    def decode(self, dec: nn.Module, cross: list, h: torch.Tensor, kv: list, cache: KVCache, cross_k: int,
-               kernel) -> torch.Tensor:
+    def decode(self, dec: nn.Module, cross: list, h: torch.Tensor, kv: list, cache: KVCache, valid: torch.Tensor,
+               cross_k: int, kernel) -> torch.Tensor:
         """(B, 1, D) encoder states, per cross-attention the source patch's (keys, values) -> (B, V)."""
         cache.check_room(1)
-        self.calls += 1
-        out = self._dec(dec, cross, h, kv, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(dec.transformer, cache),
-                        cross_k, kernel)
-        cache.advance(1)
+        self.calls["decode"] += 1
+        out = self._dec(dec, cross, h, kv, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
+                        step_tables(dec.transformer, cache), cross_k, kernel)
+        cache.advance(valid)
         return out

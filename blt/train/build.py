@@ -112,8 +112,9 @@ def init_weights_from(model: nn.Module, source: str, cfg: Config) -> None:
 def build_initial_model(cfg: Config, device: torch.device, resume_from: Path | None) -> nn.Module:
     """The model on `device` with the same initial weights on every rank, or, fine-tuning a fresh
     run, the weights of training.init_from (a resume loads its checkpoint's later)."""
-    torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
-    model = build_model(cfg.model).to(device)
+    torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank (CPU and CUDA generators)
+    with torch.device(device):  # initialised where it trains: a 4.5B model is not built on the CPU first
+        model = build_model(cfg.model)
     if cfg.training.init_from and resume_from is None:
         init_weights_from(model, cfg.training.init_from, cfg)
         log(f"weights from {cfg.training.init_from} (training.init_from)")
