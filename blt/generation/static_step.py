@@ -21,6 +21,7 @@ warm from an earlier process); the graphs are kept for the Generator's life.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Sequence
 
 import torch
 import torch.nn as nn
@@ -39,7 +40,8 @@ class _FixedSlots:
     at slot lens[b] and returns the slots attention reads: every slot, or, under a window, each
     row's last `window` slots (slots (B, W): gathered, so a windowed model reads W, not C)."""
 
-    def __init__(self, k: list, v: list, lens: torch.Tensor, slots: torch.Tensor | None):
+    def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], lens: torch.Tensor,
+                 slots: torch.Tensor | None):
         self.k, self.v, self.lens, self.slots = k, v, lens, slots  # per layer (B, H, C, hd); (B,)
         self.rows = torch.arange(lens.shape[0], device=lens.device)
 
@@ -55,8 +57,8 @@ class _FixedSlots:
         return self.k[layer].gather(2, at), self.v[layer].gather(2, at)  # (B, H, W, hd)
 
 
-def one_position(tf: Transformer, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: torch.Tensor,
-                 tables: tuple, before=None) -> torch.Tensor:
+def one_position(tf: Transformer, x: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
+                 lens: torch.Tensor, tables: tuple, before=None) -> torch.Tensor:
     """transformer_step for one new position per row, at fixed shapes: x (B, 1, D) -> (B, 1, D);
     k, v (per layer (B, H, C, hd)) are written at slot lens[b] (the caller advances lens)."""
     cos_t, sin_t, swap, fused = tables
@@ -107,7 +109,7 @@ def _decoder_logits(dec: nn.Module, cross: list, h, kv: list, k, v, lens, tables
 class OneByteSteps:
     """The compiled one-byte steps, shared by every cached state of one Generator. Each call runs
     the component's graph and advances its cache by `valid` (B,): 1 for a row with a new byte, 0 for
-a row without (its slot is written and later overwritten, as in the eager step)."""
+    a row without (its slot is written and later overwritten, as in the eager step)."""
 
     def __init__(self):
         import torch._dynamo
