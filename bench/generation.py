@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 from blt.generation import Generator  # noqa: E402
 
 
-def load(args, compile: bool = False) -> Generator:
+def load(args) -> Generator:
     if args.random:
         from blt.config import PatchingConfig, load_config
         from blt.patching import Patcher
@@ -47,8 +47,8 @@ def load(args, compile: bool = False) -> Generator:
         # random weights: static patches of the config's target size stand in for an entropy model
         size = round(cfg.patching.target_patch_size) if cfg.patching.mode == "entropy" else cfg.patching.patch_size
         patcher = Patcher(PatchingConfig(mode="static", patch_size=size, max_patch_length=None))
-        return Generator(model, patcher, cfg.data.seq_len, compile=compile)
-    return Generator.load(args.source, args.device, compile=compile)
+        return Generator(model, patcher, cfg.data.seq_len)
+    return Generator.load(args.source, args.device)
 
 
 def mean_patch_size(gen: Generator, text: bytes) -> float:

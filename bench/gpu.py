@@ -35,6 +35,7 @@ import json
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -85,9 +86,7 @@ def part_correctness(dry: bool, device: str, emit) -> None:
 
     from blt.config import config_from_dict
     from blt.model import build_model
-    from blt.patching import Patcher
     from blt.tokens import OFFSET
-    from blt.train.loop import lm_loss
 
     T, B = (128, 2) if dry else (1024, 2)
     raw = TEXT.read_bytes()[: B * (T + 1)]
@@ -103,14 +102,20 @@ def part_correctness(dry: bool, device: str, emit) -> None:
                 emit({"case": case, "ok": None, "result": "skipped: FlexAttention has no CPU backward"})
                 continue
             try:
-                emit({"case": case, **_compare(mode, backend, device, tokens, targets, elm,
-                                               build_model, config_from_dict, Patcher, lm_loss)})
+                emit({"case": case, **_compare(mode, backend, device, tokens, targets, elm)})
             except Exception as e:  # one case's failure is its row, the others still run
                 emit({"case": case, "ok": False, "result": f"failed: {one_line(e)}"})
 
 
-def _compare(mode, backend, device, tokens, targets, elm, build_model, config_from_dict, Patcher, lm_loss) -> dict:
+def _compare(mode, backend, device, tokens, targets, elm) -> dict:
+    """One case: the loss and gradients of the model in bf16 on `device` with `backend` against
+    fp32 on the CPU with the dense backend, on the same patches."""
     import torch
+
+    from blt.config import config_from_dict
+    from blt.model import build_model
+    from blt.patching import Patcher
+    from blt.train.loop import lm_loss
 
     def model_cfg(be):
         sparse = {"pattern": "local", "window": 32, "block": 16, "backend": be}
@@ -197,7 +202,8 @@ def part_train(dry: bool, device: str, steps: int, deadline: float, out: Path, e
             emit({"case": case, "ok": False, "result": f"failed: {one_line(e)}"})
             continue
         later = metrics[min(len(metrics) - 1, max(1, steps // 3)):]  # after compiling and warm-up
-        med = {k: median([m[k] for m in later]) for k in ("bytes_per_s", "tflops", "mfu", "step_time_s")}
+        med = {k: statistics.median([m[k] for m in later])
+               for k in ("bytes_per_s", "tflops", "mfu", "step_time_s")}
         peak = max(m.get("peak_mem_gb", 0.0) for m in metrics)
         emit({"case": case, "ok": True, **med, "peak_mem_gb": peak, "plan_gb": estimate, "steps": len(metrics),
               "first_step_s": metrics[0]["step_time_s"], "params": plan["params"],
@@ -235,6 +241,8 @@ def train_until(overrides: list[str], steps: int, limit: float, run: Path) -> li
 
 
 def part_zero2(dry: bool, device: str, out: Path, limit: float, emit) -> None:
+    from blt.train.distributed import free_port
+
     run = out / "zero2"
     shutil.rmtree(run, ignore_errors=True)
     backend = "gloo" if device == "cpu" else "nccl"
@@ -284,7 +292,7 @@ def part_generation(dry: bool, device: str, emit) -> None:
     except Exception as e:
         emit({"case": "compiled generation", "ok": False, "result": f"failed: {one_line(e)}"})
     for batch in (1, 8):
-        prompts = [f"ROMEO {i}." for i in range(batch)]
+        prompts, reference = [f"ROMEO {i}." for i in range(batch)], None  # eager's greedy bytes
         for name, gen in (("eager", eager), ("compiled", compiled)):
             if gen is None:
                 continue
@@ -295,8 +303,11 @@ def part_generation(dry: bool, device: str, emit) -> None:
                 first_s = time.perf_counter() - t
                 outs = gen.generate(prompts, max_bytes=n, temperature=0)
                 stats = dict(gen.stats)
-                differ = None if name == "eager" else first_difference(outs, eager.generate(prompts, max_bytes=n,
-                                                                                          temperature=0))
+                if name == "eager":
+                    reference = outs
+                elif reference is None:  # the eager case failed: its bytes, once more
+                    reference = eager.generate(prompts, max_bytes=n, temperature=0)
+                differ = first_difference(outs, reference)
                 note = "" if differ is None else f"; greedy bytes differ from eager's from byte {differ}"
                 emit({"case": case, "ok": len(first) == batch and (differ is None or dtype != torch.float32),
                       "bytes_per_s": stats["bytes_per_s"], "first_call_s": first_s, "differs_at": differ,
@@ -314,11 +325,6 @@ def first_difference(a: list[bytes], b: list[bytes]) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------- driver
-
-
-def median(xs: list[float]) -> float:
-    s = sorted(xs)
-    return (s[(len(s) - 1) // 2] + s[len(s) // 2]) / 2
 
 
 def one_line(e: BaseException) -> str:
@@ -343,14 +349,6 @@ def read_metrics(path: Path) -> list[dict]:
         if "loss" in m and "bytes_per_s" in m:
             out.append(m)
     return out
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env() -> dict:

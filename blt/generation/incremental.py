@@ -41,9 +41,9 @@ def _one_patch_kernel(q, k, v, ids, cross_k):
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def _compilable(tf) -> bool:
-    """Whether a Transformer's one-byte step can use the compiled steps (no sparse pattern)."""
-    return not len(tf.layers) or tf.layers[0].self_attn.pattern is None
+def _steps_for(tf, steps: OneByteSteps | None) -> OneByteSteps | None:
+    """`steps` where this Transformer's one-byte step can run compiled (no sparse pattern), else None."""
+    return steps if steps is not None and (not len(tf.layers) or tf.layers[0].self_attn.pattern is None) else None
 
 
 class IncrementalByteLM:
@@ -54,7 +54,7 @@ class IncrementalByteLM:
         p = next(model.parameters())
         self.model = model
         self.cache = KVCache.for_transformer(model.transformer, batch, capacity, p.device, p.dtype)
-        self.steps = steps if steps is not None and _compilable(model.transformer) else None
+        self.steps = _steps_for(model.transformer, steps)
 
     @property
     def lens(self) -> torch.Tensor:
@@ -87,8 +87,7 @@ class IncrementalBLT:
         self.model, self.capacity = model, capacity
         enc, dec = model.local_encoder, model.local_decoder
         # the compiled one-byte steps (static_step.py), per component that can use them
-        self.enc_steps = steps if steps is not None and _compilable(enc.transformer) else None
-        self.dec_steps = steps if steps is not None and _compilable(dec.transformer) else None
+        self.enc_steps, self.dec_steps = _steps_for(enc.transformer, steps), _steps_for(dec.transformer, steps)
         self.k, self.hf = enc.k, dec.hf_compat
         D = enc.embed_tokens.embedding_dim
         self.enc_cache = KVCache.for_transformer(enc.transformer, batch, capacity, dev, dt)
