@@ -43,7 +43,7 @@ def load(args) -> Generator:
 
         cfg = load_config(args.random)
         torch.manual_seed(0)
-        model = build_model(cfg.model).to(args.device, dtype=getattr(torch, args.dtype)).eval()
+        model = build_model(cfg.model, cfg.patching).to(args.device, dtype=getattr(torch, args.dtype)).eval()
         # random weights: static patches of the config's target size stand in for an entropy model
         size = round(cfg.patching.target_patch_size) if cfg.patching.mode == "entropy" else cfg.patching.patch_size
         patcher = Patcher(PatchingConfig(mode="static", patch_size=size, max_patch_length=None))

@@ -135,7 +135,7 @@ def _compare(mode, backend, device, tokens, targets, elm) -> dict:
     for where, be, dtype in (("cpu", "dense", None), (device, backend, torch.bfloat16)):
         cfg = config_from_dict({"model": model_cfg(be), "patching": patching})
         torch.manual_seed(1)
-        model = build_model(cfg.model).to(where)
+        model = build_model(cfg.model, cfg.patching).to(where)
         x, y = tokens.to(where), targets.to(where)
         with torch.autocast(torch.device(where).type, dtype=dtype or torch.float32, enabled=dtype is not None):
             loss = lm_loss(model(x, pids.to(where)), y)
@@ -283,7 +283,7 @@ def part_generation(dry: bool, device: str, emit) -> None:
     dtype = torch.float32 if dry else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: the 1B preset is 4.5B parameters
-        model = build_model(cfg.model).to(dtype=dtype).eval()
+        model = build_model(cfg.model, cfg.patching).to(dtype=dtype).eval()
     patcher = Patcher(PatchingConfig(mode="static", patch_size=4, max_patch_length=None))
     n = 32 if dry else 256
     eager, compiled = Generator(model, patcher, cfg.data.seq_len), None

@@ -99,8 +99,9 @@ def _cmd_patch(args) -> None:
     loaded = load_model(args.checkpoint, "cpu")
     cfg, patcher = loaded.cfg, loaded.patcher
     ids = torch.from_numpy(encode(args.text, bos=True, eos=False).astype("int64"))[None]
-    ent = patcher.entropies(ids)[0] if patcher.model is not None else None
-    starts = patcher.starts(ids, ent[None] if ent is not None else None)[0]
+    starts, signal = patcher.explain(loaded.model, ids)
+    starts, signal = starts[0], signal[0] if signal is not None else None
+    key = "probabilities" if patcher.learned else "entropies"  # what decided each byte's start
     bounds = torch.nonzero(starts).flatten().tolist() + [ids.shape[1]]
     patches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -108,28 +109,48 @@ def _cmd_patch(args) -> None:
         patches.append({
             "text": raw.decode("utf-8", errors="backslashreplace"),
             "bytes": b - a,
-            "entropies": [round(float(e), 3) for e in ent[a:b]] if ent is not None else None,
+            key: [round(float(e), 3) for e in signal[a:b]] if signal is not None else None,
         })
     if args.json:
         print(json.dumps({"mode": cfg.patching.mode, "threshold": patcher.threshold, "patches": patches}))
         return
     th = f", threshold {patcher.threshold:.3f}" if patcher.threshold is not None else ""
+    th = ", a patch starts where the router's probability is >= 0.5" if patcher.learned else th
     print(f"{len(patches)} patches, mean {sum(p['bytes'] for p in patches) / len(patches):.2f} bytes "
           f"({cfg.patching.mode}{th}); BOS is the first patch")
     print("|" + "|".join(p["text"].replace("\n", "\\n") for p in patches) + "|")
-    if ent is not None:
+    if signal is not None:
         for p in patches:
-            ents = " ".join(f"{e:.2f}" if e != float("inf") else "inf" for e in p["entropies"])
-            print(f"{p['text']!r:>24}  {ents}")
+            values = " ".join(f"{e:.2f}" if e != float("inf") else "inf" for e in p[key])
+            print(f"{p['text']!r:>24}  {values}")
 
 
 def _cmd_info(args) -> None:
+    from pathlib import Path
+
     from blt.config import load_config
     from blt.model import build_model
     from blt.model.flops import model_info
 
+    run = Path(args.config)
+    if run.is_dir():  # a run dir: its config, and FLOPs at the mean patch size it measured in training
+        cfg = load_config(run / "config.yaml", args.overrides)
+        print(json.dumps(model_info(cfg, build_model(cfg.model, cfg.patching),
+                                    measured_patch_size=_measured_patch_size(run))))
+        return
     cfg = load_config(args.config, args.overrides)
-    print(json.dumps(model_info(cfg, build_model(cfg.model))))
+    print(json.dumps(model_info(cfg, build_model(cfg.model, cfg.patching))))
+
+
+def _measured_patch_size(run) -> float | None:
+    """A run's mean patch size over its training steps (bytes / patches, from metrics.jsonl), or None."""
+    steps, patches, last = 0, 0.0, 0
+    path = run / "metrics.jsonl"
+    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
+        m = json.loads(line)
+        if "avg_patch_size" in m and "loss" in m and m["step"] > last:
+            steps, patches, last = steps + m["step"] - last, patches + (m["step"] - last) / m["avg_patch_size"], m["step"]
+    return steps / patches if patches else None
 
 
 def _cmd_plan(args) -> None:
@@ -262,7 +283,8 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("--json", action="store_true")
     pa.set_defaults(func=_cmd_patch)
 
-    i = sub.add_parser("info", help="parameter count and FLOPs per byte of a config")
+    i = sub.add_parser("info", help="parameter count and FLOPs per byte of a config, or of a run dir (at the mean "
+                                    "patch size it measured)")
     i.add_argument("config")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=_cmd_info)

@@ -80,9 +80,8 @@ def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_si
             batch = torch.full((1, seq_len + 1), PAD_ID, dtype=torch.long)
         batch = batch.to(device)  # (b, L + 1)
         inputs, targets = batch[:, :-1], batch[:, 1:]
-        patch_ids = patcher(inputs)
         with autocast_ctx(device, amp_dtype):
-            logits = model(inputs, patch_ids)
+            logits, patch_ids, _ = patcher.forward(model, inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
         is_byte = targets >= OFFSET
         real = inputs != PAD_ID

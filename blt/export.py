@@ -164,7 +164,7 @@ def import_hf(src: str | Path, out: str | Path) -> dict:
         cfg, state, ecfg, estate = read_hf(Path(src))
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)  # bf16 stays bf16
         with torch.device("meta"):  # no random init: every weight comes from the HF files
-            model = build_model(cfg.model).to(dtype)
+            model = build_model(cfg.model, cfg.patching).to(dtype)
             emodel = build_model(ecfg.model).to(dtype) if ecfg is not None else None
         fit_hf_weights(model, state, BLT_NAMES, src)
         if emodel is not None:

@@ -75,6 +75,9 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
     m, p = cfg.model, cfg.patching
     if m.arch != "blt":
         raise _no("model.arch", f"is {m.arch}; only a blt model converts to HF's BltForCausalLM")
+    refusal = mode_of(p).hf_refusal(p)  # what HF's BltPatcher cannot express of this patching mode
+    if refusal is not None:  # first: no other setting makes this model convert
+        raise _no(*refusal)
     for key, on in (("model.hf_compat", m.hf_compat), ("patching.split_first_byte", p.split_first_byte)):
         if not on:
             raise _no(key, "HF's conventions are needed: set model.hf_compat=true and "
@@ -95,9 +98,6 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
         if m.cross_attn_heads != getattr(m, name).heads:
             raise _no("model.cross_attn_heads", f"HF's cross-attention uses the {name}'s heads; set it to "
                       f"model.{name}.heads ({getattr(m, name).heads}) and make encoder and decoder heads equal")
-    refusal = mode_of(p).hf_refusal(p)  # what HF's BltPatcher cannot express of this patching mode
-    if refusal is not None:
-        raise _no(*refusal)
     identity = m.encoder.dim * m.cross_attn_k == m.global_model.dim
     if identity and state is not None and PROJ in state and not torch.equal(
             state[PROJ].float().cpu(), torch.eye(m.global_model.dim)):

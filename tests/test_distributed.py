@@ -119,6 +119,33 @@ def test_compiled_blocks_under_zero3_match_single_process(single, tmp_path, cach
 
 
 @slow
+def test_learned_patching_under_zero3_matches_single_process(tmp_path, cache_dir, entropy_run):
+    """The router's probabilities come out of the model under ZeRO-3's gathered weights: 2
+    processes follow one process's curve, ratio loss and mean patch size included."""
+    learned = ["patching.mode=learned", "patching.target_patch_size=4.0"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"),
+                          *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *learned)],
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = launch("torchrun.sh", dist_args(two, cache_dir, entropy_run, "distributed.zero_stage=3", *learned))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref = {m["step"]: m for m in read_metrics(one) if "loss" in m}
+    got = {m["step"]: m for m in read_metrics(two) if "loss" in m}
+    assert sorted(got) == list(range(1, 9))
+    # step 1, same weights and data: the same patches and loss; the ratio loss is each process's
+    # own (F x G over its rows, not over the global batch), so it differs in the 4th digit
+    for key in ("loss", "boundary_rate", "avg_patch_size"):
+        assert got[1][key] == pytest.approx(ref[1][key], abs=1e-6), key
+    assert got[1]["ratio_loss"] == pytest.approx(ref[1]["ratio_loss"], abs=1e-3)
+    # later, a boundary whose probability sits at 0.5 may fall either way: the curves stay together
+    for step in ref:
+        assert got[step]["loss"] == pytest.approx(ref[step]["loss"], abs=5e-3), step
+        assert got[step]["avg_patch_size"] == pytest.approx(ref[step]["avg_patch_size"], rel=0.05), step
+    assert final_val(two) == pytest.approx(final_val(one), abs=1e-2)
+
+
+@slow
 def test_zero3_resume_continues_exactly(zero_run, tmp_path, cache_dir, entropy_run):
     """Resume a ZeRO-3 run from its step-4 checkpoint: steps 5-8 repeat the uninterrupted losses."""
     full = zero_run(3)

@@ -29,15 +29,17 @@ def make(mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_laye
     lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2},
                                                  "init_std": 0.3}}).model).eval()
     cfg = config_from_dict({"model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
-                            "patching": {"mode": mode, "patch_size": 3, "threshold": 4.0, "max_patch_length": 6,
+                            "patching": {"mode": mode, "patch_size": 3, "max_patch_length": 6,
+                                         "threshold": None if mode == "learned" else 4.0,
                                          "split_first_byte": hf, "entropy_model": "unused"}})
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, cfg.patching).eval()
     return Generator(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context)
 
 
 @pytest.mark.parametrize("mode,hf,all_layers", [("static", False, False), ("space", False, False),
                                                 ("entropy", False, False), ("static", True, False),
-                                                ("entropy", True, True)])
+                                                ("entropy", True, True), ("learned", False, False),
+                                                ("learned", False, True)])
 def test_cached_greedy_equals_uncached_byte_for_byte(mode, hf, all_layers):
     gen = make(mode, hf, all_layers=all_layers)
     cached = gen.generate(PROMPTS, max_bytes=48, temperature=0)
@@ -48,7 +50,7 @@ def test_cached_greedy_equals_uncached_byte_for_byte(mode, hf, all_layers):
     assert 0 < stats["global_calls"] < stats["bytes"]  # the global model ran per patch, not per byte
 
 
-@pytest.mark.parametrize("mode", ["static", "entropy"])
+@pytest.mark.parametrize("mode", ["static", "entropy", "learned"])
 def test_cached_sampling_equals_uncached_with_the_same_seed(mode):
     gen = make(mode)
     opts = dict(max_bytes=40, temperature=0.9, top_k=50, top_p=0.95, seed=7)
@@ -154,7 +156,7 @@ def test_sampling_draws_each_id_with_its_filtered_probability():
     assert together.tolist() == alone
 
 
-@pytest.mark.parametrize("mode,hf", [("entropy", False), ("static", True)])
+@pytest.mark.parametrize("mode,hf", [("entropy", False), ("static", True), ("learned", False)])
 def test_compiled_generation_equals_eager(mode, hf):
     """compile=True: the one-byte steps run compiled at fixed shapes and give eager's bytes, greedy
     and sampled, for a batch of ragged prompts that stop at different bytes and pass the context;

@@ -35,7 +35,8 @@ BLT = {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
        "global_model": {"dim": 64, "layers": 2, "heads": 2},
        "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
        "cross_attn_k": 2, "cross_attn_heads": 2, "hash_ngram_sizes": [3, 4], "hash_buckets": 64, "init_std": 0.3}
-MODES = [("static", False), ("space", False), ("entropy", False), ("static", True), ("entropy", True)]
+MODES = [("static", False), ("space", False), ("entropy", False), ("static", True), ("entropy", True),
+         ("learned", False)]
 REQUESTS = [(b"The cat sat on", b" the mat"), (b"", b"hello"), (b"ab", b"c"), (b"x" * 70, b" y z"),
             ("caf\u00e9 ".encode(), "cr\u00e8me".encode())]
 
@@ -45,9 +46,10 @@ def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: in
     lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2},
                                                  "init_std": 0.3}}).model).eval()
     cfg = config_from_dict({"model": {**BLT, "hf_compat": hf},
-                            "patching": {"mode": mode, "patch_size": 3, "threshold": 4.0, "max_patch_length": 6,
+                            "patching": {"mode": mode, "patch_size": 3, "max_patch_length": 6,
+                                         "threshold": None if mode == "learned" else 4.0,
                                          "split_first_byte": hf, "entropy_model": "unused"}})
-    model = build_model(cfg.model).eval()
+    model = build_model(cfg.model, cfg.patching).eval()
     return Scorer(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context, batch_size)
 
 
@@ -55,7 +57,7 @@ def full_forward(scorer: Scorer, context: bytes, continuation: bytes) -> tuple[f
     """The reference: the whole text in one unpadded forward, its last `context` bytes if longer."""
     ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in context + continuation]])[:, -scorer.context:]
     with torch.no_grad():
-        logits = scorer.model(ids, scorer.patcher(ids))[0].float()  # (T, V)
+        logits = scorer.patcher.forward(scorer.model, ids)[0][0].float()  # (T, V)
     logp = torch.log_softmax(logits, -1)
     n, T = len(continuation), ids.shape[1]
     allowed = logits.clone()
@@ -102,7 +104,7 @@ def test_loglikelihood_is_the_full_forward_sum_and_greedy_its_argmax(mode, hf):
     assert not all(g for _, g in got[:len(REQUESTS)])
 
 
-@pytest.mark.parametrize("mode", ["static", "space", "entropy"])
+@pytest.mark.parametrize("mode", ["static", "space", "entropy", "learned"])
 def test_a_shared_context_is_encoded_once_with_the_full_forward_numbers(mode):
     scorer = random_scorer(mode, batch_size=2)  # 2 contexts per cached state: several states, ragged
     contexts = [b"The cat sat on", b"x" * 40, "caf\u00e9 cr".encode(), b"abcd"]
@@ -121,7 +123,7 @@ def test_a_shared_context_is_encoded_once_with_the_full_forward_numbers(mode):
     assert not all(g for _, g in got)
     off = Scorer(scorer.model, scorer.patcher, scorer.context, 2, share_context=False)
     assert off.loglikelihood(requests) == [pytest.approx(v, abs=1e-5) for v in got] and off.shared == 0
-    hf = random_scorer(mode if mode != "space" else "static", hf=True)
+    hf = random_scorer(mode if mode not in ("space", "learned") else "static", hf=True)
     assert not hf.share_context and hf.loglikelihood(requests[:3]) and hf.shared == 0  # HF-compatible: full forwards
 
 

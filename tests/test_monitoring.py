@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from blt.config import load_config
+from blt.model.flops import flops_report
 from blt.monitor.wandb_sink import resolve_mode
 from blt.train.distributed import free_port
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
@@ -20,7 +22,7 @@ from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 WANDB = str(Path(sys.executable).parent / "wandb")
 LOGGING_ON = ["logging.wandb.mode=offline", "logging.tensorboard=true", "logging.images=true",
               "logging.samples=1", "logging.sample_bytes=16", "logging.every=1", "eval.every=2",
-              "patching.mode=static", "logging.wandb.tags=[test,tiny]", "logging.wandb.group=monitoring"]
+              "patching.mode=learned", "logging.wandb.tags=[test,tiny]", "logging.wandb.group=monitoring"]
 
 
 def train_args(run: Path, cache_dir: Path, *extra) -> list:
@@ -58,7 +60,7 @@ def test_offline_wandb_run_holds_metrics_config_image_and_samples(logged_run):
     assert config["model"]["global_model"]["dim"] == 48 and config["training"]["steps"] == 4
     s = summary["summary"]
     for key in ("train/loss", "train/bpb", "train/bytes_per_s", "train/mfu", "train/time_fwd_bwd_s",
-                "train/peak_mem_gb", "val/bpb"):
+                "train/peak_mem_gb", "val/bpb", "train/avg_patch_size", "train/ratio_loss", "train/boundary_rate"):
         assert key in s, key
     assert s["val/patches"]["_type"] == "image-file" and s["val/patches"]["width"] > 100
     assert s["val/samples"]["_type"] == "table-file" and s["val/samples"]["nrows"] == 1
@@ -81,6 +83,10 @@ def test_tensorboard_scalars_read_back(logged_run):
     losses = {m["step"]: m["loss"] for m in read_metrics(logged_run) if "loss" in m}
     assert {e.step: e.value for e in acc.Scalars("train/loss")} == pytest.approx(losses, rel=1e-6)
     assert [e.step for e in acc.Scalars("val/bpb")] == [2, 4]
+    # learned patching: how the compression settles, step by step
+    for key in ("ratio_loss", "boundary_rate", "avg_patch_size"):
+        logged = {m["step"]: m[key] for m in read_metrics(logged_run) if key in m and "loss" in m}
+        assert {e.step: e.value for e in acc.Scalars(f"train/{key}")} == pytest.approx(logged, rel=1e-6)
     assert "val/patches" in acc.Tags()["images"] and "train/patch_size" in acc.Tags()["histograms"]
     # the same picture is a file beside the run, for a look without any dashboard
     assert sorted(p.name for p in (logged_run / "images").iterdir()) == ["patches_00000002.png", "patches_00000004.png"]
@@ -88,14 +94,19 @@ def test_tensorboard_scalars_read_back(logged_run):
 
 def test_throughput_mfu_and_step_time_split(logged_run):
     line = [m for m in read_metrics(logged_run) if "loss" in m][-1]
-    assert line["bytes_per_s"] > 0 and line["patches_per_s"] > 0 and line["avg_patch_size"] == 4
+    assert line["bytes_per_s"] > 0 and line["patches_per_s"] > 0
     assert 0 < line["mfu"] < 1 and line["tflops"] > 0 and line["peak_mem_gb"] > 0
+    # learned patching: FLOPs (so MFU) at the mean patch size the interval measured, not the target
+    cfg = load_config(logged_run / "config.yaml")
+    at = flops_report(cfg.model, cfg.data.seq_len, line["avg_patch_size"], 0, patching=cfg.patching).flops_per_byte
+    assert line["tflops"] * 1e12 == pytest.approx(at * line["bytes_per_s"], rel=1e-9)
     parts = line["time_data_s"] + line["time_fwd_bwd_s"] + line["time_optimizer_s"]
     assert 0 < parts <= line["step_time_s"] * 1.01
     info = json.loads((logged_run / "model_info.json").read_text())
     assert info["peak_flops_per_device"] > 1e9 and "measured" in info["peak_flops_source"]
     hist = [m["patch_size_hist"] for m in read_metrics(logged_run) if "patch_size_hist" in m][-1]
-    assert hist[4] > 0 and sum(hist) == hist[4]  # static 4-byte patches: every patch has 4 bytes
+    sizes = sum(i * c for i, c in enumerate(hist)) / sum(hist)  # the histogram of the same step
+    assert sizes == pytest.approx(line["avg_patch_size"]) and len(hist) - 1 <= cfg.patching.max_patch_length
     samples = [m["samples"] for m in read_metrics(logged_run) if "samples" in m][-1]
     assert samples[0]["prompt"] and set(samples[0]) == {"prompt", "output", "settings"}
 

@@ -43,7 +43,7 @@ def load_export(path: str | Path, device: str = "cpu"):
     path = Path(path)
     info = read_export_json(path)
     cfg = checkpoint_config(path)  # load_config finds patching.entropy_model beside config.yaml
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, cfg.patching)
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise ExportError(f"export '{path}' has no model.safetensors; re-export the model")

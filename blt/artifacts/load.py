@@ -38,7 +38,7 @@ def load_model(path: str | Path, device: str = "cpu", patcher: bool = True) -> L
     else:
         where = find_checkpoint(path)
         cfg = checkpoint_config(where)
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.patching)
         load_weights(model, where)
         model = model.to(device).eval()
         state = read_state_json(where)

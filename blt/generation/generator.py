@@ -48,6 +48,7 @@ class CachedState:
         self.net = net(model, batch, capacity, steps)
         self.elm = (IncrementalByteLM(patcher.model, batch, capacity, steps)
                     if self.is_blt and patcher.model is not None else None)
+        self.learned = patcher.learned  # the router's probabilities decide the starts, inside net.feed
         self.starts = [StreamingStarts(patcher.cfg, patcher.threshold) for _ in range(batch)]
         self.next_entropy = [math.inf] * batch  # entropy of each row's next byte
         self.device = next(model.parameters()).device
@@ -65,6 +66,8 @@ class CachedState:
         if not self.is_blt:
             logits = self.net.feed(tokens, valid)  # (B, n, V)
             return logits if every else logits[torch.arange(B), (valid - 1).clamp(min=0)]
+        if self.learned:
+            return self.net.feed(tokens, lambda probs: self._decide(rows, probs), valid, every)
         ent = entropy(self.elm.feed(tokens, valid)).cpu() if self.elm is not None else None  # (B, n)
         starts = torch.zeros(B, n, dtype=torch.bool)
         for b, r in enumerate(rows):
@@ -74,6 +77,15 @@ class CachedState:
             if r and ent is not None:
                 self.next_entropy[b] = float(ent[b, len(r) - 1])
         return self.net.feed(tokens, starts.to(self.device), valid, every)
+
+    def _decide(self, rows: Sequence[Sequence[int]], probs: torch.Tensor) -> torch.Tensor:
+        """Learned patching: (B, n) the router's probabilities of the new bytes -> (B, n) starts."""
+        p = probs.cpu()
+        starts = torch.zeros(p.shape, dtype=torch.bool)
+        for b, r in enumerate(rows):
+            for i, tok in enumerate(r):
+                starts[b, i] = self.starts[b].push(int(tok), float(p[b, i]))
+        return starts.to(self.device)
 
     @property
     def lens(self) -> torch.Tensor:
@@ -207,7 +219,7 @@ class Generator:
         for b, r in enumerate(rows):
             if active[b]:
                 ctx = torch.tensor(r[-self.context :], dtype=torch.long, device=dev)[None]  # (1, T)
-                out[b] = self.model(ctx, self.patcher(ctx))[0, -1].float()
+                out[b] = self.patcher.forward(self.model, ctx)[0][0, -1].float()
         return out
 
 

@@ -6,21 +6,28 @@ blt/patching/streaming.py `StreamingStarts`); every component keeps its own KV c
 - when a patch is complete (the next one has started) it is pooled from the cached encoder states
   and the global Transformer runs once for it, extending its patch-level cache;
 - the decoder reads each byte's source patch from the cached global states.
+With learned patching the starts are not known before the encoder has run: `starts` is then a
+function of the router's probabilities for the new bytes (blt/model/router.py), and each completed
+patch's global state is smoothed with the one before, as the full forward does.
 Each feed returns the next-byte logits, equal (up to float rounding) to the full forward on the
 whole sequence at the last byte.
 
     inc = IncrementalBLT(model, batch=2, capacity=1024)
     logits = inc.feed(tokens, starts, valid)   # (B, n) new bytes, (B, n) starts, (B,) how many -> (B, V)
+    logits = inc.feed(tokens, decide, valid)   # learned: decide((B, n) probabilities) -> (B, n) starts
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from blt.model.attention import patch_state_attention
+from blt.model.router import smooth_step
+from blt.patching.learned import BOUNDARY
 from blt.generation.kv_cache import CacheFullError, KVCache
 from blt.generation.static_step import OneByteSteps
 from blt.generation.steps import hash_rows_at_end, transformer_step
@@ -107,8 +114,11 @@ class IncrementalBLT:
         self.cur_pid = torch.full((batch,), -1, dtype=torch.long, device=dev)  # patch of each row's last byte
         self.global_calls = 0  # global Transformer steps (one per batch of newly completed patches)
         self.global_patches = 0  # patches the global Transformer processed
+        self.router = getattr(model, "router", None)  # learned patching
+        self.patch_conf = torch.ones(batch, capacity, device=dev)  # (B, C) router confidence of patch p's start
+        self.smoothed = torch.zeros(batch, model.global_transformer.transformer.cfg.dim, device=dev, dtype=dt)  # (B, Dg)
 
-    _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid")  # (B, ...) tensors
+    _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid", "patch_conf", "smoothed")
 
     def take(self, rows: torch.Tensor) -> None:
         """Keep these rows (a (B',) index: any order, repeats allowed), in this order."""
@@ -131,9 +141,10 @@ class IncrementalBLT:
         self.global_patches += other.global_patches
 
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor,
+    def feed(self, tokens: torch.Tensor, starts: torch.Tensor | Callable, valid: torch.Tensor,
              every: bool = False) -> torch.Tensor:
-        """tokens, starts (B, n): new bytes and whether each begins a patch; valid (B,): how many of
+        """tokens, starts (B, n): new bytes and whether each begins a patch (learned patching: a
+        function of the router's (B, n) probabilities that returns them); valid (B,): how many of
         each row's n are real. Returns (B, V) logits for the byte after each row's last real byte;
         every=True: (B, n, V), the next-byte logits at every new byte (not for HF-compatible
         models, whose last byte's logits wait for the byte after it)."""
@@ -144,13 +155,21 @@ class IncrementalBLT:
             raise CacheFullError(f"IncrementalBLT holds {self.capacity} bytes: start a new one on a shorter context")
         slots = _arange_rows(self.lens, n)  # (B, n) where the new bytes go
         real = torch.arange(n, device=tokens.device)[None] < valid[:, None]  # (B, n)
+        self.tokens.scatter_(1, slots, tokens)
+        h = self._encode(tokens, slots, valid)  # (B, n, D): the encoder reads bytes only
+        conf = None
+        if self.router is not None:
+            probs = self._route(h, slots)  # (B, n)
+            starts = starts(probs)
+            mine = (probs >= BOUNDARY) | (slots == 0)
+            conf = torch.where(starts & ~mine, 1.0, torch.where(mine, probs, 1 - probs))  # router.confidence
         pids = self.cur_pid[:, None] + (starts & real).long().cumsum(1)  # (B, n)
         self.cur_pid = pids[:, -1] if n == 1 else pids.gather(1, (valid - 1).clamp(min=0)[:, None])[:, 0]
-        self.tokens.scatter_(1, slots, tokens)
         self.patch_ids.scatter_(1, slots, pids)
         rows, cols = (starts & real).nonzero(as_tuple=True)
         self.patch_start[rows, pids[rows, cols]] = slots[rows, cols]
-        h = self._encode(tokens, slots, valid)
+        if conf is not None:
+            self.patch_conf[rows, pids[rows, cols]] = conf[rows, cols]
         new_lens = self.lens + valid
         self._complete_patches(new_lens)
         one = not self.hf and n == 1 and int(self.cur_pid.min()) > 0
@@ -187,6 +206,25 @@ class IncrementalBLT:
         self.h.scatter_(1, slots[..., None].expand_as(h), h)
         return h
 
+    def _route(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """(B, n, D) new byte states at `slots` (B, n) -> (B, n) the router's probabilities (1 at
+        slot 0), each against the state of the byte before (already in self.h)."""
+        before = self.h.gather(1, (slots - 1).clamp(min=0)[..., None].expand_as(h))  # (B, n, D)
+        probs = self.router.pair(h, before)
+        return torch.where(slots == 0, torch.ones_like(probs), probs)
+
+    def _smooth(self, g: torch.Tensor, todo: torch.Tensor) -> torch.Tensor:
+        """Learned patching: the new patches' global states g (B, m, Dg) smoothed in order, each
+        with the one before (router.smooth_patches, one step at a time)."""
+        out = g.clone()
+        for j in range(g.shape[1]):
+            pid = (self.done + j).clamp(max=self.capacity - 1)  # (B,) patch j of this call
+            P = self.patch_conf.gather(1, pid[:, None])[:, 0]
+            s = smooth_step(g[:, j], P, self.smoothed)  # (B, Dg)
+            self.smoothed = torch.where((todo > j)[:, None], s, self.smoothed)
+            out[:, j] = s
+        return out
+
     def _complete_patches(self, new_lens: torch.Tensor) -> None:
         """Pool every patch that is now complete and run the global Transformer once on them."""
         last_pid = self.cur_pid  # (B,), -1 for an empty row
@@ -222,6 +260,8 @@ class IncrementalBLT:
         packed = summaries.new_zeros(len(todo), m, self.k * D)
         packed[rows_t, order] = summaries
         g = transformer_step(glob.transformer, glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
+        if self.router is not None:
+            g = self._smooth(g, todo)
         kv = dec.patch_embedding_projection(g[rows_t, order]).view(N, self.k, -1)  # (N, k, D) decoder context
         pids_t = torch.tensor(pids, device=idx.device)
         for cross, keys, values in zip(self.cross, self.dec_k, self.dec_v):

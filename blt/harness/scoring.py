@@ -269,9 +269,8 @@ class Scorer:
         ids = ids.to(self.device)
         self.forwards += 1
         try:
-            patch_ids = self.patcher(ids)  # (b, T) patch of every byte
             with autocast_ctx(self.device, self.amp_dtype):
-                return self.model(ids, patch_ids)  # (b, T, V) next-byte logits
+                return self.patcher.forward(self.model, ids)[0]  # (b, T, V) next-byte logits
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since torch 2.5
             raise BatchTooLargeError(
                 f"a batch of {ids.shape[0]} rows of {ids.shape[1]} bytes does not fit in {self.device} memory; "

@@ -1,14 +1,16 @@
 """The Byte Latent Transformer: bytes -> local encoder -> patches -> global model -> local decoder.
 
-    model = BLT(cfg.model)
+    model = BLT(cfg.model, cfg.patching)
     logits = model(tokens, patch_ids)   # tokens (B, T) byte ids, patch_ids (B, T) -> (B, T, 260)
+    logits, routing = model(tokens, None, routing=True)   # patching.mode=learned: the model cuts its patches
 
 Logits at byte t predict byte t+1 and depend only on bytes <= t: the encoder is causal, a patch
 summary pools only its own bytes, and a byte reads only the global state of the patch before its
 own (which has seen nothing past that patch's end). Module names follow HF transformers'
 BltModel (local_encoder / global_transformer / local_decoder, q/k/v/o_proj, patch_embedding_projection,
 token_embedding_projection), so an HF export is a key rename (blt/hf.py); HF's residual and
-decoder-patch conventions differ unless `model.hf_compat` is set (see the README).
+decoder-patch conventions differ unless `model.hf_compat` is set (see the README). With learned
+patching a router reads the encoder's byte states and decides the patches (router.py).
 """
 
 from __future__ import annotations
@@ -16,11 +18,16 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from blt.config import ModelConfig
+from blt.config import ModelConfig, PatchingConfig
 from blt.tokens import VOCAB_SIZE
 from blt.model.attention import decoder_source_patches, patch_pooling_attention, patch_state_attention
 from blt.model.hash_embed import HashNgramEmbedding
 from blt.model.layers import RMSNorm, Transformer
+from blt.model.router import (BoundaryRouter, Routing, confidence, patch_confidence, smooth_patches,
+                              straight_through)
+from blt.patching.registry import mode_of, patch_starts
+from blt.patching.learned import router_starts
+from blt.patching.rules import patch_ids_from_starts
 
 
 class CrossAttention(nn.Module):
@@ -37,15 +44,19 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int):
-        return self.attend(x, *self.keys_values(ctx), kernel, patch_ids, cross_k)
+    def forward(self, x: torch.Tensor, ctx: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int,
+                gate: torch.Tensor | None = None):
+        return self.attend(x, *self.keys_values(ctx), kernel, patch_ids, cross_k, gate)
 
     def keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, K, D) context -> its keys and values (B, K, D); generation computes them once per patch."""
         c = self.k_norm(ctx)
         return self.k_proj(c), self.v_proj(c)
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int):
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int,
+               gate: torch.Tensor | None = None):
+        """`gate` (B, Q, 1), if given, multiplies the attention's output (learned patching's
+        straight-through gate, router.py)."""
         B, Q, D = x.shape
         K = k.shape[1]
         q = self.q_proj(self.q_norm(x)).view(B, Q, self.heads, self.head_dim).transpose(1, 2)  # (B, H, Q, hd)
@@ -53,6 +64,8 @@ class CrossAttention(nn.Module):
         v = v.view(B, K, self.heads, self.head_dim).transpose(1, 2)
         y = kernel(q, k, v, patch_ids, cross_k)  # (B, H, Q, hd)
         out = self.o_proj(y.transpose(1, 2).reshape(B, Q, D))
+        if gate is not None:
+            out = out * gate
         return x + (out + x) if self.double_residual else x + out
 
 
@@ -72,19 +85,26 @@ class LocalEncoder(nn.Module):
         self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat)
 
     def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor, num_patches: int):
-        B, T = tokens.shape
+        h = self.byte_states(tokens)  # (B, T, D) byte-level
+        return h, self.pool(h, patch_ids, num_patches)
+
+    def byte_states(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) byte ids -> (B, T, D) the causal encoder's byte states."""
         h = self.embed_tokens(tokens)  # (B, T, D) byte-level
         if self.hash_embed is not None:
             h = h + self.hash_embed(tokens)
-        h = self.transformer(h)  # (B, T, D) byte-level
+        return self.transformer(h)  # (B, T, D) byte-level
+
+    def pool(self, h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B, T, D) byte states -> (B, P, k*D) patch summaries, each pooled from its own bytes."""
+        B, T, D = h.shape
         # initial patch queries: max-pool each patch's bytes, then project to k queries per patch
-        D = h.shape[-1]
         pooled = torch.full((B, num_patches, D), float("-inf"), device=h.device, dtype=h.dtype)
         pooled = pooled.scatter_reduce(1, patch_ids[..., None].expand(B, T, D), h, reduce="amax", include_self=True)
         pooled = torch.where(torch.isinf(pooled), torch.zeros_like(pooled), pooled)  # empty (padding) patches
         queries = self.patch_embedding_projection(pooled).view(B, num_patches * self.k, D)  # (B, P*k, D)
         patches = self.cross_attn(queries, h, patch_pooling_attention, patch_ids, self.k)  # (B, P*k, D)
-        return h, patches.view(B, num_patches, self.k * D)  # (B, T, D) bytes, (B, P, k*D) patches
+        return patches.view(B, num_patches, self.k * D)  # (B, P, k*D) patch-level
 
 
 class LocalDecoder(nn.Module):
@@ -102,20 +122,23 @@ class LocalDecoder(nn.Module):
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
 
-    def forward(self, h: torch.Tensor, g: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, g: torch.Tensor, patch_ids: torch.Tensor,
+                gate: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, T, D) byte states, g (B, P, Dg) global patch states -> (B, T, V) logits; `gate`
+        (B, T, 1) multiplies every cross-attention's output (learned patching)."""
         B, P, _ = g.shape
         D = h.shape[-1]
         kv = self.patch_embedding_projection(g).view(B, P * self.k, D)  # (B, P*k, D) patch-level
         src = decoder_source_patches(patch_ids, self.hf_compat)  # (B, T) the patch each byte reads
-        h = self.cross_attn(h, kv, patch_state_attention, src, self.k)  # (B, T, D) byte-level
-        h = self.transformer(h, self.before_layer(kv, patch_state_attention, src))
+        h = self.cross_attn(h, kv, patch_state_attention, src, self.k, gate)  # (B, T, D) byte-level
+        h = self.transformer(h, self.before_layer(kv, patch_state_attention, src, gate))
         return self.lm_head(self.norm(h))  # (B, T, V)
 
-    def before_layer(self, kv: torch.Tensor, kernel, src: torch.Tensor):
+    def before_layer(self, kv: torch.Tensor, kernel, src: torch.Tensor, gate: torch.Tensor | None = None):
         """The cross-attention before decoder layers 1.. (None without cross_attn_all_layers_decoder)."""
         if len(self.layer_cross_attn) == 0:
             return None
-        return lambda i, h: h if i == 0 else self.layer_cross_attn[i - 1](h, kv, kernel, src, self.k)
+        return lambda i, h: h if i == 0 else self.layer_cross_attn[i - 1](h, kv, kernel, src, self.k, gate)
 
 
 class GlobalTransformer(nn.Module):
@@ -129,20 +152,54 @@ class GlobalTransformer(nn.Module):
 
 
 class BLT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, patching: PatchingConfig | None = None):
+        """`patching` (the config's patching section) matters only for learned patching, whose
+        router is part of the model; other modes cut patches outside it."""
         super().__init__()
         self.cfg = cfg
         self.local_encoder = LocalEncoder(cfg)
         self.global_transformer = GlobalTransformer(cfg)
         self.local_decoder = LocalDecoder(cfg)
+        learned = patching is not None and mode_of(patching).needs_router
+        self.patching = patching if learned else None
+        self.router = BoundaryRouter(cfg.encoder.dim) if learned else None
         init_weights(self, cfg.init_std)
+        if self.router is not None:
+            self.router.reset_parameters()
 
-    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T), patch_ids (B, T) non-decreasing from 0 -> logits (B, T, V)."""
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor | None = None, routing: bool = False):
+        """tokens (B, T), patch_ids (B, T) non-decreasing from 0 -> logits (B, T, V). With a router
+        (learned patching) patch_ids=None lets the model cut its own patches; routing=True also
+        returns the Routing (None without a router)."""
+        h = self.local_encoder.byte_states(tokens)  # (B, T, D) byte-level
+        route, gate = None, None
+        if self.router is not None:
+            route = self.route(tokens, h, patch_ids)
+            patch_ids = route.patch_ids
+        elif patch_ids is None:
+            raise ValueError("patch_ids are needed: only a model with patching.mode=learned cuts its own patches")
         num_patches = int(patch_ids.max()) + 1
-        h, patches = self.local_encoder(tokens, patch_ids, num_patches)  # (B, T, D), (B, P, k*D)
+        patches = self.local_encoder.pool(h, patch_ids, num_patches)  # (B, P, k*D) patch-level
         g = self.global_transformer(patches)  # (B, P, Dg)
-        return self.local_decoder(h, g, patch_ids)
+        if route is not None:
+            conf = confidence(route.probs, route.starts, route.router_starts)  # (B, T)
+            g = smooth_patches(g, patch_confidence(conf, patch_ids, num_patches))  # (B, P, Dg)
+            gate = straight_through(conf) if torch.is_grad_enabled() else None  # (B, T, 1), exactly 1
+        logits = self.local_decoder(h, g, patch_ids, gate)
+        return (logits, route) if routing else logits
+
+    def route(self, tokens: torch.Tensor, h: torch.Tensor, patch_ids: torch.Tensor | None = None) -> Routing:
+        """The router's probabilities on byte states h (B, T, D) and the patches they cut (or, given
+        `patch_ids`, those patches)."""
+        probs = self.router(h)  # (B, T)
+        mine = router_starts(probs.detach())
+        if patch_ids is None:
+            starts = patch_starts(tokens, self.patching, probs.detach())
+            patch_ids = patch_ids_from_starts(starts)
+        else:
+            starts = torch.ones_like(mine)
+            starts[:, 1:] = patch_ids[:, 1:] != patch_ids[:, :-1]
+        return Routing(probs, starts, mine, patch_ids)
 
 
 def init_weights(model: nn.Module, std: float) -> None:

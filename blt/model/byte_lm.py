@@ -29,6 +29,8 @@ class ByteLM(nn.Module):
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
 
-    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """tokens (B, T) -> logits (B, T, V); patch_ids is accepted and ignored (same call as BLT)."""
-        return self.lm_head(self.norm(self.transformer(self.embed_tokens(tokens))))
+    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor | None = None, routing: bool = False):
+        """tokens (B, T) -> logits (B, T, V); patch_ids is accepted and ignored, routing=True gives
+        (logits, None) (the same call as BLT)."""
+        logits = self.lm_head(self.norm(self.transformer(self.embed_tokens(tokens))))
+        return (logits, None) if routing else logits

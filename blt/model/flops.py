@@ -50,16 +50,17 @@ class FlopsReport:
 
 def assumed_patch_size(model: ModelConfig, patching: PatchingConfig) -> float:
     """The mean patch size FLOPs are reported for: 1 for a byte LM, else what the patching mode
-    expects (the patch size for static patching, the target for entropy patching, about one
-    English word for space patching)."""
+    expects (the patch size for static patching, the target for entropy and learned patching,
+    about one English word for space patching)."""
     if model.arch == "byte_lm":
         return 1.0
     return mode_of(patching).assumed_patch_size(patching)
 
 
 def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
-                 entropy_cfg: ModelConfig | None = None) -> FlopsReport:
-    """FLOPs per byte for `cfg` on sequences of `seq_len` bytes with mean patch size `patch_size`."""
+                 entropy_cfg: ModelConfig | None = None, patching: PatchingConfig | None = None) -> FlopsReport:
+    """FLOPs per byte for `cfg` on sequences of `seq_len` bytes with mean patch size `patch_size`
+    (`patching`: learned patching adds its router and the smoothing of patch states)."""
     if cfg.arch == "byte_lm":
         local = stack_flops(cfg.lm, seq_len) + 2 * cfg.lm.dim * VOCAB_SIZE
         glob = 0.0
@@ -75,6 +76,9 @@ def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
         dec += crosses * (2 * cross / 2 + 4 * k * D)  # q/o per byte, scores and values against k keys
         dec += crosses * (2 * k * cross / 2) / patch_size  # k/v for k keys per patch
         glob = (stack_flops(cfg.global_model, int(patches)) + 2 * D * k * Dg) / patch_size
+        if patching is not None and mode_of(patching).needs_router:
+            enc += 2 * 2 * D * D  # the router's q and k projections per byte
+            glob += 2 * patches * Dg / patch_size  # smoothing: each patch state mixes the ones before
         local = enc + dec
     fwd = local + glob
     ent = 0.0
@@ -98,10 +102,13 @@ def _embedding_params(cfg: ModelConfig) -> int:
     return (VOCAB_SIZE + tables) * cfg.encoder.dim
 
 
-def model_info(cfg, model, entropy_cfg: ModelConfig | None = None) -> dict:
+def model_info(cfg, model, entropy_cfg: ModelConfig | None = None, measured_patch_size: float | None = None) -> dict:
     """What `blt info` prints and a run's model_info.json starts with: the architecture, the patch
-    size assumed, parameter counts and FLOPs per byte of `model` built from the config `cfg`."""
+    size assumed, parameter counts and FLOPs per byte of `model` built from the config `cfg`; with
+    `measured_patch_size` (a run's), FLOPs are at that mean patch size instead."""
     params = sum(p.numel() for p in model.parameters())
     patch_size = assumed_patch_size(cfg.model, cfg.patching)
-    rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, params, entropy_cfg)
-    return {"arch": cfg.model.arch, "assumed_patch_size": patch_size, **rep.__dict__}
+    rep = flops_report(cfg.model, cfg.data.seq_len, measured_patch_size or patch_size, params, entropy_cfg,
+                       cfg.patching)
+    measured = {} if measured_patch_size is None else {"measured_patch_size": measured_patch_size}
+    return {"arch": cfg.model.arch, "assumed_patch_size": patch_size, **measured, **rep.__dict__}

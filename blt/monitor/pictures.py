@@ -1,8 +1,9 @@
-"""What a validation shows besides numbers: a snippet of validation text with the next-byte
-entropy per byte and the patch boundaries drawn on it, and generated samples.
+"""What a validation shows besides numbers: a snippet of validation text with a curve per byte
+and the patch boundaries drawn on it, and generated samples.
 
-Entropies come from the entropy model when patching by entropy, else from the model being trained
-(its own next-byte uncertainty), so the picture is informative for every patching mode.
+The curve is what decided the boundaries where there is one: the entropy model's next-byte
+entropy (entropy patching), the router's boundary probability (learned patching); else the
+model's own next-byte entropy, so the picture is informative for every patching mode.
 """
 
 from __future__ import annotations
@@ -29,32 +30,34 @@ def patch_snippet(model, patcher, ids: torch.Tensor) -> dict:
     rank of a ZeRO-3 job must call this together)."""
     was_training = model.training
     model.eval()
-    starts = patcher.starts(ids)  # (1, T) bool
-    if patcher.model is not None:
-        ent, source = patcher.entropies(ids), "entropy model"
+    starts, signal = patcher.explain(model, ids)  # (1, T) bool, (1, T) or None
+    if patcher.learned:
+        curve, label, threshold = signal, "boundary probability (router)", 0.5
+    elif signal is not None:
+        curve, label, threshold = signal, "next-byte entropy (entropy model), nats", patcher.threshold
     else:
         logits = model(ids, patch_ids_from_starts(starts))
-        ent, source = entropy_from_logits(logits.float()), "this model"
+        curve, label, threshold = entropy_from_logits(logits.float()), "next-byte entropy (this model), nats", None
     if was_training:
         model.train()
-    return {"bytes": [int(t) - OFFSET for t in ids[0].tolist()], "entropy": ent[0].float().cpu().numpy(),
-            "starts": starts[0].cpu().numpy(), "source": source, "threshold": patcher.threshold}
+    return {"bytes": [int(t) - OFFSET for t in ids[0].tolist()], "curve": curve[0].float().cpu().numpy(),
+            "starts": starts[0].cpu().numpy(), "label": label, "threshold": threshold}
 
 
 def draw_patches(snip: dict, step: int) -> np.ndarray:
-    """The snippet as an RGB image (H, W, 3) uint8: entropy curve, patch starts, the bytes below."""
+    """The snippet as an RGB image (H, W, 3) uint8: its curve, patch starts, the bytes below."""
     import warnings
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    H, starts, byte_values = snip["entropy"], snip["starts"], snip["bytes"]
+    H, starts, byte_values = snip["curve"], snip["starts"], snip["bytes"]
     T = len(byte_values)
     fig = Figure(figsize=(max(8.0, T * 0.11), 3.2), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(T)
-    ax.plot(x, H, color="#1f77b4", lw=1.2, marker=".", ms=3, label=f"next-byte entropy ({snip['source']})")
+    ax.plot(x, H, color="#1f77b4", lw=1.2, marker=".", ms=3, label=snip["label"])
     for s in np.nonzero(starts)[0]:
         ax.axvline(s - 0.5, color="#d62728", lw=0.8, alpha=0.7)
     if snip["threshold"] is not None:
@@ -64,7 +67,6 @@ def draw_patches(snip: dict, step: int) -> np.ndarray:
         warnings.simplefilter("ignore")  # a glyph the font lacks is drawn as a box, not an error
         ax.set_xticklabels([_label(b) if b >= 0 else "" for b in byte_values], fontsize=7, family="monospace")
     ax.set_xlim(-1, T)
-    ax.set_ylabel("nats")
     n_patches = int(starts.sum())
     ax.set_title(f"step {step}: {T} bytes in {n_patches} patches (mean {T / max(1, n_patches):.2f}); "
                  "red lines start a patch", fontsize=9)

@@ -1,6 +1,6 @@
 """What a patching mode is: the rule that cuts a whole sequence, the same rule one byte at a time,
 and what the rest of blt needs to know about it (config checks, FLOPs, HF export, calibration).
-Each mode is one module (static.py, space.py, entropy.py) holding one subclass, listed once in
+Each mode is one module (static.py, space.py, entropy.py, learned.py) holding one subclass, listed once in
 registry.py. `cfg` is the `patching` section of the config (blt.config.PatchingConfig).
 
 The rules every mode shares (a BOS starts a patch, `split_first_byte`, `max_patch_length`) are
@@ -15,14 +15,16 @@ import torch
 class Mode:
     name = ""
     needs_entropies = False  # the rule reads the entropy model's next-byte entropies
+    needs_router = False  # the rule reads the model's own boundary probabilities (the model cuts its patches)
     start_reads_its_byte = False  # whether byte t starts a patch depends on byte t itself (space)
 
     def check(self, cfg, arch: str) -> str | None:
         """What is wrong with `cfg` for this mode (one line naming the key and the fix), or None."""
         return None
 
-    def starts(self, tokens: torch.Tensor, cfg, entropies: torch.Tensor | None, threshold: float | None) -> torch.Tensor:
-        """(B, T) byte ids -> (B, T) bool, True where this mode's rule starts a patch."""
+    def starts(self, tokens: torch.Tensor, cfg, signal: torch.Tensor | None, threshold: float | None) -> torch.Tensor:
+        """(B, T) byte ids -> (B, T) bool, True where this mode's rule starts a patch. `signal` (B, T) is
+        the per-byte number the rule reads: entropies (entropy) or the router's probabilities (learned)."""
         raise NotImplementedError
 
     def stream(self, cfg, threshold: float | None) -> "StreamRule":
@@ -47,8 +49,9 @@ class Mode:
 
 
 class StreamRule:
-    """One row's state for Mode.stream: `push(t, token, entropy)` says whether byte `t` (> 0) starts
-    a patch by the mode's own rule; `entropy` is H of predicting this byte (entropy modes)."""
+    """One row's state for Mode.stream: `push(t, token, signal)` says whether byte `t` (> 0) starts
+    a patch by the mode's own rule; `signal` is the byte's value of Mode.starts' signal: H of
+    predicting this byte (entropy), or the router's probability (learned)."""
 
-    def push(self, t: int, token: int, entropy: float | None) -> bool:
+    def push(self, t: int, token: int, signal: float | None) -> bool:
         raise NotImplementedError

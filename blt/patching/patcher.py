@@ -5,6 +5,10 @@ one from a config, with its entropy model (`build_patcher`).
     patcher = Patcher(cfg.patching, entropy_model)
     patcher.calibrate(sample_tokens)      # a mode with a data-derived threshold and threshold=None
     ids = patcher(tokens)                 # (B, T) -> (B, T) patch index of every byte
+    logits, ids, routing = patcher.forward(model, tokens)   # every mode, learned included
+
+With learned patching the model's own router cuts the patches inside its forward, so `patcher(...)`
+and `starts` refuse; `forward` runs the model either way.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ class Patcher:
         self.model = entropy_model
         self.source = entropy_source  # identifies the entropy model (for cache keys)
         self.threshold = cfg.threshold
+        self.learned = self.mode.needs_router  # the model cuts its own patches
 
     @torch.no_grad()
     def entropies(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -33,12 +38,35 @@ class Patcher:
         return torch.cat(outs).to(tokens.device)
 
     def starts(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
+        if self.learned:
+            raise ValueError("learned patching: the model's router cuts the patches; use patcher.forward(model, tokens)")
         if self.mode.needs_entropies and entropies is None:
             entropies = self.entropies(tokens)
         return patch_starts(tokens, self.cfg, entropies, self.threshold)
 
     def __call__(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
         return patch_ids_from_starts(self.starts(tokens, entropies))
+
+    def forward(self, model, tokens: torch.Tensor, entropies: torch.Tensor | None = None):
+        """Run `model(tokens, patch_ids, routing=True)` (a model, or an engine's forward) on `tokens`
+        (B, T) cut by this patcher, or by the model's router (learned) -> (logits (B, T, V), patch
+        ids (B, T), Routing or None)."""
+        if self.learned:
+            logits, routing = model(tokens, None, routing=True)
+            return logits, routing.patch_ids, routing
+        patch_ids = self(tokens, entropies)
+        logits, _ = model(tokens, patch_ids, routing=True)
+        return logits, patch_ids, None
+
+    @torch.no_grad()
+    def explain(self, model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """For pictures and `blt patch`: (B, T) starts and the per-byte signal that decided them,
+        entropies (entropy), the router's boundary probabilities (learned) or None."""
+        if self.learned:
+            _, routing = model(tokens, None, routing=True)
+            return routing.starts, routing.probs.float()
+        ent = self.entropies(tokens) if self.model is not None else None
+        return self.starts(tokens, ent), ent
 
     def calibrate(self, tokens: torch.Tensor) -> float | None:
         """A mode whose threshold comes from data, with none set: choose it on `tokens` (B, T) (for

@@ -1,7 +1,7 @@
 """The patching modes, and the one place a mode name is looked up: `mode_of(cfg)`. A new mode is
 one module with a `Mode` subclass (see base.py) and one entry in MODES.
 
-    starts = patch_starts(tokens, cfg.patching, entropies=H)   # (B, T) bool, byte-level
+    starts = patch_starts(tokens, cfg.patching, H)   # (B, T) bool, byte-level; H: entropies or router probabilities
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import torch
 from blt.errors import ConfigError
 from blt.patching.base import Mode
 from blt.patching.entropy import Entropy
+from blt.patching.learned import Learned
 from blt.patching.rules import limit_patch_length
 from blt.patching.space import Space
 from blt.patching.static import Static
 from blt.tokens import BOS_ID
 
-MODES: dict[str, Mode] = {m.name: m for m in (Static(), Space(), Entropy())}
+MODES: dict[str, Mode] = {m.name: m for m in (Static(), Space(), Entropy(), Learned())}
 
 
 def mode_of(cfg) -> Mode:
@@ -41,11 +42,12 @@ def check_patching(cfg, model) -> None:
         raise ConfigError(problem)
 
 
-def patch_starts(tokens: torch.Tensor, cfg, entropies: torch.Tensor | None = None,
+def patch_starts(tokens: torch.Tensor, cfg, signal: torch.Tensor | None = None,
                  threshold: float | None = None) -> torch.Tensor:
-    """Patch starts (B, T) bool for `tokens` (B, T) under `cfg`: the mode's rule, then the shared
-    ones (a BOS always starts a patch; split_first_byte; max_patch_length)."""
-    starts = mode_of(cfg).starts(tokens, cfg, entropies, threshold)
+    """Patch starts (B, T) bool for `tokens` (B, T) under `cfg`: the mode's rule (reading `signal`
+    (B, T), entropies or router probabilities, if it needs one), then the shared ones (a BOS always
+    starts a patch; split_first_byte; max_patch_length)."""
+    starts = mode_of(cfg).starts(tokens, cfg, signal, threshold)
     starts = starts | (tokens == BOS_ID)
     if cfg.split_first_byte and starts.shape[1] > 1:
         starts[:, 1] = True

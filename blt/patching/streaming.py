@@ -3,7 +3,7 @@ decided from what came before (and, for space patching, the byte itself), with t
 the same result as `patch_starts` on the whole sequence. One state per row.
 
     ss = StreamingStarts(cfg.patching, threshold)
-    start = ss.push(byte_id, entropy)   # entropy: H of predicting this byte (entropy modes only)
+    start = ss.push(byte_id, signal)   # signal: H of predicting this byte (entropy), the router's p (learned)
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ class StreamingStarts:
         self.t = 0  # position of the next byte in the window
         self.seg_start = 0  # last start before max_patch_length cuts
 
-    def push(self, token: int, entropy: float | None = None) -> bool:
+    def push(self, token: int, signal: float | None = None) -> bool:
         c, t = self.cfg, self.t
-        start = self.rule.push(t, token, entropy) or t == 0
+        start = self.rule.push(t, token, signal) or t == 0
         start = start or token == BOS_ID or (c.split_first_byte and t == 1)
         if start:
             self.seg_start = t

@@ -11,7 +11,7 @@ state of its own.
     info = describe_model(cfg, model, patcher, data)          # before ZeRO-3 partitions the weights
     engine = build_engine(cfg, world, kind, model, device, amp_dtype, rundir.resume_from)
     step, state = resume_or_calibrate(cfg, engine, loader, patcher, rundir.resume_from)
-    meter, peak = build_meter(world, device, engine.amp_dtype, info)
+    meter, peak = build_meter(cfg, world, device, engine.amp_dtype, info)
     trace = start_run_files(cfg, world, rundir, step, {**info, **peak})   # the first write
 
 Nothing is written before `start_run_files`: every check of the steps above has passed by then.
@@ -30,7 +30,7 @@ from blt.artifacts import build_patcher, load_model
 from blt.config import Config, ConfigError, dump_config
 from blt.data import ByteLoader, PackedData, prepare_data, read_tokens
 from blt.model import build_model
-from blt.model.flops import model_info
+from blt.model.flops import flops_report, model_info
 from blt.monitor.peak import peak_flops
 from blt.patching import EntropyCache, Patcher, mode_of
 from blt.proc import log
@@ -114,7 +114,7 @@ def build_initial_model(cfg: Config, device: torch.device, resume_from: Path | N
     run, the weights of training.init_from (a resume loads its checkpoint's later)."""
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank (CPU and CUDA generators)
     with torch.device(device):  # initialised where it trains: a 4.5B model is not built on the CPU first
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.patching)
     if cfg.training.init_from and resume_from is None:
         init_weights_from(model, cfg.training.init_from, cfg)
         log(f"weights from {cfg.training.init_from} (training.init_from)")
@@ -168,12 +168,16 @@ def resume_or_calibrate(cfg: Config, engine, loader: ByteLoader, patcher: Patche
     return step, state
 
 
-def build_meter(world: Dist, device: torch.device, amp_dtype: torch.dtype | None,
+def build_meter(cfg: Config, world: Dist, device: torch.device, amp_dtype: torch.dtype | None,
                 info: dict) -> tuple[StepMeter, dict]:
-    """The step meter (throughput, MFU against this device's peak, measured by rank 0 only) and the
-    peak for model_info.json."""
+    """The step meter (throughput, MFU against this device's peak at the measured mean patch size,
+    measured by rank 0 only) and the peak for model_info.json."""
     peak, source = peak_flops(device, amp_dtype) if world.is_main else (1.0, "")
-    return StepMeter(info["flops_per_byte"], peak, world.world_size), {
+
+    def flops_at(patch_size: float) -> float:
+        return flops_report(cfg.model, cfg.data.seq_len, patch_size, info["params"], patching=cfg.patching).flops_per_byte
+
+    return StepMeter(flops_at, peak, world.world_size), {
         "peak_flops_per_device": peak, "peak_flops_source": source}
 
 
@@ -197,7 +201,9 @@ def start_run_files(cfg: Config, world: Dist, rundir: RunDir, step: int, info: d
 def start_line(cfg: Config, world: Dist, engine, info: dict, data: PackedData, run_dir: Path) -> str:
     """The one line a start logs: model size and cost, data, processes and engine, run dir."""
     where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {engine.label}"
+    with_entropy = (f" ({info['flops_per_byte_with_entropy']:.3g} with the entropy model)"
+                    if info["flops_per_byte_with_entropy"] != info["flops_per_byte"] else "")
     return (f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
-            f"{info['flops_per_byte']:.3g} train FLOPs/byte ({info['flops_per_byte_with_entropy']:.3g} with the "
-            f"entropy model), {data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
+            f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}, at {info['assumed_patch_size']:g} bytes "
+            f"per patch, {data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
             f"{where} -> {run_dir}")

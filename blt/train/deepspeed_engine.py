@@ -162,8 +162,8 @@ class DeepSpeedEngine:
         engine, _ = self.accelerator.prepare(model, optimizer)
         return engine
 
-    def forward(self, inputs: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
-        return self.ds(inputs, patch_ids)
+    def forward(self, inputs: torch.Tensor, patch_ids: torch.Tensor | None, routing: bool = False):
+        return self.ds(inputs, patch_ids, routing=routing)
 
     def backward(self, loss: torch.Tensor) -> None:
         """One micro-batch; DeepSpeed divides by the accumulation steps itself."""

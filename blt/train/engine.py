@@ -58,9 +58,10 @@ class LocalEngine:
         self.model, self.cfg, self.device, self.amp_dtype = model, cfg, device, amp_dtype
         self.optimizer = build_optimizer(model, cfg.optimizer)
 
-    def forward(self, inputs: torch.Tensor, patch_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, patch_ids: torch.Tensor | None, routing: bool = False):
+        """The model's forward (logits, or with routing=True (logits, Routing | None))."""
         with autocast_ctx(self.device, self.amp_dtype):
-            return self.model(inputs, patch_ids)
+            return self.model(inputs, patch_ids, routing=routing)
 
     def backward(self, loss: torch.Tensor) -> None:
         """One micro-batch's mean loss; scaled so the accumulated gradient is the step's mean."""

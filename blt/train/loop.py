@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from blt.artifacts.checkpoints import is_complete
 from blt.config import Config
 from blt.data import PAD_ID
-from blt.patching import patch_sizes
+from blt.patching import patch_sizes, ratio_loss
 from blt.proc import log
 from blt.train.build import (build_data, build_device, build_engine, build_initial_model, build_meter,
                              build_patching, build_run_dir, describe_model, engine_class, resume_or_calibrate,
@@ -98,7 +98,7 @@ class Trainer:
         self.last_val_step: int = self.state.get("last_val_step", self.step)
         self._rewind: tuple[dict, dict] | None = None  # (data position, RNG) before the step under way
         self._updating = False  # inside the optimizer update: the weights are between two steps
-        self.meter, peak = build_meter(world, self.device, self.engine.amp_dtype, info)
+        self.meter, peak = build_meter(cfg, world, self.device, self.engine.amp_dtype, info)
         self.trace = start_run_files(cfg, world, self.rundir, self.step, {**info, **peak})  # the first write
         log(start_line(cfg, world, self.engine, info, self.data, self.run_dir))
 
@@ -106,6 +106,7 @@ class Trainer:
         """Forward and backward over grad_accum micro-batches; returns this rank's sums for the metrics."""
         self._rewind = (self.loader.state_dict(), rng_state())
         loss_sum, nbytes, npatches, windows = 0.0, 0, 0, []
+        route_sums = [0.0, 0.0, 0.0]  # learned patching: ratio loss, boundary rate, mean probability
         times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
         for _ in range(self.cfg.training.grad_accum):
             t0 = time.perf_counter()
@@ -115,17 +116,33 @@ class Trainer:
             ent = None
             if self.entropy_cache is not None:
                 ent = self.entropy_cache.windows(self.loader.last_indices).to(self.device)
-            patch_ids = self.patcher(inputs, ent)  # (B, T)
+            patch_ids = None if self.patcher.learned else self.patcher(inputs, ent)  # (B, T); learned: the model's
             t1 = time.perf_counter()
-            loss = lm_loss(self.engine.forward(inputs, patch_ids), targets)
-            self.engine.backward(loss)
+            logits, routing = self.engine.forward(inputs, patch_ids, routing=True)
+            patch_ids = patch_ids if routing is None else routing.patch_ids
+            loss = lm_loss(logits, targets)
+            total = loss
+            if routing is not None:  # learned patching: the ratio loss holds the mean patch size
+                total = loss + self.cfg.patching.ratio_loss_weight * self.routing_terms(routing, inputs, route_sums)
+            self.engine.backward(total)
             loss_sum += float(loss.detach())  # waits for the device: the timing below is honest
             times["data"] += t1 - t0
             times["fwd_bwd"] += time.perf_counter() - t1
             nbytes += inputs.numel()
             npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
             self.meter.add_patch_lengths(patch_sizes(patch_ids).cpu().numpy())
-        return {"loss_sum": loss_sum, "bytes": nbytes, "patches": npatches, "times": times, "windows": windows}
+        return {"loss_sum": loss_sum, "bytes": nbytes, "patches": npatches, "times": times, "windows": windows,
+                "routing": route_sums}
+
+    def routing_terms(self, routing, inputs: torch.Tensor, sums: list[float]) -> torch.Tensor:
+        """The ratio loss of one micro-batch (with gradient); adds it, the router's boundary rate
+        and its mean probability (over real bytes) to `sums`."""
+        real = inputs != PAD_ID
+        loss, _, mean_prob = ratio_loss(routing.probs, routing.starts, real, self.cfg.patching.target_patch_size)
+        rate = (routing.router_starts & real).sum() / real.sum().clamp(min=1)
+        for i, v in enumerate((loss, rate, mean_prob)):
+            sums[i] += float(v.detach())
+        return loss
 
     def update(self, lr: float, out: dict) -> float:
         """The optimizer step that completes step self.step + 1; returns the grad norm. After it the
@@ -232,8 +249,9 @@ class Trainer:
                     timed_out = c.training.max_minutes is not None and elapsed() > 60 * c.training.max_minutes
                     # one collective, before the update: metric sums, and whether any rank was told to stop
                     # (all stop together) or met a non-finite loss (all skip the update together)
-                    loss_sum, nbytes, npatches, stops, timeouts = world.all_sum(
-                        [out["loss_sum"], out["bytes"], out["patches"], stop.reason is not None, timed_out])
+                    loss_sum, nbytes, npatches, stops, timeouts, *route = world.all_sum(
+                        [out["loss_sum"], out["bytes"], out["patches"], stop.reason is not None, timed_out,
+                         *out["routing"]])
                     loss = loss_sum / (c.training.grad_accum * world.world_size)
                     if not math.isfinite(loss):
                         raise DivergedError(f"loss became {loss}")
@@ -242,6 +260,8 @@ class Trainer:
                     timed_out = timeouts > 0
                     metrics.advance()
                     self.meter.add_step(loss, nbytes, npatches, out["times"])
+                    if self.patcher.learned:
+                        self.meter.add_routing(*(v / (c.training.grad_accum * world.world_size) for v in route))
                     if self.step % c.logging.every == 0 or self.step == c.training.steps:
                         record = self.meter.record(self.step, lr, grad_norm)
                         metrics.log({**record, "peak_mem_gb": peak_memory_gb(self.device), "elapsed": elapsed()})

@@ -1,11 +1,13 @@
 """The numbers of the steps between two log lines: loss and bits per byte, throughput in bytes and
-patches per second, model FLOP utilisation, the step time split into data / forward+backward /
-optimizer, and the histogram of patch sizes."""
+patches per second, model FLOP utilisation (at the mean patch size measured in the interval), the
+step time split into data / forward+backward / optimizer, the histogram of patch sizes, and for
+learned patching the ratio loss, the router's boundary rate and its mean probability."""
 
 from __future__ import annotations
 
 import math
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -13,8 +15,9 @@ import numpy as np
 class StepMeter:
     """Sums since the last log line (this rank's timings; loss, bytes and patches over all ranks)."""
 
-    def __init__(self, flops_per_byte: float, peak_flops: float, world_size: int):
-        self.flops_per_byte, self.peak_flops, self.world_size = flops_per_byte, peak_flops, world_size
+    def __init__(self, flops_at: Callable[[float], float], peak_flops: float, world_size: int):
+        """flops_at(mean patch size) -> training FLOPs per byte."""
+        self.flops_at, self.peak_flops, self.world_size = flops_at, peak_flops, world_size
         self.hist = np.zeros(1, dtype=np.int64)
         self.reset()
 
@@ -23,6 +26,7 @@ class StepMeter:
         self.t0 = time.time()
         self.steps, self.loss, self.bytes, self.patches = 0, 0.0, 0, 0
         self.times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
+        self.routing: list[float] | None = None  # sums of ratio loss, boundary rate, mean probability
         self.hist[:] = 0
 
     def add_step(self, loss: float, nbytes: float, npatches: float, times: dict) -> None:
@@ -33,6 +37,11 @@ class StepMeter:
         self.patches += npatches
         for key, value in times.items():
             self.times[key] += value
+
+    def add_routing(self, ratio_loss: float, boundary_rate: float, mean_prob: float) -> None:
+        """One step's learned-patching means (over micro-batches and ranks)."""
+        step = [ratio_loss, boundary_rate, mean_prob]
+        self.routing = step if self.routing is None else [a + b for a, b in zip(self.routing, step)]
 
     def add_patch_lengths(self, lengths: np.ndarray) -> None:
         """Count patches of each length (bytes) into the histogram, growing it as needed."""
@@ -51,11 +60,15 @@ class StepMeter:
         n = max(1, self.steps)
         mean = self.loss / n
         bytes_per_s = self.bytes / dt
-        achieved = self.flops_per_byte * bytes_per_s  # all ranks together
-        return {
+        patch_size = self.bytes / max(1, self.patches)
+        achieved = self.flops_at(patch_size) * bytes_per_s  # all ranks together
+        record = {
             "step": step, "loss": mean, "bpb": mean / math.log(2), "lr": lr, "grad_norm": grad_norm,
-            "bytes_per_s": bytes_per_s, "patches_per_s": self.patches / dt,
-            "avg_patch_size": self.bytes / max(1, self.patches),
+            "bytes_per_s": bytes_per_s, "patches_per_s": self.patches / dt, "avg_patch_size": patch_size,
             "tflops": achieved / 1e12, "mfu": achieved / (self.peak_flops * self.world_size),
             "step_time_s": dt / n, **{f"time_{k}_s": v / n for k, v in self.times.items()},
         }
+        if self.routing is not None:
+            names = ("ratio_loss", "boundary_rate", "router_prob")
+            record.update({k: v / n for k, v in zip(names, self.routing)})
+        return record

@@ -48,7 +48,7 @@ def count_params(cfg: Config) -> tuple[int, int]:
     from blt.model import build_model
 
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.patching)
     total = sum(p.numel() for p in model.parameters())
     embed = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
     return total, total - embed

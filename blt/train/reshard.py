@@ -156,7 +156,8 @@ def _for_every_stage(udir: Path, step_dir: Path) -> None:
 def _parameter_shapes(step_dir: Path) -> dict[str, torch.Size]:
     """name -> shape of every parameter of the checkpoint's model (built on the meta device)."""
     with torch.device("meta"):
-        model = build_model(checkpoint_config(step_dir).model)
+        cfg = checkpoint_config(step_dir)
+        model = build_model(cfg.model, cfg.patching)
     return {n: p.shape for n, p in model.named_parameters()}
 
 
@@ -209,7 +210,7 @@ def _named_moments(step_dir: Path, layout: Layout) -> tuple[dict[str, dict], int
     rebuilding it (on the meta device) from the checkpoint's config gives each position its name."""
     cfg = checkpoint_config(step_dir)
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_model(cfg.model, cfg.patching)
     built = build_optimizer(model, cfg.optimizer)
     names = {id(p): n for n, p in model.named_parameters()}
     saved = _whole_optimizer_state(step_dir, layout)
