@@ -148,7 +148,7 @@ def main() -> None:
                 extra_flops = ent_train * ecfg.training.steps * ecfg.training.batch_size * ecfg.data.seq_len
                 ent_fwd = stack_flops(ecfg.model.lm, base.data.seq_len) + 2 * ecfg.model.lm.dim * VOCAB_SIZE
                 per_step = (fpb(_patching(base, "entropy"), 4.0) + ent_fwd) * step_bytes
-                steps = round((budget - extra_flops) / per_step)
+                steps = max(1, round((budget - extra_flops) / per_step))  # at least one, on a tiny budget
                 extra_flops += ent_fwd * steps * step_bytes
                 ent_wall = ent["wall"]
                 over += [f"patching.entropy_model={out / name / 'entropy_model'}", "patching.target_patch_size=4.0",
