@@ -149,7 +149,8 @@ def _measured_patch_size(run) -> float | None:
     for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
         m = json.loads(line)
         if "avg_patch_size" in m and "loss" in m and m["step"] > last:
-            steps, patches, last = steps + m["step"] - last, patches + (m["step"] - last) / m["avg_patch_size"], m["step"]
+            n = m["step"] - last  # steps in this logging interval
+            steps, patches, last = steps + n, patches + n / m["avg_patch_size"], m["step"]
     return steps / patches if patches else None
 
 

@@ -141,6 +141,10 @@ def test_export_carries_the_router_and_hf_export_refuses(tmp_path, capsys, cache
     records = [m for m in read_metrics(run) if "loss" in m]
     assert all({"ratio_loss", "boundary_rate", "router_prob", "avg_patch_size"} <= set(m) for m in records)
     assert "entropy model" not in err  # nothing to train first, nothing to mention
+    code, out, err = run_cli(capsys, "info", run)  # FLOPs at the patch size the run measured
+    info, steps = json.loads(out), [m["avg_patch_size"] for m in records]
+    assert info["measured_patch_size"] == pytest.approx(len(steps) / sum(1 / s for s in steps))
+    assert info["assumed_patch_size"] == 4.0
     code, out, err = run_cli(capsys, "export", run, tmp_path / "exp")
     assert code == 0, err
     code, a, err = run_cli(capsys, "eval", run)

@@ -174,7 +174,9 @@ class BLT(nn.Module):
         h = self.local_encoder.byte_states(tokens)  # (B, T, D) byte-level
         route, gate = None, None
         if self.router is not None:
-            route = self.route(tokens, h, patch_ids)
+            if patch_ids is not None:
+                raise ValueError("this model cuts its own patches (patching.mode=learned): pass patch_ids=None")
+            route = self.route(tokens, h)
             patch_ids = route.patch_ids
         elif patch_ids is None:
             raise ValueError("patch_ids are needed: only a model with patching.mode=learned cuts its own patches")
@@ -188,18 +190,12 @@ class BLT(nn.Module):
         logits = self.local_decoder(h, g, patch_ids, gate)
         return (logits, route) if routing else logits
 
-    def route(self, tokens: torch.Tensor, h: torch.Tensor, patch_ids: torch.Tensor | None = None) -> Routing:
-        """The router's probabilities on byte states h (B, T, D) and the patches they cut (or, given
-        `patch_ids`, those patches)."""
+    def route(self, tokens: torch.Tensor, h: torch.Tensor) -> Routing:
+        """The router's probabilities on byte states h (B, T, D) and the patches they cut, with the
+        shared rules (BOS, max_patch_length, split_first_byte) applied."""
         probs = self.router(h)  # (B, T)
-        mine = router_starts(probs.detach())
-        if patch_ids is None:
-            starts = patch_starts(tokens, self.patching, probs.detach())
-            patch_ids = patch_ids_from_starts(starts)
-        else:
-            starts = torch.ones_like(mine)
-            starts[:, 1:] = patch_ids[:, 1:] != patch_ids[:, :-1]
-        return Routing(probs, starts, mine, patch_ids)
+        starts = patch_starts(tokens, self.patching, probs.detach())
+        return Routing(probs, starts, router_starts(probs.detach()), patch_ids_from_starts(starts))
 
 
 def init_weights(model: nn.Module, std: float) -> None:
