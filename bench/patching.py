@@ -57,7 +57,8 @@ def default_corpora() -> dict[str, str]:
     return out
 
 
-def data_overrides(name: str, pattern: str) -> list[str]:
+def data_overrides(pattern: str) -> list[str]:
+    """The data keys of a corpus glob (none: the bundled corpus), blt's own files left out."""
     if not pattern:
         return []
     files = sorted(f for f in glob.glob(pattern) if "/blt-" not in f)
@@ -114,7 +115,8 @@ def main() -> None:
         name, _, pattern = c.partition("=")
         corpora[name] = pattern if pattern else known.get(name, None)
         if corpora[name] is None:
-            raise SystemExit(f"bench/patching.py: unknown corpus '{name}' (give NAME=GLOB, or one of {', '.join(known)})")
+            names = ", ".join(known)
+            raise SystemExit(f"bench/patching.py: unknown corpus '{name}' (give NAME=GLOB or one of: {names})")
     modes = [m for m in args.modes.split(",") if m]
     out = ROOT / args.out
     shutil.rmtree(out, ignore_errors=True)
@@ -128,7 +130,7 @@ def main() -> None:
     print(f"FLOP budget per run: {budget:.3e} ({args.steps} learned steps of {step_bytes} bytes)", flush=True)
     rows = []
     for name, pattern in corpora.items():
-        data = data_overrides(name, pattern)
+        data = data_overrides(pattern)
         for mode in modes:
             run_dir = out / name / mode
             over = [*data, f"patching.mode={mode}"]

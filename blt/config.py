@@ -87,12 +87,12 @@ class PatchingConfig:
     patch_size: PosInt = 4  # static: bytes per patch
     threshold: Optional[float] = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
     threshold_mode: Literal["global", "monotonic"] = "global"  # H_t > th, or H_t - H_{t-1} > th
-    target_patch_size: Annotated[float, Range(ge=1)] = 4.5  # entropy (threshold=None): choose th for this mean patch size; learned: what the ratio loss aims at
+    target_patch_size: Annotated[float, Range(ge=1)] = 4.5  # entropy (threshold=None), learned: the mean patch size aimed at
     max_patch_length: Optional[PosInt] = 16  # every mode: cut a patch that reaches this many bytes
     entropy_model: Optional[str] = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
     entropy_cache: bool = True  # entropy: precompute entropies for the dataset once (else compute per batch)
     split_first_byte: bool = False  # byte 1 always starts a patch, so the first byte is a patch of its own (HF/BLT)
-    ratio_loss_weight: NonNegFloat = 0.03  # learned: weight of the ratio loss that holds the mean patch size at target_patch_size (H-Net's alpha)
+    ratio_loss_weight: NonNegFloat = 0.03  # learned: weight of the ratio loss towards target_patch_size (H-Net's alpha)
 
 
 # ----------------------------------------------------------------------------- data

@@ -175,7 +175,8 @@ def build_meter(cfg: Config, world: Dist, device: torch.device, amp_dtype: torch
     peak, source = peak_flops(device, amp_dtype) if world.is_main else (1.0, "")
 
     def flops_at(patch_size: float) -> float:
-        return flops_report(cfg.model, cfg.data.seq_len, patch_size, info["params"], patching=cfg.patching).flops_per_byte
+        rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, info["params"], patching=cfg.patching)
+        return rep.flops_per_byte
 
     return StepMeter(flops_at, peak, world.world_size), {
         "peak_flops_per_device": peak, "peak_flops_source": source}
@@ -201,9 +202,10 @@ def start_run_files(cfg: Config, world: Dist, rundir: RunDir, step: int, info: d
 def start_line(cfg: Config, world: Dist, engine, info: dict, data: PackedData, run_dir: Path) -> str:
     """The one line a start logs: model size and cost, data, processes and engine, run dir."""
     where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {engine.label}"
+    per_patch = f" at {info['assumed_patch_size']:g} bytes per patch" if cfg.model.arch == "blt" else ""
     with_entropy = (f" ({info['flops_per_byte_with_entropy']:.3g} with the entropy model)"
                     if info["flops_per_byte_with_entropy"] != info["flops_per_byte"] else "")
     return (f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
-            f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}, at {info['assumed_patch_size']:g} bytes "
-            f"per patch, {data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
+            f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}{per_patch}, "
+            f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
             f"{where} -> {run_dir}")
