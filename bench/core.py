@@ -19,18 +19,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blt.config import load_config  # noqa: E402
+from blt.config import Config, load_config  # noqa: E402
 from blt.train.loop import train  # noqa: E402
 
 
-def run(config: str, run_dir: Path, overrides: list[str]) -> tuple[dict, float, dict, list[dict]]:
+def run(config: str, run_dir: Path, overrides: list[str]) -> tuple[dict, float, dict, list[dict], Config]:
+    """Train configs/CONFIG into run_dir -> (last validation, wall seconds, model_info.json,
+    metrics.jsonl records, the config)."""
     cfg = load_config(ROOT / "configs" / config, [f"run_dir={run_dir}", "checkpoint.resume=none", *overrides])
     t0 = time.time()
     result = train(cfg)
     wall = time.time() - t0
     info = json.loads((run_dir / "model_info.json").read_text())
     metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return result, wall, info, metrics
+    return result, wall, info, metrics, cfg
 
 
 def main() -> None:
@@ -45,13 +47,13 @@ def main() -> None:
         shutil.rmtree(out)
     budget = [f"training.max_minutes={args.minutes}", "logging.progress=false"]
 
-    _, ent_wall, _, _ = run("entropy_tiny.yaml", out / "entropy_tiny", ["logging.progress=false"])
+    _, ent_wall, _, _, _ = run("entropy_tiny.yaml", out / "entropy_tiny", ["logging.progress=false"])
     rows = []
     for name, config, extra in (
         ("BLT tiny (entropy patches)", "tiny.yaml", [f"patching.entropy_model={out / 'entropy_tiny'}"]),
         ("byte Transformer baseline", "byte_baseline_tiny.yaml", []),
     ):
-        result, wall, info, metrics = run(config, out / Path(config).stem, budget + extra)
+        result, wall, info, metrics, _ = run(config, out / Path(config).stem, budget + extra)
         train_lines = [m for m in metrics if "bytes_per_s" in m]
         bps = sum(m["bytes_per_s"] for m in train_lines[1:]) / max(1, len(train_lines) - 1)
         rows.append((name, result, wall, info, bps))

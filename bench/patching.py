@@ -30,16 +30,16 @@ import shutil
 import statistics
 import sys
 import sysconfig
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import core  # noqa: E402  (bench/core.py: this script's folder is on sys.path)
 from blt.config import load_config  # noqa: E402
 from blt.model.flops import flops_report, stack_flops  # noqa: E402
 from blt.tokens import VOCAB_SIZE  # noqa: E402
-from blt.train.loop import train  # noqa: E402
+from blt.train.metrics import mean_patch_size  # noqa: E402
 
 MODES = ("learned", "entropy", "static", "space")
 
@@ -49,8 +49,7 @@ def default_corpora() -> dict[str, str]:
     site = Path(sysconfig.get_paths()["purelib"])
     stdlib = Path(sysconfig.get_paths()["stdlib"])
     out = {"shakespeare": ""}
-    metadata = sorted(p for p in site.glob("*.dist-info/METADATA") if not p.parent.name.startswith("blt-"))
-    if metadata:
+    if any(not p.parent.name.startswith("blt-") for p in site.glob("*.dist-info/METADATA")):
         out["package-docs"] = str(site / "*.dist-info" / "METADATA")
     if list(stdlib.glob("*.py")):
         out["python-stdlib"] = str(stdlib / "*.py")
@@ -66,23 +65,13 @@ def data_overrides(pattern: str) -> list[str]:
 
 
 def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
-    cfg = load_config(ROOT / "configs" / config, [f"run_dir={run_dir}", "checkpoint.resume=none",
-                                                  "logging.progress=false", "training.max_minutes=null", *overrides])
-    t0 = time.time()
-    result = train(cfg)
-    wall = time.time() - t0
-    metrics = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """bench/core.py's run, without the progress bar or the time cap, summed up for the table."""
+    result, wall, _, metrics, cfg = core.run(config, run_dir, ["logging.progress=false", "training.max_minutes=null",
+                                                               *overrides])
     lines = [m for m in metrics if "bytes_per_s" in m]
     return {"cfg": cfg, "result": result, "wall": wall, "lines": lines,
             "bytes_per_s": statistics.median(m["bytes_per_s"] for m in lines[1:] or lines),
-            "patch_size": _mean_patch(lines)}
-
-
-def _mean_patch(lines: list[dict]) -> float:
-    """Mean patch size over the whole run: bytes / patches, from each log interval's rates."""
-    steps = [b["step"] - a["step"] for a, b in zip([{"step": 0}] + lines[:-1], lines)]
-    patches = sum(s / m["avg_patch_size"] for s, m in zip(steps, lines))
-    return sum(steps) / patches
+            "patch_size": mean_patch_size(lines)}
 
 
 def space_patch_size(overrides: list[str], seq_len: int) -> float:

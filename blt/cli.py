@@ -143,15 +143,12 @@ def _cmd_info(args) -> None:
 
 
 def _measured_patch_size(run) -> float | None:
-    """A run's mean patch size over its training steps (bytes / patches, from metrics.jsonl), or None."""
-    steps, patches, last = 0, 0.0, 0
+    """A run dir's mean patch size over its training steps (from metrics.jsonl), or None."""
+    from blt.train.metrics import mean_patch_size
+
     path = run / "metrics.jsonl"
-    for line in path.read_text(encoding="utf-8").splitlines() if path.is_file() else []:
-        m = json.loads(line)
-        if "avg_patch_size" in m and "loss" in m and m["step"] > last:
-            n = m["step"] - last  # steps in this logging interval
-            steps, patches, last = steps + n, patches + n / m["avg_patch_size"], m["step"]
-    return steps / patches if patches else None
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    return mean_patch_size([json.loads(line) for line in lines])
 
 
 def _cmd_plan(args) -> None:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from blt.model.attention import patch_state_attention
-from blt.model.router import smooth_step
+from blt.model.router import confidence, smooth_step
 from blt.patching.learned import BOUNDARY
 from blt.generation.kv_cache import CacheFullError, KVCache
 from blt.generation.static_step import OneByteSteps
@@ -161,8 +161,7 @@ class IncrementalBLT:
         if self.router is not None:
             probs = self._route(h, slots)  # (B, n)
             starts = starts(probs)
-            mine = (probs >= BOUNDARY) | (slots == 0)
-            conf = torch.where(starts & ~mine, 1.0, torch.where(mine, probs, 1 - probs))  # router.confidence
+            conf = confidence(probs, starts, probs >= BOUNDARY)  # (B, n); slot 0 has p = 1
         pids = self.cur_pid[:, None] + (starts & real).long().cumsum(1)  # (B, n)
         self.cur_pid = pids[:, -1] if n == 1 else pids.gather(1, (valid - 1).clamp(min=0)[:, None])[:, 0]
         self.patch_ids.scatter_(1, slots, pids)

@@ -84,10 +84,6 @@ class LocalEncoder(nn.Module):
         self.patch_embedding_projection = nn.Linear(D, D * k, bias=False)
         self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat)
 
-    def forward(self, tokens: torch.Tensor, patch_ids: torch.Tensor, num_patches: int):
-        h = self.byte_states(tokens)  # (B, T, D) byte-level
-        return h, self.pool(h, patch_ids, num_patches)
-
     def byte_states(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, T) byte ids -> (B, T, D) the causal encoder's byte states."""
         h = self.embed_tokens(tokens)  # (B, T, D) byte-level

@@ -131,6 +131,17 @@ class MetricsLogger:
             self.file.close()
 
 
+def mean_patch_size(records: list[dict]) -> float | None:
+    """A run's mean patch size over its training steps, bytes / patches, from its metrics.jsonl
+    records (each training line holds its interval's avg_patch_size), or None without any."""
+    steps, patches, last = 0, 0.0, 0
+    for m in records:
+        if "avg_patch_size" in m and "loss" in m and m["step"] > last:
+            n = m["step"] - last  # steps in this logging interval
+            steps, patches, last = steps + n, patches + n / m["avg_patch_size"], m["step"]
+    return steps / patches if patches else None
+
+
 def truncate_jsonl(path: Path, step: int) -> int | None:
     """Drop the lines of `path` (JSON objects with a "step") after `step`, and any torn line a crash
     left; returns the last step dropped, or None if nothing was. Atomic: a crash keeps the old file."""
