@@ -78,15 +78,13 @@ def space_patch_size(overrides: list[str], seq_len: int) -> float:
     """Mean patch size of space patching on a sample of the corpus's training windows."""
     import torch
 
-    from blt.data import ByteLoader
     from blt.patching import patch_starts
     from blt.train.build import build_data
     from blt.train.distributed import Dist
 
     cfg = load_config(ROOT / "configs" / "tiny_learned.yaml", ["patching.mode=space", *overrides])
     _, loader, _ = build_data(cfg, Dist())
-    sample = ByteLoader(loader.tokens, seq_len, min(64, loader.num_windows), 1)
-    x = next(sample)[:, :-1]
+    x = loader.sample(64, 1)[:, :-1]
     return float(x.numel() / patch_starts(torch.as_tensor(x), cfg.patching).sum())
 
 

@@ -1,6 +1,7 @@
 """The `blt` command line.
 
     blt train configs/tiny.yaml [key=value ...]         # run dir: config.yaml, metrics.jsonl, checkpoints/
+    blt prepare corpus/ --out data/corpus --workers 8   # files -> shards (+ --entropy-model: entropies)
     blt eval runs/tiny [--data FILE ...]                 # one JSON line: bpb, bytes, loss, avg_patch_size
     blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P --stop S]
     blt patch runs/tiny --text TEXT                      # how a text splits into patches, with entropies
@@ -37,11 +38,37 @@ def _cmd_train(args) -> None:
         print(json.dumps(result))
 
 
+def _cmd_prepare(args) -> None:
+    from blt.train.prepare_job import run
+
+    run(args)
+
+
+def add_prepare_parser(sub) -> None:
+    pr = sub.add_parser("prepare", help="files -> shards (and their entropies) for training at scale")
+    pr.add_argument("sources", nargs="*", help="files, directories, globs (txt, jsonl, json, parquet; .gz/.zst), "
+                                               "or hub:NAME")
+    pr.add_argument("--out", required=True, help="the prepared directory (created; rerun to update it)")
+    pr.add_argument("--workers", type=int, default=1, help="processes reading and packing shards")
+    pr.add_argument("--part", default=None, help="K/N: prepare part K of N (several machines); the last "
+                                                 "part to finish writes the manifest")
+    pr.add_argument("--shard-mb", type=float, default=64, help="input MB per shard")
+    pr.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
+    pr.add_argument("--text-field", default="text", help="the text column of json/jsonl/parquet")
+    pr.add_argument("--sample-by", default="document", help="plain text: document, paragraph or line")
+    pr.add_argument("--seed", type=int, default=0, help="which documents are held out")
+    pr.add_argument("--entropy-model", default=None, help="compute float16 entropies with this byte_lm run")
+    pr.add_argument("--seq-len", type=int, default=None, help="the training data.seq_len the entropies are for "
+                                                               "(default 1024)")
+    pr.add_argument("--batch", type=int, default=16, help="windows per entropy-model forward")
+    pr.set_defaults(func=_cmd_prepare)
+
+
 def _cmd_eval(args) -> None:
     import numpy as np
 
     from blt.artifacts import load_model
-    from blt.data import encode_files, prepare_data, read_tokens
+    from blt.data import encode_files, prepare_data
     from blt.evaluate import check_device, check_eval_options, evaluate
 
     check_eval_options(args.batch_size, args.max_bytes, flag=True)  # before the (slow) load
@@ -52,7 +79,8 @@ def _cmd_eval(args) -> None:
         tokens = encode_files(args.data, cfg.data.text_field, cfg.data.sample_by)
         source = args.data
     else:
-        tokens = np.asarray(read_tokens(prepare_data(cfg.data, log=log).val))
+        val = prepare_data(cfg.data, log=log).val_tokens(args.max_bytes)
+        tokens = np.concatenate([t[0:len(t)] for _, t in val])
         source = "validation split of the run's data config"
     result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, device)
     print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
@@ -249,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.steps=100")
     t.set_defaults(func=_cmd_train)
+
+    add_prepare_parser(sub)
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on held-out text")
     e.add_argument("checkpoint", help="run dir or checkpoint dir")

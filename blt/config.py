@@ -11,6 +11,7 @@ checks that relate several fields.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
@@ -99,15 +100,24 @@ class PatchingConfig:
 
 
 @dataclass
+class SourceConfig:
+    name: str = ""  # names the source in logs: data/bytes/<name>, val/bpb/<name>
+    path: list[str] = field(default_factory=list)  # a directory made by `blt prepare`, or files/globs (prepared into the cache)
+    weight: NonNegFloat = 1.0  # sampling weight; weights are normalised over the sources
+
+
+@dataclass
 class DataConfig:
-    train: list[str] = field(default_factory=list)  # files/globs (txt, jsonl, json, parquet); [] = bundled Shakespeare
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture; instead of train, val and hub_dataset
+    train: list[str] = field(default_factory=list)  # files/globs (txt, jsonl(.gz/.zst), json, parquet) or a prepared dir; [] = bundled Shakespeare
     val: list[str] = field(default_factory=list)  # held-out files/globs; [] = split val_fraction of train documents
     val_fraction: Fraction = 0.05  # share of documents held out when val is empty (deterministic by seed)
     hub_dataset: Optional[str] = None  # a HF hub dataset name (needs a network); used instead of train
     text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
     sample_by: Literal["document", "paragraph", "line"] = "document"  # what one plain-text document is
     seq_len: Annotated[int, Range(ge=2)] = 1024  # bytes per training sequence
-    cache_dir: Optional[str] = None  # where packed memmaps go; None = ~/.cache/blt
+    cache_dir: Optional[str] = None  # where files are prepared into shards; None = ~/.cache/blt
+    workers: NonNegInt = 0  # processes preparing files into the cache; 0 = one per CPU core
     seed: Seed = 0  # data order and split seed
 
 
@@ -331,6 +341,7 @@ def check_config(cfg: Config) -> None:
     if m.hf_compat and m.arch == "blt" and not cfg.patching.split_first_byte:
         raise ConfigError("model.hf_compat=true needs patching.split_first_byte=true (HF's decoder reads the patch "
                           "that ends at each byte, which is causal only when the first byte is a patch of its own)")
+    check_sources(cfg.data)
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas must be a list of two floats, got {cfg.optimizer.betas}")
     d = cfg.distributed
@@ -344,6 +355,27 @@ def check_config(cfg: Config) -> None:
     from blt.patching.registry import check_patching
 
     check_patching(cfg.patching, cfg.model)
+
+
+def check_sources(d: DataConfig) -> None:
+    """data.sources: named, unique, each with a path, not mixed with data.train/val/hub_dataset,
+    and some weight above zero."""
+    if not d.sources:
+        return
+    if d.train or d.val or d.hub_dataset:
+        raise ConfigError("data.sources replaces data.train, data.val and data.hub_dataset; set one or the other "
+                          "(a single source: data.sources=[{name: NAME, path: [FILES]}])")
+    names = [s.name for s in d.sources]
+    for i, s in enumerate(d.sources):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
+            raise ConfigError(f"data.sources[{i}].name {s.name!r} must be a non-empty name of letters, digits, "
+                              "'_', '.' or '-' (it names the source's metrics)")
+        if names.count(s.name) > 1:
+            raise ConfigError(f"data.sources: the name {s.name!r} is used twice; give every source its own name")
+        if not s.path:
+            raise ConfigError(f"data.sources[{i}].path is empty; give a prepared directory or files/globs")
+    if sum(s.weight for s in d.sources) <= 0:
+        raise ConfigError("data.sources: every weight is 0; give at least one source a weight above 0")
 
 
 def config_to_dict(cfg: Any) -> dict:

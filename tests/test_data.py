@@ -1,4 +1,5 @@
-"""The data pipeline: exact bytes in the packed stream, cached splits, resumable batches."""
+"""The data pipeline through the data config: exact bytes in the shards, held-out splits, the
+cache, one-line errors; evaluation windows. Prepare itself and the training stream: test_prepare.py."""
 
 import json
 import os
@@ -9,8 +10,7 @@ import torch
 
 from blt.config import DataConfig
 from blt.data import (
-    BOS_ID, EOS_ID, OFFSET, PAD_ID, BUNDLED_DIR, ByteLoader, DataError, decode, encode, encode_files,
-    eval_windows, prepare_data, read_tokens,
+    BOS_ID, EOS_ID, OFFSET, PAD_ID, BUNDLED_DIR, DataError, decode, encode, encode_files, eval_windows, prepare_data,
 )
 
 
@@ -25,6 +25,14 @@ def packed_docs(tokens) -> list[bytes]:
     assert len(starts) == len(ends)
     return [decode(arr[s + 1: e]) for s, e in zip(starts, ends)]
 
+
+def train_docs(corpus) -> list[bytes]:
+    data = corpus.sources[0].data
+    return [d for k in range(len(data.shards)) for d in packed_docs(data.tokens(k, "train"))]
+
+
+def val_docs(corpus) -> list[bytes]:
+    return packed_docs(np.concatenate([t[0:len(t)] for _, t in corpus.val_tokens()]))
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -50,26 +58,31 @@ def test_text_jsonl_parquet_token_counts(tmp_path):
         (tmp_path / f"doc{i}.txt").write_bytes(d)
     rows = [{"text": "alpha", "id": 1}, {"text": "βeta 🙂", "id": 2}, {"text": "", "id": 3}]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    import gzip
+
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     pq.write_table(pa.table({"text": ["gamma", "delta delta"]}), tmp_path / "rows.parquet")
+    (tmp_path / "more.jsonl.gz").write_bytes(gzip.compress(b'{"text": "zipped"}\n'))
+    with pa.output_stream(str(tmp_path / "most.jsonl.zst"), compression="zstd") as f:
+        f.write(b'{"text": "zstd"}\n')
+    (tmp_path / "arr.json").write_text(json.dumps([{"text": "in an array"}]))
     val_text = "held out text"
     (tmp_path / "val.txt").write_text(val_text)
 
-    cfg = DataConfig(train=[str(tmp_path / "doc*.txt"), str(tmp_path / "rows.jsonl"), str(tmp_path / "rows.parquet")],
+    cfg = DataConfig(train=[str(tmp_path / "doc*.txt"), str(tmp_path / "*.json*"), str(tmp_path / "rows.parquet")],
                      val=[str(tmp_path / "val.txt")], cache_dir=str(tmp_path / "cache"))
     data = prepare_data(cfg, log=quiet)
-    expected = docs_txt + [b"alpha", "βeta 🙂".encode(), b"gamma", b"delta delta"]  # the empty row is dropped
-    assert data.train.num_docs == len(expected)
-    assert data.train.num_tokens == sum(len(d) + 2 for d in expected)
-    train = read_tokens(data.train)
-    assert isinstance(train, np.memmap) and train.dtype == np.uint16 and len(train) == data.train.num_tokens
-    assert packed_docs(train) == expected  # files in sorted order, rows in file order
-    assert packed_docs(read_tokens(data.val)) == [val_text.encode()]
-    assert json.loads((data.dir / "meta.json").read_text())["train"]["tokens"] == data.train.num_tokens
-    assert not list((tmp_path / "cache" / "data").glob(".tmp-*"))  # no temp dir left behind
-    assert not (data.dir / "hf_cache").exists()
+    # files in sorted path order, rows in file order; the empty row is dropped
+    expected = [b"in an array"] + docs_txt + [b"zipped", b"zstd", b"alpha", "βeta 🙂".encode(), b"gamma",
+                                              b"delta delta"]
+    assert data.sources[0].data.totals("train") == (sum(len(d) + 2 for d in expected), len(expected))
+    assert train_docs(data) == expected
+    assert val_docs(data) == [val_text.encode()]
+    shard = data.sources[0].data.shards[0]
+    assert [f["path"] for f in shard.files] == sorted(f["path"] for f in shard.files)
+    assert not list((tmp_path / "cache" / "data").rglob(".*tmp*"))  # no temporary file left behind
 
 
 def test_invalid_utf8_and_crlf_survive_exactly(tmp_path):
@@ -78,7 +91,7 @@ def test_invalid_utf8_and_crlf_survive_exactly(tmp_path):
     (tmp_path / "b.txt").write_bytes(b"other")
     cfg = DataConfig(train=[str(tmp_path / "a.txt")], val=[str(tmp_path / "b.txt")], cache_dir=str(tmp_path))
     data = prepare_data(cfg, log=quiet)
-    assert packed_docs(read_tokens(data.train)) == [raw]
+    assert train_docs(data) == [raw]
     assert np.array_equal(encode_files([str(tmp_path / "a.txt")]), encode(raw))
 
 
@@ -87,9 +100,9 @@ def test_sample_by_paragraph_and_line(tmp_path):
     (tmp_path / "v.txt").write_bytes(b"v")
     base = dict(train=[str(tmp_path / "t.txt")], val=[str(tmp_path / "v.txt")], cache_dir=str(tmp_path))
     para = prepare_data(DataConfig(**base, sample_by="paragraph"), log=quiet)
-    assert packed_docs(read_tokens(para.train)) == [b"p1 a\np1 b", b"p2", b"p3\n"]
+    assert train_docs(para) == [b"p1 a\np1 b", b"p2", b"p3\n"]
     line = prepare_data(DataConfig(**base, sample_by="line"), log=quiet)
-    assert packed_docs(read_tokens(line.train)) == [b"p1 a", b"p1 b", b"p2", b"p3"]
+    assert train_docs(line) == [b"p1 a", b"p1 b", b"p2", b"p3"]
 
 
 def test_val_split_is_by_document_and_deterministic(tmp_path):
@@ -100,7 +113,7 @@ def test_val_split_is_by_document_and_deterministic(tmp_path):
         cfg = DataConfig(train=[str(tmp_path / "d.jsonl")], text_field="body", val_fraction=0.1, seed=seed,
                          cache_dir=str(tmp_path / cache))
         data = prepare_data(cfg, log=quiet)
-        return packed_docs(read_tokens(data.train)), packed_docs(read_tokens(data.val))
+        return train_docs(data), val_docs(data)
 
     train, val = split(0, "a")
     assert len(val) == 4 and len(train) == 36
@@ -111,18 +124,18 @@ def test_val_split_is_by_document_and_deterministic(tmp_path):
 
 def test_single_document_cannot_be_split(tmp_path):
     (tmp_path / "one.txt").write_text("just one document")
-    with pytest.raises(DataError, match="data.val"):
+    with pytest.raises(DataError, match="validation"):
         prepare_data(DataConfig(train=[str(tmp_path / "one.txt")], cache_dir=str(tmp_path)), log=quiet)
 
 
 def test_bundled_default(tmp_path):
     data = prepare_data(DataConfig(cache_dir=str(tmp_path)), log=quiet)
-    assert 1_000_000 <= data.train.num_tokens <= 1_150_000
-    assert data.val.num_docs == 2 and 150_000 <= data.val.num_tokens <= 250_000
-    train = b"\n".join(packed_docs(read_tokens(data.train)))
+    assert 1_000_000 <= data.train_bytes <= 1_150_000
+    assert len(val_docs(data)) == 2 and 150_000 <= data.val_bytes <= 250_000
+    train = b"\n".join(train_docs(data))
     for path in sorted((BUNDLED_DIR / "val").glob("*.txt")):
         text = path.read_bytes()
-        assert text in packed_docs(read_tokens(data.val))
+        assert text in val_docs(data)
         assert text[:2000] not in train and text[-2000:] not in train
     assert b"Gutenberg" not in train and b"\r" not in train
 
@@ -131,10 +144,11 @@ def test_cache_is_reused(tmp_path):
     logs = []
     cfg = DataConfig(cache_dir=str(tmp_path))
     first = prepare_data(cfg, log=logs.append)
-    mtime = os.stat(first.train.path).st_mtime_ns
+    shard = first.sources[0].data.root / "shards" / f"{first.sources[0].data.shards[0].id}.train.bin"
+    mtime = os.stat(shard).st_mtime_ns
     second = prepare_data(cfg, log=logs.append)
-    assert second == first and os.stat(second.train.path).st_mtime_ns == mtime
-    assert "reusing" in logs[-1] and "reusing" not in logs[0]
+    assert second.sources[0].data.manifest == first.sources[0].data.manifest and os.stat(shard).st_mtime_ns == mtime
+    assert "nothing new to build" in logs[-1] and "built" in logs[1]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -169,61 +183,21 @@ def test_errors_name_the_file(tmp_path):
     one_line_error(cfg(tmp_path / "broken.jsonl"), "broken.jsonl", "not valid")
     (tmp_path / "broken.parquet").write_bytes(b"PAR1 not parquet")
     one_line_error(cfg(tmp_path / "broken.parquet"), "broken.parquet", "not valid Parquet")
+    (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
+    one_line_error(cfg(tmp_path / "broken.jsonl.gz"), "broken.jsonl.gz", "not valid gz")
     (tmp_path / "empty_val.txt").write_bytes(b"")
-    one_line_error(DataConfig(train=[str(ok)], val=[str(tmp_path / "empty_val.txt")], cache_dir=str(tmp_path)),
+    one_line_error(DataConfig(train=[str(ok)], val=[str(tmp_path / "empty_val.txt")], cache_dir=str(tmp_path / "cache")),
                    "empty_val.txt", "data.val")
-    assert not list((tmp_path / "cache" / "data").glob("*"))  # failed builds leave nothing behind
+    for d in (tmp_path / "cache" / "data").iterdir():  # failed builds leave nothing; the good one is complete
+        assert (d / "manifest.json").is_file() and not list(d.rglob(".*tmp*"))
 
 
-# ----------------------------------------------------------------------------- loaders
+# ----------------------------------------------------------------------------- evaluation windows
 
 
 def stream(n=5000):
-    """Token i has value i, so a window shows where it came from (the loaders never look at values)."""
+    """Token i has value i, so a window shows where it came from (the windows never look at values)."""
     return np.arange(n, dtype=np.uint16)
-
-
-def test_loader_windows_and_resume():
-    tokens = stream()
-    loader = ByteLoader(tokens, seq_len=64, batch_size=4, seed=3)
-    assert loader.num_windows == (5000 - 1) // 64
-    first = [next(loader) for _ in range(3)]
-    for x in first:
-        assert x.shape == (4, 65) and x.dtype == torch.int64
-        for row in x.numpy():  # window i is tokens[i * 64 : i * 64 + 65]
-            assert row[0] % 64 == 0 and (row == np.arange(row[0], row[0] + 65)).all()
-    assert loader.last_indices == (first[-1][:, 0] // 64).tolist()
-    state = json.loads(json.dumps(loader.state_dict()))
-    after = [next(loader) for _ in range(5)]
-    restored = ByteLoader(tokens, seq_len=64, batch_size=4, seed=3)
-    restored.load_state_dict(state)
-    for a, b in zip(after, [next(restored) for _ in range(5)]):
-        assert torch.equal(a, b)
-
-
-def test_loader_crosses_epochs():
-    loader = ByteLoader(stream(1 + 10 * 8), seq_len=8, batch_size=3, seed=0)  # exactly 10 windows
-    seen = [int(x[0]) // 8 for _ in range(3) for x in next(loader)]
-    assert sorted(seen) == sorted(set(seen)) and len(seen) == 9  # epoch 0: 9 distinct windows, 1 dropped
-    assert seen == np.random.default_rng([0, 0]).permutation(10)[:9].tolist()
-    x = next(loader)
-    assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["index"] == 3
-    assert (x[:, 0] // 8).tolist() == np.random.default_rng([0, 1]).permutation(10)[:3].tolist()
-
-
-def test_loader_ranks_partition_the_global_batch():
-    tokens = stream()
-    single = ByteLoader(tokens, seq_len=32, batch_size=6, seed=7)
-    ranks = [ByteLoader(tokens, seq_len=32, batch_size=3, seed=7, rank=r, world_size=2) for r in range(2)]
-    for _ in range(60):  # several epochs of 156 windows
-        assert torch.equal(next(single), torch.cat([next(r) for r in ranks]))
-
-
-def test_loader_too_little_data():
-    with pytest.raises(DataError, match="data.seq_len"):
-        ByteLoader(stream(50), seq_len=64, batch_size=1, seed=0)
-    with pytest.raises(DataError, match="batch"):
-        ByteLoader(stream(500), seq_len=64, batch_size=8, seed=0)
 
 
 @pytest.mark.parametrize("n,max_tokens", [(1000, None), (1025, None), (1000, 300), (1000, 5000), (2, None)])

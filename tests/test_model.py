@@ -207,25 +207,6 @@ def test_sliding_window_attention_equals_dense_reference(T, window):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_entropy_cache_equals_on_the_fly_entropies(tmp_path):
-    """Cached entropies of training windows are the ones the patcher computes per batch."""
-    import numpy as np
-
-    from blt.data import ByteLoader
-    from blt.patching import EntropyCache
-
-    patcher = make_patcher("entropy")
-    stream = np.concatenate([encode("Friends, Romans, countrymen, lend me your ears; " * 5),
-                             encode("I come to bury Caesar, not to praise him.")]).astype(np.uint16)
-    L = 32
-    cache = EntropyCache.build(patcher, stream, L, tmp_path, batch=3, log=lambda s: None)
-    loader = ByteLoader(stream, L, 4, seed=0)
-    batch = next(loader)
-    on_the_fly = patcher.entropies(batch[:, :-1])
-    torch.testing.assert_close(cache.windows(loader.last_indices), on_the_fly, atol=1e-5, rtol=1e-5)
-    assert torch.equal(patcher(batch[:, :-1], cache.windows(loader.last_indices)), patcher(batch[:, :-1]))
-
-
 def test_sparse_hash_gradients_train_like_dense():
     """hash_sparse_grad changes how the tables are updated (lazy SparseAdam), not the model: same
     logits, same gradient norm, and one step moves the loss the same way."""

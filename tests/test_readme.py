@@ -1,5 +1,5 @@
 """Every command in README.md's code blocks runs as written, in README order, in a scratch
-directory holding the repo's configs/ and launch/, with `blt` and `python` on PATH: the README
+directory holding the repo's configs/, launch/ and bundled corpus (blt/data/shakespeare/), with `blt` and `python` on PATH: the README
 cannot drift from the code.
 
 Shell blocks (bash, sh, console, unlabelled) are cut into commands: comments dropped, `\\` lines
@@ -129,8 +129,10 @@ def shrunk(command: str, scratch: Path, cache_dir: Path) -> str:
 
 
 def scratch_dir(tmp: Path) -> tuple[Path, dict]:
-    """A directory with configs/ and launch/, and the environment the commands run in."""
-    for name in ("configs", "launch"):
+    """A directory with configs/, launch/ and blt/data/shakespeare/ (the bundled corpus, as in a
+    checkout), and the environment the commands run in."""
+    for name in ("configs", "launch", "blt/data/shakespeare"):
+        (tmp / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp / name).symlink_to(ROOT / name)
     bin_dir = tmp / ".bin"
     bin_dir.mkdir()

@@ -69,7 +69,7 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, cache_dir, en
     b = {m["step"]: m["loss"] for m in read_metrics(split) if "loss" in m}
     for s in (5, 6, 7, 8):
         assert a[s] == b[s], f"step {s}: {a[s]} != {b[s]}"
-    assert state["data"]["index"] > 0
+    assert state["data"]["position"] > 0
 
 
 def test_byte_lm_baseline_trains(tmp_path, capsys, cache_dir):

@@ -64,7 +64,7 @@ def test_divergence_saves_the_last_finite_step_and_points_before_it(tmp_path, ca
     line = one_line(code, err, "at step 4", "lower optimizer.lr", f"checkpoint.resume={step_dir(run, 2)}",
                     str(step_dir(run, 3)))
     state = json.loads((step_dir(run, 3) / "state.json").read_text())
-    assert state["step"] == 3 and state["data"]["index"] == 3 * 4  # 3 batches of 4 windows: no more, no less
+    assert state["step"] == 3 and state["data"]["position"] == 3 * 4  # 3 batches of 4 windows: no more, no less
     model = load_model(step_dir(run, 3), patcher=False).model
     assert all(bool(p.isfinite().all()) for p in model.parameters())
     assert step_dir(run, 2).is_dir()  # keep_last=1, but a save after a failure deletes nothing
@@ -88,7 +88,7 @@ def test_a_crash_mid_step_saves_the_step_before_and_the_rerun_continues_exactly(
         run_cli(capsys, *tiny(crashed, cache_dir, *common))
     err = capsys.readouterr().err
     assert f"saved {step_dir(crashed, 2)}" in err and "rerun the same command" in err
-    assert json.loads((step_dir(crashed, 2) / "state.json").read_text())["data"]["index"] == 2 * 4
+    assert json.loads((step_dir(crashed, 2) / "state.json").read_text())["data"]["position"] == 2 * 4
     monkeypatch.undo()
     code, _, err = run_cli(capsys, *tiny(crashed, cache_dir, *common))
     assert code == 0 and "at step 2" in err, err
@@ -286,4 +286,4 @@ def test_a_diverging_job_saves_on_every_rank_together(tmp_path, cache_dir):
     assert [done.stderr.count(f"(rank {r}): error: loss became nan at step 2") for r in (0, 1)] == [1, 1], \
         done.stderr[-3000:]
     state = json.loads((step_dir(run, 1) / "state.json").read_text())
-    assert (state["step"], state["world_size"]) == (1, 2) and [d["index"] for d in state["data_ranks"]] == [4, 4]
+    assert (state["step"], state["world_size"]) == (1, 2) and [d["position"] for d in state["data_ranks"]] == [4, 4]

@@ -6,14 +6,12 @@ never depends on a byte after t.
     rules.py          what every mode shares: max patch length, patch ids and lengths, entropies
     streaming.py      the same decisions one byte at a time (generation)
     patcher.py        the runtime Patcher, with the frozen entropy model when a mode needs one
-    entropy_cache.py  entropies of a whole training split, computed once
 
     starts = patch_starts(tokens, cfg.patching, H)   # (B, T) bool, byte-level; H: entropies or router probabilities
     ids = patch_ids_from_starts(starts)                         # (B, T) patch index of every byte
 """
 
 from blt.patching.entropy import entropy_starts, threshold_for_patch_size
-from blt.patching.entropy_cache import EntropyCache
 from blt.patching.learned import ratio_loss, router_starts
 from blt.patching.patcher import Patcher
 from blt.patching.registry import MODES, mode_of, patch_starts
@@ -24,7 +22,7 @@ from blt.patching.static import static_starts
 from blt.patching.streaming import StreamingStarts
 
 __all__ = [
-    "MODES", "EntropyCache", "Patcher", "StreamingStarts", "entropy", "entropy_from_logits", "entropy_starts",
+    "MODES", "Patcher", "StreamingStarts", "entropy", "entropy_from_logits", "entropy_starts",
     "limit_patch_length", "mode_of", "patch_ids_from_starts", "patch_lengths", "patch_sizes", "patch_starts",
     "ratio_loss", "router_starts", "space_starts", "spacelike", "static_starts", "threshold_for_patch_size",
 ]

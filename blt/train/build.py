@@ -5,8 +5,8 @@ state of its own.
     device, amp_dtype = build_device(cfg, world)
     engine_class(kind).prepare(cfg, world, device, kind)      # the engine's config changes, process group
     rundir = build_run_dir(cfg, world)
-    data, loader, val_tokens = build_data(cfg, world)
-    patcher, entropy_cache = build_patching(cfg, world, device, data, loader.tokens)
+    data, loader, val = build_data(cfg, world)
+    patcher = build_patching(cfg, world, device, data, loader)
     model = build_initial_model(cfg, device, rundir.resume_from)
     info = describe_model(cfg, model, patcher, data)          # before ZeRO-3 partitions the weights
     engine = build_engine(cfg, world, kind, model, device, amp_dtype, rundir.resume_from)
@@ -28,11 +28,12 @@ import torch.nn as nn
 
 from blt.artifacts import build_patcher, load_model
 from blt.config import Config, ConfigError, dump_config
-from blt.data import ByteLoader, PackedData, prepare_data, read_tokens
+from blt.data import Corpus, DataError, StreamLoader, prepare_data
+from blt.data.entropies import EntropyStore, model_fingerprint
 from blt.model import build_model
 from blt.model.flops import flops_report, model_info
 from blt.monitor.peak import peak_flops
-from blt.patching import EntropyCache, Patcher, mode_of
+from blt.patching import Patcher, mode_of
 from blt.proc import log
 from blt.train.deepspeed_engine import DeepSpeedEngine
 from blt.train.device import cpu_threads, resolve_device
@@ -70,25 +71,41 @@ def build_run_dir(cfg: Config, world: Dist) -> RunDir:
     return rundir
 
 
-def build_data(cfg: Config, world: Dist) -> tuple[PackedData, ByteLoader, np.ndarray]:
-    """The packed data (rank 0 packs, the others find its cache), this rank's training loader and
-    the validation tokens."""
-    data = world.on_main_first(lambda: prepare_data(cfg.data, log=log))
-    loader = ByteLoader(read_tokens(data.train), cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed,
-                        world.rank, world.world_size)
-    return data, loader, read_tokens(data.val)
+def build_data(cfg: Config, world: Dist) -> tuple[Corpus, StreamLoader, list[tuple[str, np.ndarray]]]:
+    """The prepared data (rank 0 prepares files into the cache, the others open it), this rank's
+    share of the training stream and each source's validation ids."""
+    corpus = world.on_main_first(lambda: prepare_data(cfg.data, log=log, build=world.is_main))
+    loader = StreamLoader(corpus.sources, cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed,
+                          world.rank, world.world_size)
+    return corpus, loader, corpus.val_tokens(cfg.eval.max_bytes)
 
 
-def build_patching(cfg: Config, world: Dist, device: torch.device, data: PackedData,
-                   train_tokens: np.ndarray) -> tuple[Patcher, EntropyCache | None]:
-    """The patcher (with its entropy model, if any) and, when patching.entropy_cache, the entropies
-    of every training window, computed once by rank 0 beside the packed data."""
+def build_patching(cfg: Config, world: Dist, device: torch.device, corpus: Corpus, loader: StreamLoader) -> Patcher:
+    """The patcher (with its entropy model, if any). With patching.entropy_cache, the loader reads
+    the entropies of every training window precomputed beside each source's shards; missing ones
+    are computed here first, every rank its share of the shards."""
     patcher = build_patcher(cfg, device)
-    cache = None
     if entropy_patching(cfg) and cfg.patching.entropy_cache:
-        cache = world.on_main_first(lambda: EntropyCache.build(
-            patcher, train_tokens, cfg.data.seq_len, data.dir, log=log))
-    return patcher, cache
+        fingerprint = model_fingerprint(patcher.model)
+        stores = [EntropyStore(s.data, fingerprint, cfg.data.seq_len, cfg.patching.entropy_model)
+                  for s in corpus.sources]
+        for source, store in zip(corpus.sources, stores):
+            others = store.others()
+            if store.missing() and others and not corpus.cached[source.name]:
+                o = others[0]
+                raise DataError(f"the entropies in '{source.data.root}/entropies' were computed by the entropy model "
+                                f"{o['model']} (weights {o['fingerprint'][:12]}) at data.seq_len={o['seq_len']}, not by "
+                                f"patching.entropy_model={cfg.patching.entropy_model} at data.seq_len="
+                                f"{cfg.data.seq_len}; run `blt prepare --out {source.data.root} --entropy-model "
+                                f"{cfg.patching.entropy_model} --seq-len {cfg.data.seq_len}`, or set "
+                                "patching.entropy_cache=false")
+            if store.missing():
+                log(f"entropies: computing {len(store.missing())} shard(s) of source '{source.name}' on "
+                    f"{world.world_size} rank(s) -> {store.dir}")
+                store.compute(patcher, world.rank, world.world_size, log=log)
+        world.barrier()
+        loader.use_entropies([store.load() for store in stores])
+    return patcher
 
 
 def init_weights_from(model: nn.Module, source: str, cfg: Config) -> None:
@@ -121,11 +138,12 @@ def build_initial_model(cfg: Config, device: torch.device, resume_from: Path | N
     return model
 
 
-def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: PackedData) -> dict:
+def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: Corpus) -> dict:
     """model_info.json: architecture, parameter counts, FLOPs per byte, bytes of each split (read
     before ZeRO-3 partitions the weights)."""
     ecfg = patcher.model.cfg if patcher.model is not None else None
-    return {**model_info(cfg, model, ecfg), "train_bytes": data.train.num_tokens, "val_bytes": data.val.num_tokens}
+    return {**model_info(cfg, model, ecfg), "train_bytes": data.train_bytes, "val_bytes": data.val_bytes,
+            "sources": loader_sources(data)}
 
 
 def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: torch.device,
@@ -144,7 +162,13 @@ def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: 
     return DeepSpeedEngine(model, cfg, device, world, use_accelerate=kind == "accelerate", resume_from=resume_from)
 
 
-def resume_or_calibrate(cfg: Config, engine, loader: ByteLoader, patcher: Patcher,
+def loader_sources(data: Corpus) -> list[dict]:
+    """Each training source: name, weight, prepared directory, train bytes."""
+    return [{"name": s.name, "weight": s.weight, "dir": str(s.data.root), "train_bytes": s.data.totals("train")[0]}
+            for s in data.sources]
+
+
+def resume_or_calibrate(cfg: Config, engine, loader: StreamLoader, patcher: Patcher,
                         resume_from: Path | None) -> tuple[int, dict]:
     """(step, trainer state): a resume loads the checkpoint into the engine, the loader and the
     patcher's threshold; a fresh entropy-patched run without a threshold calibrates one on a
@@ -159,8 +183,7 @@ def resume_or_calibrate(cfg: Config, engine, loader: ByteLoader, patcher: Patche
         patcher.threshold = state.get("threshold", patcher.threshold)
         log(f"resumed from {resume_from} at step {step}")
     elif entropy and patcher.threshold is None:
-        sample = ByteLoader(loader.tokens, cfg.data.seq_len, min(16, loader.num_windows), cfg.data.seed + 1)
-        th = patcher.calibrate(next(sample)[:, :-1])  # (B, T) input bytes
+        th = patcher.calibrate(loader.sample(16, cfg.data.seed + 1)[:, :-1])  # (16, T) input bytes
         log(f"entropy threshold {th:.4f} nats gives mean patch size {cfg.patching.target_patch_size} bytes")
     if entropy:
         cfg.patching.threshold = patcher.threshold
@@ -199,7 +222,7 @@ def start_run_files(cfg: Config, world: Dist, rundir: RunDir, step: int, info: d
     return trace
 
 
-def start_line(cfg: Config, world: Dist, engine, info: dict, data: PackedData, run_dir: Path) -> str:
+def start_line(cfg: Config, world: Dist, engine, info: dict, data: Corpus, run_dir: Path) -> str:
     """The one line a start logs: model size and cost, data, processes and engine, run dir."""
     where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {engine.label}"
     per_patch = f" at {info['assumed_patch_size']:g} bytes per patch" if cfg.model.arch == "blt" else ""
@@ -207,5 +230,6 @@ def start_line(cfg: Config, world: Dist, engine, info: dict, data: PackedData, r
                     if info["flops_per_byte_with_entropy"] != info["flops_per_byte"] else "")
     return (f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
             f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}{per_patch}, "
-            f"{data.train.num_tokens:,} train / {data.val.num_tokens:,} val bytes, "
+            f"{data.train_bytes:,} train / {data.val_bytes:,} val bytes"
+            f"{f' in {len(data.sources)} sources' if len(data.sources) > 1 else ''}, "
             f"{where} -> {run_dir}")

@@ -20,6 +20,7 @@ import signal
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -83,13 +84,13 @@ class Trainer:
         engine_class(kind).prepare(cfg, world, self.device, kind)  # the engine's config changes, process group
         self.rundir = build_run_dir(cfg, world)
         self.run_dir, resume_from = self.rundir.path, self.rundir.resume_from
-        self.data, self.loader, val_tokens = build_data(cfg, world)
-        self.patcher, self.entropy_cache = build_patching(cfg, world, self.device, self.data, self.loader.tokens)
+        self.data, self.loader, val = build_data(cfg, world)
+        self.patcher = build_patching(cfg, world, self.device, self.data, self.loader)
         model = build_initial_model(cfg, self.device, resume_from)
         info = describe_model(cfg, model, self.patcher, self.data)  # before ZeRO-3 partitions the weights
         self.engine = build_engine(cfg, world, kind, model, self.device, amp_dtype, resume_from)
         self.step, self.state = resume_or_calibrate(cfg, self.engine, self.loader, self.patcher, resume_from)
-        self.validation = Validation(cfg, world, self.engine, self.patcher, val_tokens)
+        self.validation = Validation(cfg, world, self.engine, self.patcher, val)
         self.task_eval = TaskEval(cfg, world, self.engine, self.patcher, tasks) if tasks else None
         # what the last checkpoint holds, and what a failure would need to give back to save this step
         self.start_step = self.saved_step = self.step
@@ -106,16 +107,16 @@ class Trainer:
         """Forward and backward over grad_accum micro-batches; returns this rank's sums for the metrics."""
         self._rewind = (self.loader.state_dict(), rng_state())
         loss_sum, nbytes, npatches, windows = 0.0, 0, 0, []
+        per_source = np.zeros(len(self.loader.sources))  # windows of each source in this rank's micro-batches
         route_sums = [0.0, 0.0, 0.0]  # learned patching: ratio loss, boundary rate, mean probability
         times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
         for _ in range(self.cfg.training.grad_accum):
             t0 = time.perf_counter()
             batch = next(self.loader)
-            windows += self.loader.last_indices
-            inputs, targets = batch[:, :-1].to(self.device), batch[:, 1:].to(self.device)  # (B, T) bytes
-            ent = None
-            if self.entropy_cache is not None:
-                ent = self.entropy_cache.windows(self.loader.last_indices).to(self.device)
+            windows += batch.windows.tolist()
+            per_source += np.bincount(batch.sources, minlength=len(per_source))
+            inputs, targets = batch.tokens[:, :-1].to(self.device), batch.tokens[:, 1:].to(self.device)  # (B, T) bytes
+            ent = batch.entropies.to(self.device) if batch.entropies is not None else None  # (B, T) precomputed
             patch_ids = None if self.patcher.learned else self.patcher(inputs, ent)  # (B, T); learned: the model's
             t1 = time.perf_counter()
             logits, routing = self.engine.forward(inputs, patch_ids, routing=True)
@@ -132,6 +133,7 @@ class Trainer:
             npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
             self.meter.add_patch_lengths(patch_sizes(patch_ids).cpu().numpy())
         return {"loss_sum": loss_sum, "bytes": nbytes, "patches": npatches, "times": times, "windows": windows,
+                "per_source": per_source.tolist(),
                 "routing": route_sums}
 
     def routing_terms(self, routing, inputs: torch.Tensor, sums: list[float]) -> torch.Tensor:
@@ -249,13 +251,15 @@ class Trainer:
                     timed_out = c.training.max_minutes is not None and elapsed() > 60 * c.training.max_minutes
                     # one collective, before the update: metric sums, and whether any rank was told to stop
                     # (all stop together) or met a non-finite loss (all skip the update together)
-                    loss_sum, nbytes, npatches, stops, timeouts, *route = world.all_sum(
+                    loss_sum, nbytes, npatches, stops, timeouts, *rest = world.all_sum(
                         [out["loss_sum"], out["bytes"], out["patches"], stop.reason is not None, timed_out,
-                         *out["routing"]])
+                         *out["routing"], *out["per_source"]])
+                    route, per_source = rest[:len(out["routing"])], rest[len(out["routing"]):]
                     loss = loss_sum / (c.training.grad_accum * world.world_size)
                     if not math.isfinite(loss):
                         raise DivergedError(f"loss became {loss}")
                     grad_norm = self.update(lr, out)
+                    self.loader.record(per_source)  # windows per source of this step, all ranks
                     stop_reason = (stop.reason or "SIGTERM") if stops else None
                     timed_out = timeouts > 0
                     metrics.advance()
@@ -264,7 +268,10 @@ class Trainer:
                         self.meter.add_routing(*(v / (c.training.grad_accum * world.world_size) for v in route))
                     if self.step % c.logging.every == 0 or self.step == c.training.steps:
                         record = self.meter.record(self.step, lr, grad_norm)
-                        metrics.log({**record, "peak_mem_gb": peak_memory_gb(self.device), "elapsed": elapsed()})
+                        seen = ({f"data/bytes/{k}": v for k, v in self.loader.bytes_seen().items()}
+                                if len(self.loader.sources) > 1 else {})
+                        metrics.log({**record, **seen, "peak_mem_gb": peak_memory_gb(self.device),
+                                     "elapsed": elapsed()})
                         metrics.histogram(self.step, "patch_size", self.meter.hist.tolist())
                         self.meter.reset()
                     last = self.step == c.training.steps or timed_out or stop_reason is not None

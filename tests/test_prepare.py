@@ -1,0 +1,357 @@
+"""`blt prepare` and the training stream: shards that do not depend on the worker count, incremental
+and partial prepares, a lock, interrupted runs, damaged shards; weighted mixtures, exact and
+elastic resume of the stream; prepared entropies."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from badinput import assert_user_error
+from blt.config import ConfigError, load_config
+from blt.data import DataError, Source, StreamLoader
+from blt.data.prepare import prepare
+from blt.data.shards import Prepared, dir_lock
+from conftest import CONFIGS, ROOT, TINY_BLT, read_metrics, run_cli
+
+slow = pytest.mark.slow
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def quiet(_msg):
+    pass
+
+
+def make_corpus(root: Path, files: int, size: int, seed: int = 0) -> Path:
+    """`files` text files of about `size` bytes of varied words, one document each, plus a JSON lines
+    file of short documents."""
+    rng = np.random.default_rng(seed)
+    words = [w.encode() for w in "the a of and to in is was he that it for on as with his by at from".split()]
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(files):
+        picks = rng.integers(0, len(words), size // 3)
+        (root / f"doc_{i:04d}.txt").write_bytes(b" ".join(words[j] for j in picks)[:size] + b"\n")
+    (root / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * (i % 7 + 1)}) + "\n"
+                                             for i in range(50)))
+    return root
+
+
+def snapshot(out: Path) -> dict[str, bytes]:
+    """Every shard file and the manifest of a prepared dir, by name."""
+    files = {p.name: p.read_bytes() for p in (out / "shards").iterdir()}
+    return {**files, "manifest.json": (out / "manifest.json").read_bytes()}
+
+
+def cli_prepare(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "blt", "prepare", *map(str, args)], capture_output=True, text=True,
+                          env=ENV, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------- prepare
+
+
+def test_workers_parts_and_reruns_give_the_same_shards(tmp_path, capsys):
+    src = make_corpus(tmp_path / "src", 40, 3000)
+    one = prepare([str(src)], tmp_path / "one", shard_mb=0.02, workers=1, log=quiet)
+    assert len(one["shards"]) >= 5 and one["val"]["docs"] >= 5
+    prepare([str(src)], tmp_path / "two", shard_mb=0.02, workers=2, log=quiet)
+    assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")  # byte for byte, whatever the workers
+
+    for k in (1, 2):  # two machines, each its part; the last to finish writes the one manifest
+        code, out, err = run_cli(capsys, "prepare", src, "--out", tmp_path / "parts", "--shard-mb", 0.02,
+                                 "--part", f"{k}/2")
+        assert code == 0, err
+        if k == 1:
+            assert "manifest is written when all 2 parts are" in err
+            assert not (tmp_path / "parts" / "manifest.json").exists()
+    assert snapshot(tmp_path / "parts") == snapshot(tmp_path / "one")
+
+    assert prepare([str(src)], tmp_path / "one", shard_mb=0.02, log=quiet) == one  # a rerun changes nothing
+
+
+def test_incremental_prepare_builds_only_new_and_changed_files(tmp_path):
+    src = make_corpus(tmp_path / "src", 12, 3000)
+    out = tmp_path / "out"
+    first = prepare([str(src)], out, shard_mb=0.01, log=quiet)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir()}
+    (src / "doc_0005b.txt").write_text("a new file, sorted between two old ones\n")
+    logs: list[str] = []
+    grown = prepare([str(src)], out, shard_mb=0.01, log=logs.append)
+    assert f"1 of {len(first['shards']) + 1} shards to build" in logs[0]
+    assert all(stamps[name] == (out / "shards" / name).stat().st_mtime_ns for name in stamps)  # untouched
+    assert grown["train"]["docs"] + grown["val"]["docs"] == first["train"]["docs"] + first["val"]["docs"] + 1
+
+    (src / "doc_0003.txt").write_text("changed text\n")
+    (src / "doc_0007.txt").unlink()
+    logs.clear()
+    changed = prepare([str(src)], out, shard_mb=0.01, log=logs.append)
+    # the shards that held them (4 files each) are rebuilt from their other files, the rest kept
+    assert logs[0].startswith(f"prepare: 2 of {len(changed_shards := changed['shards'])} shards")
+    ids = {s["id"] for s in changed_shards}
+    assert {p.name.split(".")[0] for p in (out / "shards").iterdir()} == ids  # stale shards swept
+    names = [Path(f["path"]).name for s in changed_shards for f in s["files"]]
+    assert "doc_0007.txt" not in names and "doc_0003.txt" in names
+    fresh = prepare([str(src)], tmp_path / "fresh", shard_mb=0.01, log=quiet)
+    assert fresh["train"]["tokens"] + fresh["val"]["tokens"] == changed["train"]["tokens"] + changed["val"]["tokens"]
+
+
+def test_a_second_writer_is_refused_and_nothing_is_corrupted(tmp_path):
+    src = make_corpus(tmp_path / "src", 4, 2000)
+    out = tmp_path / "out"
+    out.mkdir()
+    with dir_lock(out):  # a prepare holding the directory
+        with pytest.raises(DataError, match="being written by another `blt prepare` .*pid"):
+            prepare([str(src)], out, log=quiet)
+    assert not (out / "manifest.json").exists()
+    prepare([str(src)], out, log=quiet)  # once the first is done, it goes through
+    Prepared.open(out)
+
+
+def test_kill_9_midway_then_rerun_finishes_the_same_shards(tmp_path):
+    src = make_corpus(tmp_path / "src", 150, 40_000)  # 6 MB in 60 shards
+    clean = tmp_path / "clean"
+    prepare([str(src)], clean, shard_mb=0.1, log=quiet)
+    out = tmp_path / "out"
+    for _ in range(5):
+        job = subprocess.Popen([sys.executable, "-m", "blt", "prepare", str(src), "--out", str(out), "--shard-mb",
+                                "0.1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while job.poll() is None and len(list((out / "shards").glob("*.json"))) < 3:
+            time.sleep(0.002)
+        if job.poll() is None:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+            break
+        shutil.rmtree(out)
+    else:
+        pytest.fail("prepare always finished before it could be killed")
+    assert not (out / "manifest.json").exists()
+    with pytest.raises(DataError, match="no manifest.json"):  # nothing half-done is read
+        Prepared.open(out)
+    logs: list[str] = []
+    prepare([str(src)], out, shard_mb=0.1, log=logs.append)
+    done = len(list((clean / "shards").glob("*.json")))
+    assert "shards to build" in logs[0] and f" of {done} shards" in logs[0] and not logs[0].startswith(f"prepare: {done} ")
+    assert snapshot(out) == snapshot(clean)
+
+
+def test_damaged_shards_and_manifests_are_named_in_one_line(tmp_path, cache_dir):
+    src = make_corpus(tmp_path / "src", 6, 3000)
+    out = tmp_path / "out"
+    manifest = prepare([str(src)], out, log=quiet)  # one shard: the first batch reads it
+    first = manifest["shards"][0]["id"]
+    run_args = ["train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'run'}", *TINY_BLT, "patching.mode=static",
+                "training.steps=1", f"data.sources=[{{name: web, path: [{out}]}}]"]
+
+    shard = out / "shards" / f"{first}.train.bin"
+    good = shard.read_bytes()
+    shard.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])  # same size, one bit off
+    with pytest.raises(DataError, match=f"{first}.train.bin' does not match its checksum"):
+        Prepared.open(out).tokens(0, "train")
+    # found when the first batch reads the shard, after the start line
+    assert_user_error(run_args, contains=f"{first}.train.bin' does not match its checksum",
+                      progress=("data: ", "blt: "))
+
+    shard.write_bytes(good[:-10])  # truncated
+    assert_user_error(run_args, contains=f"{first}.train.bin' has {len(good) - 10:,} bytes", progress=("data: ",))
+    shard.write_bytes(good)
+    Prepared.open(out).tokens(0, "train")
+
+    data = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**data, "format": 1}))
+    assert_user_error(run_args, contains="prepared in data format 1", progress=("data: ",))
+    with pytest.raises(DataError, match="prepared in data format 1"):
+        prepare([str(src)], out, log=quiet)
+
+
+def test_bad_sources_and_weights(tmp_path):
+    src = make_corpus(tmp_path / "src", 3, 2000)
+
+    def config(sources: str):
+        return load_config(CONFIGS / "tiny.yaml", [f"data.sources={sources}", f"data.cache_dir={tmp_path}"])
+
+    with pytest.raises(ConfigError, match=r"'data.sources\[0\].weight' must be >= 0"):
+        config(f"[{{name: a, path: [{src}], weight: -1}}]")
+    with pytest.raises(ConfigError, match="every weight is 0"):
+        config(f"[{{name: a, path: [{src}], weight: 0}}, {{name: b, path: [{src}], weight: 0}}]")
+    with pytest.raises(ConfigError, match="used twice"):
+        config(f"[{{name: a, path: [{src}]}}, {{name: a, path: [{src}]}}]")
+    with pytest.raises(ConfigError, match="replaces data.train"):
+        load_config(CONFIGS / "tiny.yaml", [f"data.sources=[{{name: a, path: [{src}]}}]", f"data.train=[{src}]"])
+    (tmp_path / "empty.txt").write_bytes(b"")
+    from blt.data import prepare_data
+
+    with pytest.raises(DataError, match=r"data.sources\[1\] \(b\).*no text"):
+        prepare_data(config(f"[{{name: a, path: [{src}]}}, {{name: b, path: [{tmp_path / 'empty.txt'}]}}]").data,
+                     log=quiet)
+    with pytest.raises(DataError, match=r"data.sources\[0\] \(a\): '.*nowhere' matches no file"):
+        prepare_data(config(f"[{{name: a, path: [{tmp_path / 'nowhere'}]}}]").data, log=quiet)
+    with pytest.raises(DataError, match="--part '3/2' is not K/N"):
+        prepare([str(src)], tmp_path / "out", part="3/2", log=quiet)
+
+
+def test_validation_ids_read_lazily_across_shards(three):
+    data = three[0]
+    full = np.concatenate([np.asarray(data.tokens(k, "val")) for k in range(len(data.shards))])
+    ids = data.split_tokens("val")
+    assert len(data.shards) >= 3 and len(ids) == len(full)
+    rng = np.random.default_rng(0)
+    for a, b in rng.integers(0, len(full) + 5, (100, 2)):
+        assert np.array_equal(ids[a:b], full[a:b])
+    rest = ids[1000:]  # an open slice is a view, not a copy
+    assert len(rest) == len(full) - 1000 and np.array_equal(rest[5:900], full[1005:1900])
+    assert np.array_equal(data.split_tokens("val", 700)[0:10**9], full[:700])
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory) -> list[Prepared]:
+    """Three prepared sources of different sizes."""
+    root = tmp_path_factory.mktemp("three")
+    dirs = []
+    for i, (files, size) in enumerate([(30, 4000), (10, 3000), (4, 2000)]):
+        src = make_corpus(root / f"src{i}", files, size, seed=i)
+        prepare([str(src)], root / f"p{i}", shard_mb=0.03, log=quiet)
+        dirs.append(Prepared.open(root / f"p{i}"))
+    return dirs
+
+
+def loader(three, batch_size=8, rank=0, world_size=1, weights=(0.5, 0.3, 0.2), seed=0, prefetch=2):
+    sources = [Source(name, w, p) for name, w, p in zip("abc", weights, three)]
+    return StreamLoader(sources, 64, batch_size, seed, rank, world_size, prefetch=prefetch)
+
+
+def test_mixture_proportions_follow_the_weights(three):
+    ld = loader(three)
+    counts = np.zeros(3)
+    for _ in range(250):  # 2000 windows: the smallest source is repeated over several epochs
+        batch = next(ld)
+        counts += np.bincount(batch.sources, minlength=3)
+        assert batch.tokens.shape == (8, 65) and batch.tokens.dtype == torch.int64
+    assert np.abs(counts / counts.sum() - [0.5, 0.3, 0.2]).max() < 0.02
+    smallest = ld.windows[2].count
+    assert counts[2] > 2 * smallest  # several epochs of source c
+
+
+def test_resume_in_the_middle_of_a_mixture_is_exact(three):
+    ld = loader(three)
+    for _ in range(37):
+        next(ld)
+    state = json.loads(json.dumps(ld.state_dict()))  # what a checkpoint stores
+    after = [next(ld) for _ in range(20)]
+    resumed = loader(three)
+    resumed.load_state_dict(state)
+    again = [next(resumed) for _ in range(20)]
+    for a, b in zip(after, again):
+        assert torch.equal(a.tokens, b.tokens) and (a.windows == b.windows).all()
+    ld.record([3, 2, 1])
+    resumed.load_state_dict(ld.state_dict())
+    assert resumed.bytes_seen() == {"a": 3 * 64, "b": 2 * 64, "c": 64}
+    with pytest.raises(DataError, match="resume with the same data"):
+        loader(three, weights=(0.2, 0.3, 0.5)).load_state_dict(state)
+
+
+def test_the_stream_does_not_depend_on_the_number_of_ranks(three):
+    """2 ranks -> 1 and 1 -> 2 at the data level: the ranks' rows of each global batch, in rank
+    order, are the rows one process reads; a position saved on one layout continues on the other."""
+    single = loader(three, batch_size=8)
+    reference = [next(single).tokens for _ in range(12)]
+    pair = [loader(three, batch_size=4, rank=r, world_size=2) for r in range(2)]
+    for step in range(6):
+        assert torch.equal(torch.cat([next(ld).tokens for ld in pair]), reference[step])
+    state = pair[0].state_dict()
+    one = loader(three, batch_size=8)
+    one.load_state_dict(state)  # 2 -> 1
+    for step in range(6, 9):
+        assert torch.equal(next(one).tokens, reference[step])
+    pair = [loader(three, batch_size=4, rank=r, world_size=2) for r in range(2)]
+    for ld in pair:
+        ld.load_state_dict(one.state_dict())  # 1 -> 2
+    for step in range(9, 12):
+        assert torch.equal(torch.cat([next(ld).tokens for ld in pair]), reference[step])
+
+
+def test_prefetch_reads_the_same_stream(three):
+    a, b = loader(three, prefetch=0), loader(three, prefetch=4)
+    for _ in range(10):
+        assert torch.equal(next(a).tokens, next(b).tokens)
+
+
+def test_training_on_a_mixture_logs_bytes_and_validation_per_source(three, tmp_path, capsys):
+    sources = ", ".join(f"{{name: {n}, path: [{p.root}], weight: {w}}}" for n, p, w in zip("abc", three, (5, 3, 2)))
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", *TINY_BLT, "patching.mode=static",
+                           "training.steps=5", f"data.sources=[{sources}]", "logging.data_trace=true")
+    assert code == 0, err
+    metrics = read_metrics(run)
+    last = [m for m in metrics if "data/bytes/a" in m][-1]
+    seen = [last[f"data/bytes/{n}"] for n in "abc"]
+    assert sum(seen) == 5 * 4 * 64  # steps x global batch x seq_len
+    assert np.abs(np.array(seen) / sum(seen) - [0.5, 0.3, 0.2]).max() <= 1 / 20 + 1e-9  # within one window
+    val = [m for m in metrics if "val_bpb" in m][-1]
+    per = [val[f"val/bpb/{n}"] for n in "abc"]
+    assert all(np.isfinite(per)) and min(per) <= val["val_bpb"] <= max(per)
+
+
+# ----------------------------------------------------------------------------- entropies
+
+
+def test_prepared_entropies_equal_the_ones_computed_per_batch(tmp_path, entropy_run, capsys):
+    src = make_corpus(tmp_path / "src", 8, 3000)
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, "prepare", src, "--out", out, "--shard-mb", 0.01,
+                                "--entropy-model", entropy_run, "--seq-len", 64)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["entropy_bytes_computed"] == report["train_bytes"]
+    from blt.data.entropies import EntropyStore, model_fingerprint
+    from blt.train.prepare_job import entropy_patcher
+
+    patcher = entropy_patcher(str(entropy_run), 0)
+    data = Prepared.open(out)
+    store = EntropyStore(data, model_fingerprint(patcher.model), 64)
+    assert str(store.dir) == report["entropies"]
+    ld = StreamLoader([Source("a", 1.0, data)], 64, 8, 0)
+    ld.use_entropies([store.load()])
+    for _ in range(4):
+        batch = next(ld)
+        on_the_fly = patcher.entropies(batch.tokens[:, :-1])  # (B, L)
+        torch.testing.assert_close(batch.entropies, on_the_fly.half().float(), atol=2e-3, rtol=0)
+
+    code, _, err = run_cli(capsys, "prepare", "--out", out, "--entropy-model", entropy_run, "--seq-len", 64)
+    assert code == 0 and "0 of" in err  # a rerun skips finished shards
+
+    run_args = ["train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'run'}", *TINY_BLT, "data.seq_len=32",
+                f"patching.entropy_model={entropy_run}", "training.steps=1", f"data.sources=[{{name: a, path: [{out}]}}]"]
+    assert_user_error(run_args, contains="data.seq_len=64, not by patching.entropy_model", progress=("data: ",))
+
+
+@slow
+def test_entropies_on_two_ranks_equal_one_rank(tmp_path, entropy_run):
+    src = make_corpus(tmp_path / "src", 8, 3000)
+    for d in ("one", "two"):
+        prepare([str(src)], tmp_path / d, shard_mb=0.005, log=quiet)
+    done = cli_prepare("--out", tmp_path / "one", "--entropy-model", entropy_run, "--seq-len", 64)
+    assert done.returncode == 0, done.stderr
+    from blt.train.distributed import free_port
+
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                          str(free_port()), "-m", "blt", "prepare", "--out", str(tmp_path / "two"), "--entropy-model",
+                          str(entropy_run), "--seq-len", "64"], capture_output=True, text=True, env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    ones = sorted((tmp_path / "one" / "entropies").rglob("*.f16"))
+    twos = sorted((tmp_path / "two" / "entropies").rglob("*.f16"))
+    assert len(ones) == len(twos) >= 4
+    for a, b in zip(ones, twos):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
