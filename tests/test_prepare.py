@@ -173,6 +173,29 @@ def test_damaged_shards_and_manifests_are_named_in_one_line(tmp_path, cache_dir)
         prepare([str(src)], out, log=quiet)
 
 
+def test_a_reader_checks_each_block_it_touches(tmp_path):
+    """Checksums cover 4 MB blocks: a corrupted block is named when a read first touches it, and
+    reads elsewhere in the shard go on (start-up never hashes a whole corpus)."""
+    from blt.data.shards import BLOCK
+
+    src = make_corpus(tmp_path / "src", 3, 3_000_000)
+    out = tmp_path / "out"
+    prepare([str(src)], out, log=quiet)
+    data = Prepared.open(out)
+    shard = data.shards[0]
+    assert len(shard.splits["train"]["blocks"]) >= 2
+    path = out / "shards" / f"{shard.id}.train.bin"
+    raw = bytearray(path.read_bytes())
+    raw[BLOCK + 10] ^= 1  # one bit in block 1
+    path.write_bytes(bytes(raw))
+    data = Prepared.open(out)
+    first = data.read(0, "train", 0, 1000)  # block 0 only
+    assert len(first) == 1000
+    with pytest.raises(DataError, match=rf"{shard.id}.train.bin' does not match its checksum \(corrupted at bytes "
+                                        rf"{BLOCK:,}-"):
+        data.read(0, "train", BLOCK // 2 - 5, BLOCK // 2 + 5)  # ids that span blocks 0 and 1
+
+
 def test_bad_sources_and_weights(tmp_path):
     src = make_corpus(tmp_path / "src", 3, 2000)
 

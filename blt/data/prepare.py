@@ -241,6 +241,8 @@ def prepare(sources: list[str], out: str | Path, settings: Settings = Settings()
     settings.check()
     k, n = parse_part(part)
     root = Path(out)
+    if not sources:
+        raise DataError("no sources to prepare; pass files, directories, globs or hub:NAME")
     inputs = _inputs(sources)
     try:
         made = make_dirs(root / "shards")

@@ -8,7 +8,7 @@ manifest; written atomically, checked when read.
     DIR/entropies/<key>/          float16 entropies of the train shards (blt/data/entropies.py)
 
     prepared = Prepared.open(DIR)          # refuses another format version, missing or truncated shards
-    tokens = prepared.tokens(shard, "train")   # np.memmap uint16, checksum verified on first open
+    ids = prepared.read(shard, "train", a, b)  # ids [a, b), their 4 MB blocks' checksums verified once
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from blt.data.documents import DataError
 
 FORMAT = 2  # bump when the layout changes; a manifest of another format is refused
 SPLITS = ("train", "val")
+BLOCK = 1 << 22  # bytes per checksummed block of a shard: a reader verifies each block it touches, once
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -83,6 +84,8 @@ class ShardWriter:
         self.tmp = tuple(p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in self.final)
         self.bin, self.idx = open(self.tmp[0], "wb"), open(self.tmp[1], "wb")
         self.hash, self.tokens, self.docs = hashlib.sha256(), 0, 0
+        self.blocks: list[str] = []  # sha256 of every BLOCK bytes of the .bin
+        self.block, self.block_len = hashlib.sha256(), 0
 
     def write(self, packed: np.ndarray, lengths: np.ndarray) -> None:
         """Append packed documents (uint16 BOS doc EOS ...) whose byte lengths are `lengths`."""
@@ -91,6 +94,15 @@ class ShardWriter:
         self.bin.write(buf)
         self.idx.write(starts.astype(np.int64).tobytes())
         self.hash.update(buf)
+        view = memoryview(buf)
+        while view:
+            part = view[: BLOCK - self.block_len]
+            self.block.update(part)
+            self.block_len += len(part)
+            view = view[len(part):]
+            if self.block_len == BLOCK:
+                self.blocks.append(self.block.hexdigest())
+                self.block, self.block_len = hashlib.sha256(), 0
         self.tokens += len(packed)
         self.docs += len(lengths)
 
@@ -101,7 +113,9 @@ class ShardWriter:
             f.close()
         for tmp, final in zip(self.tmp, self.final):
             os.replace(tmp, final)
-        return {"tokens": self.tokens, "docs": self.docs, "sha256": self.hash.hexdigest()}
+        if self.block_len:
+            self.blocks.append(self.block.hexdigest())
+        return {"tokens": self.tokens, "docs": self.docs, "sha256": self.hash.hexdigest(), "blocks": self.blocks}
 
     def abort(self) -> None:
         for f, tmp in zip((self.bin, self.idx), self.tmp):
@@ -145,7 +159,8 @@ class Prepared:
     root: Path
     manifest: dict
     shards: list[Shard]
-    _maps: dict = field(default_factory=dict)
+    _maps: dict = field(default_factory=dict)  # (shard, split) -> ids
+    _verified: dict = field(default_factory=dict)  # (shard, split) -> blocks whose checksum matched
 
     @classmethod
     def open(cls, root: str | Path, what: str = "data") -> "Prepared":
@@ -174,21 +189,41 @@ class Prepared:
         """(ids, documents) of a split over all shards."""
         return (sum(s.splits[split]["tokens"] for s in self.shards), sum(s.splits[split]["docs"] for s in self.shards))
 
-    def tokens(self, k: int, split: str) -> np.ndarray:
-        """Shard k's ids of a split, memory-mapped read-only (an ndarray view of the map); its
-        checksum is verified the first time this process opens it."""
+    def _ids(self, k: int, split: str) -> np.ndarray:
+        """Shard k's ids of a split, memory-mapped read-only (a plain ndarray view: fast slices)."""
         key = (k, split)
         if key not in self._maps:
             s = self.shards[k]
-            p = shard_path(self.root, s.id, split)
             if s.splits[split]["tokens"] == 0:
                 self._maps[key] = np.zeros(0, np.uint16)
             else:
-                if sha256_file(p) != s.splits[split]["sha256"]:
-                    raise DataError(f"shard '{p}' does not match its checksum (corrupted); rerun `blt prepare` "
-                                    f"for '{self.root}' after deleting '{p.with_suffix('').with_suffix('.json')}'")
-                self._maps[key] = np.asarray(np.memmap(p, dtype=np.uint16, mode="r"))  # plain view: fast slices
+                self._maps[key] = np.asarray(np.memmap(shard_path(self.root, s.id, split), dtype=np.uint16, mode="r"))
+            self._verified[key] = set()
         return self._maps[key]
+
+    def read(self, k: int, split: str, a: int, b: int) -> np.ndarray:
+        """Ids [a, b) of shard k's split. Every 4 MB block they touch is checked against its
+        checksum the first time this process reads it, so a corrupted shard is named at once
+        while start-up never reads a whole corpus."""
+        ids = self._ids(k, split)
+        b = min(b, len(ids))
+        if b > a:
+            done, expected = self._verified[(k, split)], self.shards[k].splits[split]["blocks"]
+            raw = ids.view(np.uint8)
+            for block in range(2 * a // BLOCK, (2 * b - 1) // BLOCK + 1):
+                if block not in done:
+                    if hashlib.sha256(raw[block * BLOCK: (block + 1) * BLOCK]).hexdigest() != expected[block]:
+                        p = shard_path(self.root, self.shards[k].id, split)
+                        raise DataError(f"shard '{p}' does not match its checksum (corrupted at bytes "
+                                        f"{block * BLOCK:,}-{min(len(raw), (block + 1) * BLOCK):,}); delete "
+                                        f"'{p.with_suffix('').with_suffix('.json')}' and rerun `blt prepare` for "
+                                        f"'{self.root}' to rebuild it")
+                    done.add(block)
+        return ids[a:b]
+
+    def tokens(self, k: int, split: str) -> np.ndarray:
+        """Shard k's whole split, every block verified."""
+        return self.read(k, split, 0, self.shards[k].splits[split]["tokens"])
 
     def split_tokens(self, split: str, limit: int | None = None) -> "Concat":
         """A split's ids of every shard back to back (the first `limit` of them), read lazily."""
@@ -222,5 +257,5 @@ class Concat:
                 break
             lo, hi = max(a, self.first[k]) - self.first[k], min(b, self.first[k + 1]) - self.first[k]
             if hi > lo:
-                parts.append(np.asarray(self.data.tokens(k, self.split)[lo:hi]))
+                parts.append(self.data.read(k, self.split, int(lo), int(hi)))
         return np.concatenate(parts) if parts else np.zeros(0, np.uint16)

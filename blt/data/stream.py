@@ -68,7 +68,7 @@ class Windows:
         ids = np.empty((len(w), L + 1), dtype=np.int64)
         ent = np.empty((len(w), L), dtype=np.float32) if self.source.entropies is not None else None
         for j, (k, a) in enumerate(zip(shard.tolist(), start.tolist())):
-            ids[j] = self.source.data.tokens(k, "train")[a: a + L + 1]
+            ids[j] = self.source.data.read(k, "train", a, a + L + 1)
             if ent is not None:
                 ent[j] = self.source.entropies[k][a: a + L]
         return ids, ent
