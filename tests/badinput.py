@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,3 +62,21 @@ def assert_user_error(args, watch=(), cwd: Path | None = None, env: dict | None 
     assert after == before, f"{shown}\nfiles changed: " + ", ".join(
         sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
     return lines[0]
+
+
+def kill_midway(args, started, output: Path, env: dict | None = None, tries: int = 5) -> None:
+    """Run `python -m blt ARGS` and kill -9 it once `started()` says it has written something;
+    when it finishes first, remove `output` and try again. Fails the test if it never could."""
+    import pytest
+
+    for _ in range(tries):
+        job = subprocess.Popen([sys.executable, "-m", "blt", *map(str, args)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        while job.poll() is None and not started():
+            time.sleep(0.001)
+        if job.poll() is None:
+            job.send_signal(signal.SIGKILL)
+            job.wait()
+            return
+        shutil.rmtree(output)
+    pytest.fail(f"`blt {args[0]}` always finished before it could be killed")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from blt.train.distributed import free_port
+from badinput import kill_midway
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 ROOT = CONFIGS.parent
@@ -287,18 +288,9 @@ def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, singl
     forms = run / "checkpoints" / "universal"
     partial = forms / "step_00000004.tmp"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    for _ in range(5):  # the conversion takes well under a second: kill it once it has written something
-        job = subprocess.Popen([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        while job.poll() is None and not (partial.is_dir() and any(partial.rglob("*.pt"))):
-            time.sleep(0.001)
-        if job.poll() is None:
-            job.send_signal(signal.SIGKILL)
-            job.wait()
-            break
-        shutil.rmtree(forms)
-    else:
-        pytest.fail("the conversion always finished before it could be killed")
+    # the conversion takes well under a second: killed once it has written something
+    kill_midway(["consolidate", step_dir, "--universal"], lambda: partial.is_dir() and any(partial.rglob("*.pt")),
+                forms, env=env)
     assert partial.is_dir() and not (forms / "step_00000004").exists()
     assert {p.name: p.stat().st_size for p in step_dir.iterdir()} == before
 

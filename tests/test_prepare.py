@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from badinput import assert_user_error
+from badinput import assert_user_error, kill_midway
 from blt.config import ConfigError, load_config
 from blt.data import DataError, Source, StreamLoader
 from blt.data.prepare import prepare
@@ -122,18 +119,8 @@ def test_kill_9_midway_then_rerun_finishes_the_same_shards(tmp_path):
     clean = tmp_path / "clean"
     prepare([str(src)], clean, shard_mb=0.1, log=quiet)
     out = tmp_path / "out"
-    for _ in range(5):
-        job = subprocess.Popen([sys.executable, "-m", "blt", "prepare", str(src), "--out", str(out), "--shard-mb",
-                                "0.1"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        while job.poll() is None and len(list((out / "shards").glob("*.json"))) < 3:
-            time.sleep(0.002)
-        if job.poll() is None:
-            job.send_signal(signal.SIGKILL)
-            job.wait()
-            break
-        shutil.rmtree(out)
-    else:
-        pytest.fail("prepare always finished before it could be killed")
+    kill_midway(["prepare", src, "--out", out, "--shard-mb", 0.1],
+                lambda: len(list((out / "shards").glob("*.json"))) >= 3, out, env=ENV)
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest.json"):  # nothing half-done is read
         Prepared.open(out)
