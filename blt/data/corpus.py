@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from blt.config import DataConfig
-from blt.data.documents import HUB_PREFIX, DataError, describe, file_documents, resolve_files
+from blt.data.documents import HUB_PREFIX, DataError, describe, file_documents, read_input, resolve_files
 from blt.data.prepare import Settings, prepare
 from blt.data.shards import FORMAT, Concat, Prepared
 from blt.data.stream import Source
@@ -119,11 +119,7 @@ def encode_files(patterns: list[str], text_field: str = "text", sample_by: str =
     files = resolve_files(list(patterns), "--data")
     parts = []
     for f in files:
-        try:
-            raw = f.read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read '{f}' ({e.strerror or type(e).__name__}); check the file") from None
-        parts += [encode_documents(d, n) for d, n in file_documents(f, raw, text_field, sample_by)]
+        parts += [encode_documents(d, n) for d, n in file_documents(f, read_input(f), text_field, sample_by)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
     if len(tokens) == 0:
         raise DataError(f"--data: {describe(files)} hold no text; pass files with text")

@@ -57,6 +57,14 @@ def resolve_files(patterns: list[str], what: str) -> list[Path]:
     return [Path(p) for p in sorted(set(files))]
 
 
+def read_input(path: Path) -> bytes:
+    """A file's bytes; a file that cannot be read is a DataError naming it."""
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}); check the file") from None
+
+
 def describe(files: list) -> str:
     return f"'{files[0]}'" + (f" and {len(files) - 1} more files" if len(files) > 1 else "")
 

@@ -27,7 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from blt.data.documents import HUB_PREFIX, DataError, describe, file_documents, hub_documents, resolve_files
+from blt.data.documents import (
+    HUB_PREFIX, DataError, describe, file_documents, hub_documents, read_input, resolve_files,
+)
 from blt.data.shards import (
     FORMAT, SPLITS, Shard, ShardWriter, check_format, dir_lock, read_record, write_json,
 )
@@ -119,10 +121,7 @@ def build_shard(root: Path, shard_id: str, files: list[dict], settings: Settings
             docs.extend(hub_documents(path[len(HUB_PREFIX):], settings.text_field, hub_cache))
             records.append({**f, "sha256": None})
             continue
-        try:
-            raw = Path(path).read_bytes()
-        except OSError as e:
-            raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}); check the file") from None
+        raw = read_input(Path(path))
         records.append({**f, "sha256": hashlib.sha256(raw).hexdigest()})
         docs.extend(file_documents(Path(path), raw, settings.text_field, settings.sample_by))
     data = np.concatenate([d for d, _ in docs]) if docs else np.zeros(0, np.uint8)  # (bytes,) all documents

@@ -153,12 +153,8 @@ class StreamLoader:
             grain = _grain()
             batches = _Batches(self._stream, self.windows, self.position, self.batch_size, self.rank,
                                self.world_size)
-            ds = grain.MapDataset.source(batches)
-            if self.prefetch > 0:
-                self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=1,
-                                                                     prefetch_buffer_size=self.prefetch)))
-            else:
-                self._it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
+            options = grain.ReadOptions(num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch)
+            self._it = iter(grain.MapDataset.source(batches).to_iter_dataset(options))
         return self._it
 
     def __iter__(self) -> "StreamLoader":
