@@ -102,7 +102,7 @@ class PatchingConfig:
 @dataclass
 class SourceConfig:
     name: str = ""  # names the source in logs: data/bytes/<name>, val/bpb/<name>
-    path: list[str] = field(default_factory=list)  # a directory made by `blt prepare`, or files/globs (prepared into the cache)
+    path: list[str] | str = field(default_factory=list)  # a dir made by `blt prepare`, or files/globs (prepared into the cache); one or a list
     weight: NonNegFloat = 1.0  # sampling weight; weights are normalised over the sources
 
 
@@ -367,6 +367,8 @@ def check_sources(d: DataConfig) -> None:
                           "(a single source: data.sources=[{name: NAME, path: [FILES]}])")
     names = [s.name for s in d.sources]
     for i, s in enumerate(d.sources):
+        if isinstance(s.path, str):  # path: DIR, as people write one path
+            s.path = [s.path]
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
             raise ConfigError(f"data.sources[{i}].name {s.name!r} must be a non-empty name of letters, digits, "
                               "'_', '.' or '-' (it names the source's metrics)")

@@ -151,6 +151,19 @@ def test_cache_is_reused(tmp_path):
     assert "nothing new to build" in logs[-1] and "built" in logs[1]
 
 
+def test_a_glob_through_a_symlink_loop_reads_each_file_once(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "x.txt").write_text("the one document of x")
+    (tmp_path / "a" / "y.txt").write_text("the one document of y")
+    (tmp_path / "a" / "back").symlink_to("..")  # a/back/a/back/... : x.txt by 40 names
+    (tmp_path / "y_link.txt").symlink_to(tmp_path / "a" / "y.txt")
+    cfg = DataConfig(train=[str(tmp_path / "**" / "*.txt")], val_fraction=0.5, cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(cfg, log=quiet)
+    files = [f["path"] for s in data.sources[0].data.shards for f in s.files]
+    assert files == [str(tmp_path / "a" / "x.txt"), str(tmp_path / "y_link.txt")]  # each once, by its shortest name
+    assert sorted(train_docs(data) + val_docs(data)) == [b"the one document of x", b"the one document of y"]
+
+
 # ----------------------------------------------------------------------------- errors
 
 

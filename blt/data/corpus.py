@@ -72,8 +72,7 @@ def _cached(paths: list[str], settings: Settings, cfg: DataConfig, what: str, bu
             prepare(hub + [str(f) for f in files], out, settings, workers=cfg.workers or os.cpu_count() or 1,
                     log=lambda s: log(f"data: {s.removeprefix('prepare: ')} [{what}]"))
         except DataError as e:
-            msg = str(e).replace("blt prepare", what)
-            raise DataError(msg if msg.startswith(what) else f"{what}: {msg}") from None
+            raise DataError(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
     return Prepared.open(out, what)
 
 
@@ -122,5 +121,5 @@ def encode_files(patterns: list[str], text_field: str = "text", sample_by: str =
         parts += [encode_documents(d, n) for d, n in file_documents(f, read_input(f), text_field, sample_by)]
     tokens = np.concatenate(parts) if parts else np.zeros(0, np.uint16)
     if len(tokens) == 0:
-        raise DataError(f"--data: {describe(files)} hold no text; pass files with text")
+        raise DataError(f"--data: {describe(files, 'hold')} no text; pass files with text")
     return tokens

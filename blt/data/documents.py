@@ -36,8 +36,9 @@ class DataError(UserError):
 
 
 def resolve_files(patterns: list[str], what: str) -> list[Path]:
-    """Paths, directories (all files inside, hidden ones skipped) and globs -> sorted, de-duplicated
-    absolute paths (symlinks are kept as named)."""
+    """Paths, directories (all files inside, hidden ones skipped) and globs -> sorted absolute paths,
+    each file once: symlinks are kept as named, and a file reached by several names (a `**` glob
+    through a symlink loop, a link beside its target) is taken once, by its shortest name."""
     files: list[str] = []
     for pattern in patterns:
         expanded = os.path.expanduser(pattern)
@@ -54,7 +55,10 @@ def resolve_files(patterns: list[str], what: str) -> list[Path]:
         if not found:
             raise DataError(f"{what}: '{pattern}' matches no file (check the path; globs like 'data/*.txt' work)")
         files.extend(found)
-    return [Path(p) for p in sorted(set(files))]
+    named: dict[str, str] = {}  # real path -> the shortest name reaching it
+    for p in sorted(set(files), key=lambda p: (p.count(os.sep), p)):
+        named.setdefault(os.path.realpath(p), p)
+    return [Path(p) for p in sorted(named.values())]
 
 
 def read_input(path: Path) -> bytes:
@@ -65,8 +69,11 @@ def read_input(path: Path) -> bytes:
         raise DataError(f"cannot read '{path}' ({e.strerror or type(e).__name__}); check the file") from None
 
 
-def describe(files: list) -> str:
-    return f"'{files[0]}'" + (f" and {len(files) - 1} more files" if len(files) > 1 else "")
+def describe(files: list, verb: str = "") -> str:
+    """Names files for a message: 'a.txt', or 'a.txt' and 3 more files; a `verb` ("hold") agrees with
+    them: 'a.txt' holds, 'a.txt' and 3 more files hold."""
+    text = f"'{files[0]}'" + (f" and {len(files) - 1} more files" if len(files) > 1 else "")
+    return f"{text} {verb}{'s' if len(files) == 1 else ''}" if verb else text
 
 
 def _decompress(path: Path, raw: bytes) -> tuple[str, bytes]:

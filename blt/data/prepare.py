@@ -11,7 +11,12 @@ The inputs are grouped into shards in sorted path order, a new shard once a grou
 Rerunning on a grown input set keeps every shard whose files are unchanged (same size and mtime)
 and packs only the new and changed files. Each shard is written to temporary files and renamed;
 its record, written last, marks it complete, so an interrupted run is finished by the next one
-and a half-written shard is never read. A lock keeps a second writer out.
+and a half-written shard is never read; a shard whose files do not have the sizes of its record
+is built again. A lock keeps a second writer out; only its holder creates or removes files.
+
+--out is a new or empty directory, or one this command made: prepare removes only the files it
+wrote (shards named in its records or manifest, its temporary files) and refuses a source that
+holds --out or lies inside it.
 """
 
 from __future__ import annotations
@@ -31,10 +36,12 @@ from blt.data.documents import (
     HUB_PREFIX, DataError, describe, file_documents, hub_documents, read_input, resolve_files,
 )
 from blt.data.shards import (
-    FORMAT, SPLITS, Shard, ShardWriter, check_format, dir_lock, read_record, write_json,
+    FORMAT, LOCK_FILE, SHARD_FILE, SPLITS, TEMP_FILE, Shard, ShardWriter, dir_lock, own_shard_ids, prepared_state,
+    read_manifest, read_record, shard_damage, write_json,
 )
-from blt.disk import make_dirs
+from blt.disk import make_dirs, remove_made_dirs
 from blt.tokens import encode_documents
+from blt.typed import PosFloat, PosInt, Seed, check_option
 
 SHARD_MB = 64  # input bytes per shard
 
@@ -56,6 +63,7 @@ class Settings:
             raise DataError(f"--val-fraction {self.val_fraction} is not in [0, 1]; pass e.g. --val-fraction 0.01")
         if self.sample_by not in ("document", "paragraph", "line"):
             raise DataError(f"--sample-by {self.sample_by!r} is not one of document, paragraph, line")
+        check_option("seed", self.seed, Seed, flag=True)
 
 
 # ----------------------------------------------------------------------------- planning
@@ -165,23 +173,85 @@ def parse_part(text: str | None) -> tuple[int, int]:
     return k, n
 
 
-def _inputs(sources: list[str]) -> list[dict]:
+def check_options(settings: Settings, workers: int, shard_mb: float, part: str | None) -> tuple[int, int]:
+    """Refuse a bad setting or option in one line before anything is read or written; returns (K, N)."""
+    settings.check()
+    check_option("workers", workers, PosInt, flag=True)
+    check_option("shard_mb", shard_mb, PosFloat, flag=True)
+    return parse_part(part)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def _inputs(sources: list[str], root: Path) -> list[dict]:
+    """The input files with their sizes and mtimes. A source holding --out or inside it is refused
+    (a rerun would read its own shards), and so is a prepared directory (it is not input text)."""
     hub = [{"path": s, "size": 0, "mtime_ns": 0} for s in sources if s.startswith(HUB_PREFIX)]
     paths = [s for s in sources if not s.startswith(HUB_PREFIX)]
-    return hub + [_stat(p) for p in (resolve_files(paths, "source") if paths else [])]
+    out = os.path.realpath(root)
+    for s in paths:
+        real = os.path.realpath(os.path.expanduser(s))
+        if os.path.isdir(real) and _inside(out, real):
+            where = "is the source" if out == real else "lies inside the source"
+            raise DataError(f"--out '{root}' {where} '{s}', whose files prepare reads; prepare into a directory "
+                            f"outside the sources")
+    files = resolve_files(paths, "source") if paths else []
+    for f in files:
+        if _inside(os.path.realpath(f), out):
+            raise DataError(f"the source '{f}' lies inside --out '{root}'; keep the sources outside the prepared "
+                            f"directory and pass another --out")
+    for d in sorted({f.parent for f in files}):
+        for folder in (d, d.parent) if d.name == "shards" else (d,):
+            state = prepared_state(folder)
+            if state == "done":
+                raise DataError(f"'{folder}' is a prepared directory (from `blt prepare`), not input files; use it "
+                                f"alone as a data path, or pass the files it was prepared from")
+            if state == "unfinished":
+                raise DataError(f"'{folder}' is the output of a `blt prepare` that did not finish (no manifest.json); "
+                                f"rerun that `blt prepare` to finish it, then use the directory alone as a data path")
+    return hub + [_stat(p) for p in files]
 
 
 def _old_shards(root: Path, settings: Settings) -> list[Shard]:
-    path = root / "manifest.json"
-    if not path.is_file():
+    if not (root / "manifest.json").exists():
         return []
-    manifest = json.loads(path.read_text())
-    check_format(manifest, root)
+    manifest, shards = read_manifest(root)
     if manifest["settings"] != asdict(settings):
         diff = ", ".join(f"{k}={manifest['settings'].get(k)!r}" for k, v in asdict(settings).items()
                          if manifest["settings"].get(k) != v)
         raise DataError(f"'{root}' was prepared with {diff}; prepare with the same settings, or into another --out")
-    return [Shard.from_json(s) for s in manifest["shards"]]
+    return shards
+
+
+def _check_out(root: Path, settings: Settings) -> None:
+    """Refuse, before anything is created, an --out that is a file, a directory of other files, or a
+    prepared directory whose manifest is damaged or was made with other settings."""
+    if not root.exists():
+        return
+    if not root.is_dir():
+        raise DataError(f"--out '{root}' is a file; pass a directory")
+    if (root / "manifest.json").exists():
+        _old_shards(root, settings)
+        return
+    try:
+        names = [p.name for p in root.iterdir()]
+    except OSError as e:
+        raise DataError(f"--out '{root}' cannot be read ({e.strerror or type(e).__name__}); pass another "
+                        f"directory") from None
+    if names and not any(LOCK_FILE.fullmatch(name) for name in names):
+        raise DataError(f"--out '{root}' holds files but is not a prepared directory; pass a new or empty directory "
+                        f"(prepare writes only into its own)")
+
+
+def _complete(root: Path, shard_id: str, log) -> bool:
+    """Whether a shard was finished and its files still have the sizes of its record."""
+    shard = read_record(root, shard_id)
+    if shard is not None and (damage := shard_damage(root, shard)):
+        log(f"prepare: {damage}; building it again")
+        return False
+    return shard is not None
 
 
 def _run(todo: list[tuple[str, list[dict]]], root: Path, settings: Settings, workers: int, progress: bool,
@@ -216,44 +286,59 @@ def _manifest(root: Path, settings: Settings, order: list[str], sources: list[st
     totals = {split: {"tokens": sum(s.splits[split]["tokens"] for s in shards),
                       "docs": sum(s.splits[split]["docs"] for s in shards)} for split in SPLITS}
     if totals["train"]["docs"] + totals["val"]["docs"] == 0:
-        raise NoDataError(f"{describe(sources)} hold no text (empty files?); pass files with text")
+        raise NoDataError(f"{describe(sources, 'hold')} no text (empty files?); pass files with text")
     if 0 < settings.val_fraction < 1 and totals["val"]["docs"] == 0:
-        raise NoDataError(f"{describe(sources)} hold too few documents to hold out validation (one per shard of "
-                        f"two or more); pass separate validation data, or sample_by=paragraph for more documents")
+        raise NoDataError(f"{describe(sources, 'hold')} too few documents to hold out validation (one per shard "
+                          f"of two or more); pass separate validation data, or sample_by=paragraph for more documents")
     if settings.val_fraction < 1 and totals["train"]["docs"] == 0:
-        raise NoDataError(f"{describe(sources)} hold no training documents; lower the validation fraction")
+        raise NoDataError(f"{describe(sources, 'hold')} no training documents; lower the validation fraction")
     return {"format": FORMAT, "settings": asdict(settings), "inputs": sources, **totals,
             "bytes": sum(s.num_bytes for s in shards), "shards": [s.to_json() for s in shards]}
 
 
-def _sweep(root: Path, keep: set[str]) -> None:
-    """Remove shard files no longer in the manifest, and temporary files of interrupted runs."""
+def _sweep(root: Path, stale: set[str]) -> None:
+    """Remove the files of the shards `stale` (ids this command wrote, no longer in the manifest) and
+    the temporary files of interrupted runs, by their exact names; any other file stays."""
+    for folder in (root, root / "shards"):
+        for p in folder.iterdir():
+            m = SHARD_FILE.fullmatch(p.name) if folder != root else None
+            if ((m and m["id"] in stale) or TEMP_FILE.fullmatch(p.name)) and p.is_file():
+                p.unlink(missing_ok=True)
+
+
+def _take_back(root: Path) -> None:
+    """Remove what a failed first run wrote into root (its shards, then shards/ and its lock), holding
+    the lock; a file it did not write stays, and so does the directory holding it."""
     for p in (root / "shards").iterdir():
-        if p.name.startswith(".") or p.name.split(".")[0] not in keep:
+        if (SHARD_FILE.fullmatch(p.name) or TEMP_FILE.fullmatch(p.name)) and p.is_file():
             p.unlink(missing_ok=True)
+    shutil.rmtree(root / ".hf_cache", ignore_errors=True)
+    try:
+        (root / "shards").rmdir()
+    except OSError:
+        return
+    (root / ".lock").unlink(missing_ok=True)  # a process that was waiting locks a new one (shards.dir_lock)
 
 
 def prepare(sources: list[str], out: str | Path, settings: Settings = Settings(), workers: int = 1,
             part: str | None = None, shard_mb: float = SHARD_MB, progress: bool = False, log=print) -> dict:
     """Prepare `sources` (files, directories, globs, hub:NAME) into `out`; returns the manifest,
     or, for one part of several that are not all done yet, that part's record."""
-    settings.check()
-    k, n = parse_part(part)
+    k, n = check_options(settings, workers, shard_mb, part)
     root = Path(out)
     if not sources:
         raise DataError("no sources to prepare; pass files, directories, globs or hub:NAME")
-    inputs = _inputs(sources)
+    inputs = _inputs(sources, root)
+    _check_out(root, settings)
     try:
-        made = make_dirs(root / "shards")
+        made = make_dirs(root)
     except OSError as e:
         raise DataError(f"--out '{root}' cannot be created ({e.strerror or type(e).__name__}); "
                         f"pass a writable directory") from None
     try:
         return _prepare(inputs, sources, root, settings, workers, k, n, shard_mb, progress, log)
-    except BaseException as e:
-        if made and not (root / "manifest.json").exists() and (
-                isinstance(e, NoDataError) or not list((root / "shards").glob("*.json"))):
-            shutil.rmtree(made[0], ignore_errors=True)  # a first run that finished nothing of use leaves nothing
+    except BaseException:
+        remove_made_dirs(made)  # only while empty: never what the lock holder (this or another process) wrote
         raise
 
 
@@ -262,21 +347,29 @@ def _prepare(inputs: list[dict], sources: list[str], root: Path, settings: Setti
     t0 = time.perf_counter()
     with dir_lock(root, ".lock" if n == 1 else f".lock-part-{k}-of-{n}"):
         old = _old_shards(root, settings)
-        groups = plan(inputs, old, settings, int(shard_mb * 2**20))
-        mine = [g for i, g in enumerate(groups) if i % n == k - 1]
-        todo = [g for g in mine if read_record(root, g[0]) is None]
-        todo_bytes = sum(f["size"] for _, files in todo for f in files)
-        if todo:
-            log(f"prepare: {len(todo)} of {len(mine)} shards to build ({todo_bytes / 1e6:,.1f} MB of input) "
-                f"with {min(workers, len(todo))} worker(s) -> {root}")
-        _run(todo, root, settings, workers, progress, log)
-        order = [sid for sid, _ in groups]
-        if n == 1:
-            manifest = _finish(root, settings, order, sources)
-        else:
-            make_dirs(root / "parts")
-            record = {"part": k, "of": n, "order": order, "inputs": sources}
-            write_json(root / "parts" / f"part-{k}-of-{n}.json", record)
+        fresh = n == 1 and not (root / "shards").exists()  # this process starts the directory
+        (root / "shards").mkdir(exist_ok=True)
+        try:
+            groups = plan(inputs, old, settings, int(shard_mb * 2**20))
+            mine = [g for i, g in enumerate(groups) if i % n == k - 1]
+            todo = [g for g in mine if not _complete(root, g[0], log)]
+            todo_bytes = sum(f["size"] for _, files in todo for f in files)
+            if todo:
+                log(f"prepare: {len(todo)} of {len(mine)} shards to build ({todo_bytes / 1e6:,.1f} MB of input) "
+                    f"with {min(workers, len(todo))} worker(s) -> {root}")
+            _run(todo, root, settings, workers, progress, log)
+            order = [sid for sid, _ in groups]
+            if n == 1:
+                manifest = _finish(root, settings, order, sources)
+            else:
+                make_dirs(root / "parts")
+                record = {"part": k, "of": n, "order": order, "inputs": sources}
+                write_json(root / "parts" / f"part-{k}-of-{n}.json", record)
+        except BaseException as e:
+            if fresh and not (root / "manifest.json").exists() and (isinstance(e, NoDataError)
+                                                                    or not own_shard_ids(root)):
+                _take_back(root)  # a first run that finished nothing of use leaves nothing
+            raise
     if n > 1:
         with dir_lock(root, wait=True):
             return _combine(root, settings, n, record, log) or record
@@ -291,8 +384,9 @@ def _prepare(inputs: list[dict], sources: list[str], root: Path, settings: Setti
 def _finish(root: Path, settings: Settings, order: list[str], sources: list[str]) -> dict:
     """Write the manifest of the shards `order` and sweep the rest (the caller holds the lock)."""
     manifest = _manifest(root, settings, order, sources)
+    stale = own_shard_ids(root) - set(order)  # read before the new manifest replaces the old one
     write_json(root / "manifest.json", manifest, indent=None)  # compact: it lists every input file
-    _sweep(root, set(order))
+    _sweep(root, stale)
     shutil.rmtree(root / ".hf_cache", ignore_errors=True)
     return manifest
 

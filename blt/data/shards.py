@@ -2,40 +2,42 @@
 manifest; written atomically, checked when read.
 
     DIR/manifest.json             format, settings, input files (size, mtime, sha256), shards, totals
+    DIR/.lock                     held by the `blt prepare` writing DIR (.lock-part-K-of-N: by part K)
     DIR/shards/<id>.json          one shard's record; written last, so it marks the shard complete
     DIR/shards/<id>.<split>.bin   uint16 ids BOS doc EOS BOS doc EOS ... (split: train, val)
     DIR/shards/<id>.<split>.idx   int64 offset of every document's BOS in the .bin
     DIR/entropies/<key>/          float16 entropies of the train shards (blt/data/entropies.py)
 
-    prepared = Prepared.open(DIR)          # refuses another format version, missing or truncated shards
+    prepared = Prepared.open(DIR)          # refuses another format, a damaged manifest, missing or truncated shards
     ids = prepared.read(shard, "train", a, b)  # ids [a, b), their 4 MB blocks' checksums verified once
+
+A shard's bytes are checked by the sha256 of each 4 MB block (`blocks`), which a reader verifies
+for the blocks it touches; there is no whole-file hash, which nothing could check without reading
+the whole shard. `blt prepare` names its files exactly (SHARD_FILE, TEMP_FILE) and never touches
+another file in DIR.
 """
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from blt.data.documents import DataError
+from blt.disk import LockHeld, file_lock
 
 FORMAT = 2  # bump when the layout changes; a manifest of another format is refused
 SPLITS = ("train", "val")
 BLOCK = 1 << 22  # bytes per checksummed block of a shard: a reader verifies each block it touches, once
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+SHARD_FILE = re.compile(r"(?P<id>[0-9a-f]{20})\.(json|(train|val)\.(bin|idx))")  # the files of a shard, by name
+TEMP_FILE = re.compile(r"\.([0-9a-f]{20}\.(json|(train|val)\.(bin|idx))|manifest\.json)\.tmp-\d+")  # being written
+LOCK_FILE = re.compile(r"\.lock(-part-\d+-of-\d+)?")
 
 
 def write_json(path: Path, obj, indent: int | None = 1) -> None:
@@ -49,15 +51,15 @@ def write_json(path: Path, obj, indent: int | None = 1) -> None:
 class Shard:
     """One shard: the input files it packs and, per split, its ids, documents and checksum."""
     id: str
-    files: list[dict]  # [{"path", "size", "mtime_ns", "sha256"}]
-    splits: dict[str, dict]  # split -> {"tokens", "docs", "sha256"}
+    files: list[dict]  # [{"path", "size", "mtime_ns", "sha256"}] of the input files
+    splits: dict[str, dict]  # split -> {"tokens", "docs", "blocks": sha256 of each BLOCK bytes of the .bin}
 
     def to_json(self) -> dict:
         return {"id": self.id, "files": self.files, **self.splits}
 
     @classmethod
     def from_json(cls, d: dict) -> "Shard":
-        return cls(d["id"], d["files"], {s: d[s] for s in SPLITS})
+        return cls(d["id"], d["files"], {s: {k: d[s][k] for k in ("tokens", "docs", "blocks")} for s in SPLITS})
 
     @property
     def num_bytes(self) -> int:
@@ -68,12 +70,83 @@ def shard_path(root: Path, shard_id: str, split: str, ext: str = "bin") -> Path:
     return root / "shards" / f"{shard_id}.{split}.{ext}"
 
 
+def _kind(value) -> str:
+    """A JSON value with its type, for a message: '2' (a string), [] (a list), 3."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    names = {str: "a string", list: "a list", dict: "an object", float: "a number", bool: "a boolean"}
+    text = repr(value)
+    return f"{text if len(text) <= 40 else text[:37] + '...'} ({names.get(type(value), 'null')})"
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _shard_problem(d) -> str | None:
+    """What is wrong with one shard's entry (a record, or an item of a manifest's shards); None: nothing."""
+    if not isinstance(d, dict):
+        return f"is {_kind(d)}, not an object"
+    if not isinstance(d.get("id"), str) or not re.fullmatch(r"[0-9a-f]{20}", d["id"]):
+        return f"'id' is {_kind(d.get('id'))}, not a shard id"
+    files = d.get("files")
+    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) and
+                                              _count(f.get("size")) and type(f.get("mtime_ns")) is int for f in files):
+        return "'files' is not a list of input files (path, size, mtime_ns)"
+    for split in SPLITS:
+        entry = d.get(split)
+        if not isinstance(entry, dict):
+            return f"'{split}' is {_kind(entry)}, not an object"
+        for key in ("tokens", "docs"):
+            if not _count(entry.get(key)):
+                return f"{split} '{key}' is {_kind(entry.get(key))}, not a count"
+        blocks, need = entry.get("blocks"), -(-2 * entry["tokens"] // BLOCK)
+        if not isinstance(blocks, list) or len(blocks) != need or not all(isinstance(b, str) for b in blocks):
+            return (f"{split} 'blocks' is {_kind(blocks)}, not {need} checksum(s), one per 4 MB block of its "
+                    f"{2 * entry['tokens']:,} bytes")
+    return None
+
+
 def read_record(root: Path, shard_id: str) -> Shard | None:
-    """The record of a complete shard, None when it was never finished."""
+    """The record of a complete shard, None when it was never finished (or is damaged)."""
     try:
-        return Shard.from_json(json.loads((root / "shards" / f"{shard_id}.json").read_text()))
-    except (OSError, ValueError, KeyError):
+        d = json.loads((root / "shards" / f"{shard_id}.json").read_text())
+    except (OSError, ValueError):
         return None
+    return Shard.from_json(d) if _shard_problem(d) is None and d["id"] == shard_id else None
+
+
+def shard_damage(root: Path, shard: Shard) -> str | None:
+    """How a shard's files differ from its record ("'path' is missing", "... has N bytes, not M"), by
+    their sizes only; None when they match."""
+    for split in SPLITS:
+        for ext, want in (("bin", 2 * shard.splits[split]["tokens"]), ("idx", 8 * shard.splits[split]["docs"])):
+            p = shard_path(root, shard.id, split, ext)
+            size = p.stat().st_size if p.is_file() else -1
+            if size != want:
+                return f"shard '{p}' " + ("is missing" if size < 0 else f"has {size:,} bytes, not {want:,}")
+    return None
+
+
+def own_shard_ids(root: Path) -> set[str]:
+    """The ids of the shards `blt prepare` wrote into root: those with a record, and those of the manifest."""
+    ids = {m["id"] for p in (root / "shards").iterdir()
+           if (m := SHARD_FILE.fullmatch(p.name)) and p.suffix == ".json" and read_record(root, m["id"])}
+    try:
+        ids.update(s.id for s in read_manifest(root)[1])
+    except DataError:
+        pass
+    return ids
+
+
+def prepared_state(d: Path) -> str | None:
+    """'done' for a directory a `blt prepare` finished, 'unfinished' for one a `blt prepare` is
+    writing or was stopped in, None for any other directory."""
+    if not (d / "shards").is_dir():
+        return None
+    if (d / "manifest.json").is_file():
+        return "done"
+    return "unfinished" if any(LOCK_FILE.fullmatch(p.name) for p in d.iterdir()) else None
 
 
 class ShardWriter:
@@ -83,7 +156,7 @@ class ShardWriter:
         self.final = (shard_path(root, shard_id, split), shard_path(root, shard_id, split, "idx"))
         self.tmp = tuple(p.with_name(f".{p.name}.tmp-{os.getpid()}") for p in self.final)
         self.bin, self.idx = open(self.tmp[0], "wb"), open(self.tmp[1], "wb")
-        self.hash, self.tokens, self.docs = hashlib.sha256(), 0, 0
+        self.tokens, self.docs = 0, 0
         self.blocks: list[str] = []  # sha256 of every BLOCK bytes of the .bin
         self.block, self.block_len = hashlib.sha256(), 0
 
@@ -93,7 +166,6 @@ class ShardWriter:
         buf = packed.tobytes()
         self.bin.write(buf)
         self.idx.write(starts.astype(np.int64).tobytes())
-        self.hash.update(buf)
         view = memoryview(buf)
         while view:
             part = view[: BLOCK - self.block_len]
@@ -115,7 +187,7 @@ class ShardWriter:
             os.replace(tmp, final)
         if self.block_len:
             self.blocks.append(self.block.hexdigest())
-        return {"tokens": self.tokens, "docs": self.docs, "sha256": self.hash.hexdigest(), "blocks": self.blocks}
+        return {"tokens": self.tokens, "docs": self.docs, "blocks": self.blocks}
 
     def abort(self) -> None:
         for f, tmp in zip((self.bin, self.idx), self.tmp):
@@ -125,32 +197,48 @@ class ShardWriter:
 
 @contextlib.contextmanager
 def dir_lock(root: Path, name: str = ".lock", wait: bool = False):
-    """Hold an exclusive lock on root/name while writing; a second writer is refused with one line
-    (or, with wait=True, waits for the first)."""
-    path = root / name
-    f = open(path, "a+")
+    """Hold an exclusive lock on root/name while writing (blt.disk.file_lock); a second writer is
+    refused with one line (or, with wait=True, waits for the first). The holder may remove the lock
+    file (a failed first run takes its directory back); a waiting process then locks the new one."""
+    held = contextlib.ExitStack()
     try:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError:
-        f.seek(0)
-        holder = f.read().strip() or "another process"
-        f.close()
-        raise DataError(f"'{root}' is being written by another `blt prepare` ({holder}); wait for it to finish, "
-                        f"or prepare into another --out") from None
-    try:
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {os.uname().nodename}")
-        f.flush()
+        held.enter_context(file_lock(root / name, wait=wait))
+    except LockHeld as e:
+        raise DataError(f"'{root}' is being written by another `blt prepare` ({e.holder}); wait for it to "
+                        f"finish, or prepare into another --out") from None
+    except FileNotFoundError:
+        raise DataError(f"'{root}' was removed by the `blt prepare` that held it (it failed); rerun the "
+                        f"command") from None
+    except OSError as e:
+        raise DataError(f"--out '{root}' is not writable ({e.strerror or type(e).__name__}); pass a writable "
+                        f"directory") from None
+    with held:
         yield
-    finally:
-        f.close()
 
 
-def check_format(manifest: dict, root: Path) -> None:
-    if manifest.get("format") != FORMAT:
-        raise DataError(f"'{root}' was prepared in data format {manifest.get('format')}, but this blt reads format "
-                        f"{FORMAT}; prepare the sources again with `blt prepare SOURCES --out NEW_DIR`")
+def read_manifest(root: Path, what: str = "") -> tuple[dict, list[Shard]]:
+    """A prepared directory's manifest and shards, its format and layout checked; a missing or damaged
+    manifest, or one of another format, is a DataError naming the file (prefixed by `what`)."""
+    path, who = root / "manifest.json", f"{what}: " if what else ""
+    fix = "prepare the sources again with `blt prepare SOURCES --out NEW_DIR`"
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{who}'{root}' holds no manifest.json (not a prepared directory, or its `blt prepare` has "
+                        f"not finished); run `blt prepare SOURCES --out {root}`") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{who}'{path}' cannot be read ({type(e).__name__}); {fix}") from None
+    if not isinstance(manifest, dict) or "format" not in manifest:
+        raise DataError(f"{who}'{path}' is not a manifest of `blt prepare` ({_kind(manifest)}); {fix}")
+    if type(manifest["format"]) is not int or manifest["format"] != FORMAT:
+        raise DataError(f"{who}'{root}' was prepared in data format {_kind(manifest['format'])}, but this blt reads "
+                        f"format {FORMAT}; {fix}")
+    problem = ("'settings' is not an object" if not isinstance(manifest.get("settings"), dict) else
+               "'shards' is not a list" if not isinstance(manifest.get("shards"), list) else
+               next((f"shards[{i}] {p}" for i, s in enumerate(manifest["shards"]) if (p := _shard_problem(s))), None))
+    if problem:
+        raise DataError(f"{who}'{path}' is damaged ({problem}); {fix}")
+    return manifest, [Shard.from_json(s) for s in manifest["shards"]]
 
 
 @dataclass
@@ -165,24 +253,11 @@ class Prepared:
     @classmethod
     def open(cls, root: str | Path, what: str = "data") -> "Prepared":
         root = Path(root)
-        path = root / "manifest.json"
-        try:
-            manifest = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise DataError(f"{what}: '{root}' holds no manifest.json (not a prepared directory, or its "
-                            f"`blt prepare` has not finished); run `blt prepare SOURCES --out {root}`") from None
-        except (OSError, ValueError) as e:
-            raise DataError(f"{what}: '{path}' cannot be read ({type(e).__name__}); prepare the data again") from None
-        check_format(manifest, root)
-        shards = [Shard.from_json(s) for s in manifest["shards"]]
+        manifest, shards = read_manifest(root, what)
         for s in shards:  # a missing or truncated shard is found at once (stat only; checksums on first read)
-            for split in SPLITS:
-                p = shard_path(root, s.id, split)
-                size = p.stat().st_size if p.is_file() else -1
-                if size != 2 * s.splits[split]["tokens"]:
-                    state = "is missing" if size < 0 else f"has {size:,} bytes, not {2 * s.splits[split]['tokens']:,}"
-                    raise DataError(f"{what}: shard '{p}' {state} (truncated or deleted); rerun `blt prepare` "
-                                    f"for '{root}' to rebuild it")
+            if damage := shard_damage(root, s):
+                raise DataError(f"{what}: {damage} (truncated or deleted); rerun `blt prepare SOURCES --out {root}` "
+                                f"to rebuild it")
         return cls(root, manifest, shards)
 
     def totals(self, split: str) -> tuple[int, int]:

@@ -18,9 +18,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from blt.data.documents import DataError
-from blt.data.prepare import Settings, prepare
+from blt.data.prepare import Settings, check_options, prepare
 from blt.data.shards import Prepared
 from blt.proc import launched, log
+from blt.typed import PosInt, check_option
 
 
 def _world():
@@ -75,7 +76,10 @@ def run(args) -> None:
         raise DataError(f"--seq-len must be >= 2, got {args.seq_len}")
     if not args.sources and not args.entropy_model:
         raise DataError("nothing to do: pass SOURCES to prepare and/or --entropy-model MODEL to compute entropies")
+    check_option("batch", args.batch, PosInt, flag=True)
     settings = Settings(args.text_field, args.sample_by, args.val_fraction, args.seed)
+    if args.sources:
+        check_options(settings, args.workers, args.shard_mb, args.part)  # before a process group is joined
     world = _world()
     report: dict = {}
     if args.sources:
