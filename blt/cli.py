@@ -4,7 +4,7 @@
     blt prepare corpus/ --out data/corpus --workers 8   # files -> shards (+ --entropy-model: entropies)
     blt eval runs/tiny [--data FILE ...]                 # one JSON line: bpb, bytes, loss, avg_patch_size
     blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P --stop S]
-    blt patch runs/tiny --text TEXT                      # how a text splits into patches, with entropies
+    blt patch runs/tiny --text TEXT | --file PATH        # how a text splits into patches, with entropies
     blt info configs/tiny.yaml [key=value ...]           # parameters and FLOPs per byte, no training
     blt plan configs/blt_8b.yaml --nodes 8 --procs-per-node 8   # DeepSpeed config + memory per ZeRO stage
     blt consolidate runs/tiny [--out FILE]               # ZeRO shards -> one model.safetensors
@@ -14,6 +14,9 @@
     blt dashboard runs/tiny [--port 6006]                # TensorBoard on 127.0.0.1, offline
     blt lm-eval runs/tiny --tasks blt_shakespeare_next_line [--limit N]   # lm-evaluation-harness tasks, offline
     blt serve exports/tiny [--port 8000 --max-batch 16]  # OpenAI-compatible HTTP API on 127.0.0.1
+
+Bad input is one line on stderr and exit status 2; a reader that leaves early (`blt generate ... | head`)
+ends any verb quietly with status 141, as SIGPIPE ends Unix tools.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ import argparse
 import itertools
 import json
 import os
+import select
 import sys
 
-from blt.proc import launched, log
+from blt.proc import launched, library_logs_to_stderr, log
 
 
 def _cmd_train(args) -> None:
@@ -122,30 +126,35 @@ def _cmd_patch(args) -> None:
     import torch
 
     from blt.artifacts import load_model
+    from blt.data.documents import read_input
     from blt.tokens import decode, encode
 
+    text = read_input(args.file) if args.file is not None else args.text  # a bad file fails before the load
     loaded = load_model(args.checkpoint, "cpu")
     cfg, patcher = loaded.cfg, loaded.patcher
-    ids = torch.from_numpy(encode(args.text, bos=True, eos=False).astype("int64"))[None]
-    starts, signal = patcher.explain(loaded.model, ids)
-    starts, signal = starts[0], signal[0] if signal is not None else None
+    ids = torch.from_numpy(encode(text, bos=True, eos=False).astype("int64"))  # (T,)
+    window = cfg.data.seq_len  # a longer text is patched in the windows training reads
+    starts, signal = patcher.explain_windows(loaded.model, ids, window)
     key = "probabilities" if patcher.learned else "entropies"  # what decided each byte's start
-    bounds = torch.nonzero(starts).flatten().tolist() + [ids.shape[1]]
+    bounds = torch.nonzero(starts).flatten().tolist() + [len(ids)]
     patches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
-        raw = decode(ids[0, a:b])
+        raw = decode(ids[a:b])
         patches.append({
             "text": raw.decode("utf-8", errors="backslashreplace"),
             "bytes": b - a,
             key: [round(float(e), 3) for e in signal[a:b]] if signal is not None else None,
         })
     if args.json:
-        print(json.dumps({"mode": cfg.patching.mode, "threshold": patcher.threshold, "patches": patches}))
+        print(json.dumps({"mode": cfg.patching.mode, "threshold": patcher.threshold, "window": window,
+                          "patches": patches}))
         return
     th = f", threshold {patcher.threshold:.3f}" if patcher.threshold is not None else ""
     th = ", a patch starts where the router's probability is >= 0.5" if patcher.learned else th
+    windows = f"; in {-(-len(ids) // window)} windows of data.seq_len={window} bytes, each starting a patch, " \
+              "as training reads text" if len(ids) > window else ""
     print(f"{len(patches)} patches, mean {sum(p['bytes'] for p in patches) / len(patches):.2f} bytes "
-          f"({cfg.patching.mode}{th}); BOS is the first patch")
+          f"({cfg.patching.mode}{th}); BOS is the first patch{windows}")
     print("|" + "|".join(p["text"].replace("\n", "\\n") for p in patches) + "|")
     if signal is not None:
         for p in patches:
@@ -180,12 +189,14 @@ def _measured_patch_size(run) -> float | None:
 
 
 def _cmd_plan(args) -> None:
-    from blt.config import ConfigError, load_config
+    from blt.config import load_config
+    from blt.typed import PosFloat, PosInt, check_option
+
+    for name, tp in (("nodes", PosInt), ("procs_per_node", PosInt), ("gpu_mem_gb", PosFloat)):  # before the config
+        check_option(name, getattr(args, name), tp, flag=True)
+    cfg = load_config(args.config, args.overrides)
     from blt.train.plan import format_plan, make_plan
 
-    cfg = load_config(args.config, args.overrides)
-    if args.nodes < 1 or args.procs_per_node < 1:
-        raise ConfigError("--nodes and --procs-per-node must be >= 1")
     plan = make_plan(cfg, args.nodes, args.procs_per_node, gpu=not args.cpu)
     print(format_plan(plan, args.gpu_mem_gb, cfg.distributed.zero_stage))
 
@@ -241,17 +252,17 @@ def _cmd_lm_eval(args) -> None:
     check_option("num_fewshot", args.num_fewshot, NonNegInt, optional=True, flag=True)
     device = check_device(args.device, "--device")
     from blt.errors import require_extra
+    from blt.harness.output import results_file
     from blt.harness.run import evaluate_model
 
     require_extra("eval", "lm_eval")
-    results, table = evaluate_model(args.checkpoint, args.tasks.split(","), args.include_path or [], args.limit,
-                                    args.num_fewshot, args.batch_size, device, args.dtype)
-    from lm_eval.utils import handle_non_serializable, make_table
+    with results_file(args.output) as write:  # a bad --output fails here, not after the evaluation
+        results, table = evaluate_model(args.checkpoint, args.tasks.split(","), args.include_path or [], args.limit,
+                                        args.num_fewshot, args.batch_size, device, args.dtype)
+        from lm_eval.utils import make_table
 
-    print(make_table(results), file=sys.stderr)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2, default=handle_non_serializable)
+        print(make_table(results), file=sys.stderr)
+        write(results)
     print(json.dumps({"model": args.checkpoint, "tasks": table, "limit": args.limit, "num_fewshot": args.num_fewshot}))
 
 
@@ -307,7 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("patch", help="show how a text splits into patches")
     pa.add_argument("checkpoint")
-    pa.add_argument("--text", required=True)
+    what = pa.add_mutually_exclusive_group(required=True)
+    what.add_argument("--text", help="the text to patch")
+    what.add_argument("--file", help="patch this file's bytes (a text longer than the model's data.seq_len is "
+                                     "patched in windows of that many bytes, as training reads it)")
     pa.add_argument("--json", action="store_true")
     pa.set_defaults(func=_cmd_patch)
 
@@ -352,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     le.add_argument("--batch-size", type=int, default=16, help="rows per forward")
     le.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's)")
     le.add_argument("--include-path", action="append", help="a directory of task YAML files; repeatable")
-    le.add_argument("--output", help="write lm-eval's full results (JSON) to this file")
+    le.add_argument("--output", help="write lm-eval's full results (JSON) to this file (replaced if it exists)")
     le.add_argument("--device", default="cpu")
     le.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="bfloat16: autocast on GPU")
     le.set_defaults(func=_cmd_lm_eval)
@@ -390,7 +404,29 @@ def say_error(line: str) -> None:
         print(line, file=sys.stderr)
 
 
+PIPE_CLOSED = 141  # the status a shell gives a tool ended by SIGPIPE (128 + 13), as `yes | head` gives `yes`
+
+
+def _stdout_closed() -> bool:
+    """Is stdout a pipe whose reader has gone (`blt generate ... | head -c 10` after head exits)?"""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file descriptor (captured in a test)
+        return False
+
+
+def _drop_stdout() -> None:
+    """Send what stdout still holds to /dev/null, so the flush at exit does not fail again
+    (the recipe of Python's signal docs, "Note on SIGPIPE")."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
+    library_logs_to_stderr()  # stdout carries results only
     argv = list(sys.argv[1:] if argv is None else argv)
     for a in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:  # old-style launchers
         os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
@@ -407,6 +443,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
+        sys.stdout.flush()  # a reader gone (`| head`) shows here at the latest, not at exit
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        _drop_stdout()
+        return PIPE_CLOSED
     except USER_ERRORS as e:
         place = launched()
         where = f" (rank {place.rank})" if place.world_size > 1 else ""

@@ -4,13 +4,17 @@ nothing on disk."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
+from blt.train.reshard import universal_checkpoint, universal_dir
 from badinput import assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT
+from test_pickle_safety import plant
 
 STEP = Path("checkpoints") / "step_00000002"
 
@@ -96,3 +100,51 @@ def test_damaged_export_is_named(static_run, tmp_path):
         shutil.copytree(out, broken)
         how(broken / name)
         assert_user_error(["eval", broken], watch=[broken], contains=words)
+
+
+def wrong_shape(param: Path, marker: Path) -> None:
+    torch.save({"param": torch.zeros(3, 3), "cat_dim": 0}, param / "fp32.pt")
+
+
+# A universal form blt made, then damaged in one parameter's files: (id, how, what the log names)
+UNIVERSAL_DAMAGE = [
+    ("wrong_shape", wrong_shape, "fp32.pt holds (3, 3), but the model's local_decoder.lm_head.weight is (260, 32)"),
+    ("truncated", lambda param, marker: truncate(param / "fp32.pt"), "fp32.pt is truncated or not a torch file"),
+    ("missing_parameter", lambda param, marker: shutil.rmtree(param), "fp32.pt is missing"),
+    ("malicious_pickle", lambda param, marker: plant(param / "exp_avg.pt", marker, wrap=lambda p: {"param": p}),
+     "exp_avg.pt holds objects other than tensors"),
+]
+
+
+@pytest.mark.parametrize("case,how,words", UNIVERSAL_DAMAGE, ids=[d[0] for d in UNIVERSAL_DAMAGE])
+def test_a_damaged_universal_form_is_made_again(static_run, tmp_path, cache_dir, case, how, words):
+    """A resume under DeepSpeed (one process: a new layout for the local checkpoint) through a
+    damaged universal form: the damage is found before DeepSpeed reads a file, the form is converted
+    again from the checkpoint (which is fine) and training goes on. No traceback, no advice to load
+    unguarded (weights_only=False), the payload never runs, and stdout holds only the result line
+    (DeepSpeed logs "MPU is not provided" on its own handler, sent to stderr)."""
+    run = tmp_path / "run"
+    shutil.copytree(static_run, run)
+    step_dir = run / STEP
+    universal_checkpoint(step_dir)
+    marker = tmp_path / "PAYLOAD_RAN"
+    how(universal_dir(step_dir) / "zero" / "local_decoder.lm_head.weight", marker)
+    done = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
+                   "patching.mode=static", *TINY_BLT, "training.steps=4", "distributed.engine=deepspeed",
+                   "distributed.zero_stage=1")
+    err = done.stderr.decode()
+    assert done.returncode == 0, err
+    assert f"is damaged (zero/local_decoder.lm_head.weight/{words}" in err, err
+    assert f"converting {step_dir.name} again" in err
+    assert "MPU is not provided" in err and "Traceback" not in err and "weights_only" not in err
+    assert not marker.exists()
+    assert [json.loads(line)["step"] for line in done.stdout.decode().splitlines()] == [4]
+
+
+def test_a_universal_form_blt_did_not_write_is_left_alone(static_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(static_run, run)
+    mine = universal_dir(run / STEP)
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("a universal checkpoint made by hand")
+    assert_user_error(["consolidate", run, "--universal"], watch=[run], contains="holds files blt did not write")

@@ -2,7 +2,7 @@
 problem and the fix, no traceback, nothing written. Each row runs the real CLI in a child process
 through tests/badinput.py; a few rows check the Python API the same values go through.
 
-Sections: config (`blt train`), generate, eval, patch. Keep new sections (e.g. checkpoint loading)
+Sections: config (`blt train`), generate, eval, patch, plan, a closed stdout. Keep new sections (e.g. checkpoint loading)
 in the same shape: a table of rows, one test function that runs it.
 """
 
@@ -12,13 +12,14 @@ import json
 import os
 import random
 import re
+import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
 
-from badinput import assert_user_error, run_blt
+from badinput import ROOT, assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT
 
 from blt.errors import UserError
@@ -76,6 +77,16 @@ BAD_OVERRIDES = [  # space-separated overrides (the last word wins), part of the
     pytest.param("distributed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3", id="zero_stage-4"),
     pytest.param("training.device=cuda", "training.device=cuda but no CUDA device is visible", id="device-missing",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+    # FlexAttention has no CPU backward: an 81-line traceback from inside the first step before
+    pytest.param("training.device=cpu model.global_model.sparse.pattern=local model.global_model.sparse.backend=flex",
+                 "set model.global_model.sparse.backend=gather", id="flex-on-cpu-global"),
+    pytest.param("training.device=cpu model.decoder.window=null model.decoder.sparse.pattern=local "
+                 "model.decoder.sparse.backend=flex", "set model.decoder.sparse.backend=gather", id="flex-on-cpu-decoder"),
+    # a learned target no patch can reach (1e9 trained with a ratio loss of 2e8 before)
+    pytest.param("patching.mode=learned patching.target_patch_size=1e9",
+                 "patching.target_patch_size (1e+09) must be <= patching.max_patch_length (12)", id="learned-target-1e9"),
+    pytest.param("patching.mode=learned patching.target_patch_size=13",
+                 "target_patch_size (13) must be <= patching.max_patch_length (12)", id="learned-target-above-max"),
 ]
 
 
@@ -152,6 +163,10 @@ BAD_GENERATE = [  # arguments after the run dir, part of the message
     pytest.param(["--temperature", "nan"], "--temperature must be a finite number, got nan", id="temperature-nan"),
     pytest.param(["--temperature", "inf"], "--temperature must be a finite number, got inf", id="temperature-inf"),
     pytest.param(["--temperature", "-1"], "--temperature must be >= 0, got -1.0", id="temperature-negative"),
+    # logits / T overflowed float32 and every byte came out 0xFF
+    pytest.param(["--temperature", "1e-45"], "--temperature must be 0 (greedy) or >= 0.001, got 1e-45",
+                 id="temperature-underflow"),
+    pytest.param(["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.001", id="temperature-1e-300"),
     pytest.param(["--top-p", "2"], "--top-p must be in (0, 1], got 2.0", id="top_p-2"),
     pytest.param(["--top-p", "0"], "--top-p must be in (0, 1], got 0.0", id="top_p-0"),
     pytest.param(["--top-k", "0"], "--top-k must be >= 1, got 0", id="top_k-0"),
@@ -195,6 +210,7 @@ def test_generator_api_refuses_bad_options_before_sampling(run):
 
     gen = Generator.load(str(run))
     for opts, message in [({"temperature": float("nan")}, "temperature must be a finite number"),
+                          ({"temperature": 1e-45}, "temperature must be 0 (greedy) or >= 0.001"),
                           ({"top_p": 2.0}, "top_p must be in (0, 1]"), ({"top_k": 0}, "top_k must be >= 1"),
                           ({"max_bytes": -5}, "max_bytes must be >= 0"), ({"max_bytes": 2.5}, "max_bytes must be int"),
                           ({"seed": -1}, "seed must be in [0, 2**32)")]:
@@ -221,7 +237,7 @@ BAD_EVAL = [  # arguments after the run dir (EMPTY: an empty data file), part of
     pytest.param(["--device", "foo"], "--device 'foo' is not a device", id="device-unknown"),
     pytest.param(["--device", MISSING_CUDA], f"--device {MISSING_CUDA}: ", id="device-missing"),
     pytest.param(["--data", "missing.txt"], "'missing.txt' matches no file", id="data-missing"),
-    pytest.param(["--data", "EMPTY"], "hold no text", id="data-empty"),
+    pytest.param(["--data", "EMPTY"], "holds no text", id="data-empty"),
 ]
 
 
@@ -248,5 +264,62 @@ def test_evaluate_api_refuses_bad_sizes(run):
 # ----------------------------------------------------------------------------- patch
 
 
-def test_patch_without_text_is_one_line(run):
-    assert_user_error(["patch", run], watch=[run], contains="the following arguments are required: --text")
+BAD_PATCH = [  # arguments after the run dir (DIR: a directory), part of the message
+    pytest.param([], "one of the arguments --text --file is required", id="no-text"),
+    pytest.param(["--text", "a", "--file", "x.txt"], "not allowed with argument", id="text-and-file"),
+    pytest.param(["--file", "missing.txt"], "cannot read 'missing.txt' (No such file or directory)", id="file-missing"),
+    pytest.param(["--file", "DIR"], "(Is a directory)", id="file-is-a-directory"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_PATCH)
+def test_bad_patch_option_is_one_line(run, tmp_path, args, message):
+    args = [str(tmp_path) if a == "DIR" else a for a in args]
+    assert_user_error(["patch", run, *args], watch=[run, tmp_path], cwd=tmp_path, contains=message)
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+BAD_PLAN = [  # arguments after the config, part of the message ("budget nan GB" and exit 0 before)
+    pytest.param(["--gpu-mem-gb", "nan"], "--gpu-mem-gb must be a finite number, got nan", id="gpu_mem-nan"),
+    pytest.param(["--gpu-mem-gb", "inf"], "--gpu-mem-gb must be a finite number, got inf", id="gpu_mem-inf"),
+    pytest.param(["--gpu-mem-gb", "-5"], "--gpu-mem-gb must be > 0, got -5.0", id="gpu_mem-negative"),
+    pytest.param(["--gpu-mem-gb", "0"], "--gpu-mem-gb must be > 0, got 0.0", id="gpu_mem-0"),
+    pytest.param(["--nodes", "0"], "--nodes must be >= 1, got 0", id="nodes-0"),
+    pytest.param(["--procs-per-node", "-1"], "--procs-per-node must be >= 1, got -1", id="procs-negative"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_PLAN)
+def test_bad_plan_option_is_one_line(tmp_path, args, message):
+    assert_user_error(["plan", TINY, *args], watch=[tmp_path], cwd=tmp_path, contains=message)
+
+
+# ----------------------------------------------------------------------------- a reader that leaves early
+
+
+CLOSED_PIPE = [  # arguments after the run dir (LONG: a 120 KB text file), bytes read before closing the pipe
+    pytest.param(["generate", "--prompt", "ROMEO.", "--max-bytes", "3000"], 10, id="generate-stream"),
+    pytest.param(["generate", "--prompt", "a", "--prompt", "b", "--max-bytes", "20"], 0, id="generate-json-lines"),
+    pytest.param(["patch", "--file", "LONG"], 10, id="patch"),
+]
+
+
+@pytest.mark.parametrize("args,read", CLOSED_PIPE)
+def test_a_reader_that_leaves_early_ends_the_command_quietly(run, tmp_path, args, read):
+    """`blt generate ... | head -c 10` (and JSON lines, and `blt patch ... | head`) was a
+    BrokenPipeError traceback and exit 1; now the command ends quietly with 141, the status a
+    shell reports for a tool that SIGPIPE ended (`yes | head`)."""
+    long = tmp_path / "long.txt"
+    long.write_bytes(b"To be, or not to be, that is the question.\n" * 2800)  # its output overfills a pipe
+    verb, *rest = [str(long) if a == "LONG" else a for a in args]
+    with open(tmp_path / "stderr", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "blt", verb, str(run), *rest], stdout=subprocess.PIPE,
+                                stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        got = proc.stdout.read(read) if read else b""
+        proc.stdout.close()  # the reader leaves (what head does after its bytes)
+        code = proc.wait(timeout=300)
+    stderr = (tmp_path / "stderr").read_text(errors="replace")
+    assert len(got) == read and "Traceback" not in stderr and "Error" not in stderr, stderr
+    assert code == 141, stderr

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from blt.artifacts.checkpoints import checkpoint_config
+from blt.model import build_model
 from blt.train.distributed import free_port
 from badinput import kill_midway
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
@@ -229,6 +231,8 @@ def resume_on_two(run: Path, source: Path, cache_dir: Path, entropy_run: Path, s
     done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, *extra, f"checkpoint.resume={source}"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert says in done.stderr
+    # stdout is the result line alone: DeepSpeed's "MPU is not provided" warning goes to stderr
+    assert [json.loads(line)["step"] for line in done.stdout.splitlines()] == [8], done.stdout
 
 
 def universal_step(step_dir: Path) -> float:
@@ -299,6 +303,39 @@ def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, singl
     assert done.returncode == 0, done.stderr[-3000:]
     assert "converted step_00000004" in done.stderr
     assert not partial.exists()
+    assert_continues(one, single, 5, 1)
+
+
+@slow
+def test_two_conversions_at_once_take_turns(zero_run, single, tmp_path, cache_dir, entropy_run):
+    """Two `blt consolidate --universal` of one ZeRO checkpoint started together, 3 times (before the
+    lock every round lost one of them to the other deleting their shared step_N.tmp, and some left
+    an incomplete form behind a valid marker): both succeed, one converts and the other uses its
+    conversion, every file of the form is there, and a resume on one process reads it."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for round_ in range(3):
+        run = tmp_path / f"round_{round_}"
+        shutil.copytree(zero_run(2), run)
+        step_dir = run / "checkpoints" / "step_00000004"
+        jobs = [subprocess.Popen([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        done = [(job.wait(timeout=300), *job.communicate()) for job in jobs]
+        assert [code for code, _, _ in done] == [0, 0], [err for _, _, err in done]
+        assert sum("converted step_00000004" in err for _, _, err in done) == 1
+        udir = run / "checkpoints" / "universal" / "step_00000004"
+        cfg = checkpoint_config(step_dir)
+        names = [n for n, _ in build_model(cfg.model, cfg.patching).named_parameters()]
+        want = {f"zero/{n}/{k}.pt" for n in names for k in ("fp32", "exp_avg", "exp_avg_sq", "step")}
+        want |= {"zero/optimizer_state.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
+                 "blt.json"}
+        assert {str(p.relative_to(udir)) for p in udir.rglob("*") if p.is_file()} == want
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+            "latest", "step_00000004", "step_00000008", "universal", "zero_to_fp32.py", "zero_to_torch.py"]
+
+    one = tmp_path / "one_process"
+    done = train_one_process(one, cache_dir, entropy_run, f"checkpoint.resume={step_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "converted" not in done.stderr  # the form the racing conversions left is complete
     assert_continues(one, single, 5, 1)
 
 

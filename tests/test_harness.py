@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from badinput import assert_user_error
+from badinput import assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 from blt.artifacts import load_model
@@ -21,7 +22,8 @@ from blt.config import config_from_dict
 from blt.data import BUNDLED_DIR
 from blt.generation import Generator
 from blt.harness.lm import BltLM
-from blt.harness.run import TASKS_DIR, blt_task_names, find_tasks, flat_metrics, load_tasks, run_tasks
+from blt.harness.run import (TASKS_DIR, TaskError, blt_task_names, check_fewshot, find_tasks, flat_metrics,
+                              load_tasks, run_tasks)
 from blt.harness.scoring import BatchTooLargeError, Scorer, continuation_pieces
 from blt.model import build_model
 from blt.patching import Patcher
@@ -51,6 +53,12 @@ def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: in
                                          "split_first_byte": hf, "entropy_model": "unused"}})
     model = build_model(cfg.model, cfg.patching).eval()
     return Scorer(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context, batch_size)
+
+
+def close(value: float):
+    """Equal as float32 sums of the same terms in another order are (how a CPU's kernels add varies):
+    1e-5 absolute, or 1e-6 relative for a log-likelihood of tens of nats."""
+    return pytest.approx(value, rel=1e-6, abs=1e-5)
 
 
 def full_forward(scorer: Scorer, context: bytes, continuation: bytes) -> tuple[float, bool]:
@@ -97,7 +105,7 @@ def test_loglikelihood_is_the_full_forward_sum_and_greedy_its_argmax(mode, hf):
     got = scorer.loglikelihood(requests)
     for (ctx, cont), (logp, is_greedy) in zip(requests, got):
         ref, ref_greedy = full_forward(scorer, ctx, cont)
-        assert logp == pytest.approx(ref, abs=1e-5), (ctx, cont)
+        assert logp == close(ref), (ctx, cont)
         assert is_greedy == ref_greedy, (ctx, cont)
     if not hf:  # an HF-compatible byte reads the patch its next byte closes: scoring reads that next
         assert got[-2][1] and got[-1][1]  # byte's start, as training does; generation cannot, as in HF
@@ -117,12 +125,12 @@ def test_a_shared_context_is_encoded_once_with_the_full_forward_numbers(mode):
     assert scorer.shared == len(requests) - 3
     for (ctx, cont), (logp, is_greedy) in zip(requests, got):
         ref, ref_greedy = full_forward(scorer, ctx, cont)
-        assert logp == pytest.approx(ref, abs=1e-5), (ctx, cont)
+        assert logp == close(ref), (ctx, cont)
         assert is_greedy == ref_greedy, (ctx, cont)
     assert all(hit for r, (_, hit) in zip(requests, got) if r in zip(contexts, greedy))  # greedy's continuations
     assert not all(g for _, g in got)
     off = Scorer(scorer.model, scorer.patcher, scorer.context, 2, share_context=False)
-    assert off.loglikelihood(requests) == [pytest.approx(v, abs=1e-5) for v in got] and off.shared == 0
+    assert off.loglikelihood(requests) == [close(v) for v in got] and off.shared == 0
     hf = random_scorer(mode if mode not in ("space", "learned") else "static", hf=True)
     assert not hf.share_context and hf.loglikelihood(requests[:3]) and hf.shared == 0  # HF-compatible: full forwards
 
@@ -202,6 +210,7 @@ def test_generate_until_stops_at_stop_strings_and_at_the_byte_limit(colours_run)
 
 
 def test_blt_lm_eval_command(colours_run, tmp_path, capsys):
+    (tmp_path / "results.json").write_text("an earlier run's results")  # --output replaces the file it names
     code, out, err = run_cli(capsys, "lm-eval", colours_run, "--tasks", "blt_colours,blt_colours_gen", "--limit", 8,
                              "--batch-size", 4, "--output", tmp_path / "results.json")
     assert code == 0, err
@@ -210,6 +219,7 @@ def test_blt_lm_eval_command(colours_run, tmp_path, capsys):
     assert "blt_colours_gen" in err and "exact_match" in err  # lm-eval's table
     full = json.loads((tmp_path / "results.json").read_text())
     assert full["results"]["blt_colours"]["acc,none"] == line["tasks"]["blt_colours"]["acc"]
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # written atomically: no temporary file left
 
 
 def test_a_standard_task_reads_a_local_copy_of_its_data(colours_run, tmp_path, capsys):
@@ -261,6 +271,58 @@ def test_shipped_tasks_load_offline_and_their_data_is_what_make_tasks_writes():
 # ----------------------------------------------------------------------------- bad input
 
 
+def code_tasks(where: Path) -> Path:
+    """An include path whose task reads its 5 documents through `!function utils.docs` (utils.py
+    says on stderr when it is imported), with its few-shot examples drawn from the test split."""
+    where.mkdir()
+    (where / "utils.py").write_text(
+        "import sys\nprint('utils.py imported', file=sys.stderr, flush=True)\n\n\ndef docs(**metadata):\n"
+        "    import datasets\n\n    rows = [{'q': f'the {o} is', 'label': i % 2} for i, o in enumerate('abcde')]\n"
+        "    return datasets.DatasetDict({'test': datasets.Dataset.from_list(rows)})\n")
+    (where / "code_task.yaml").write_text(
+        "task: code_task\ncustom_dataset: !function utils.docs\noutput_type: multiple_choice\ntest_split: test\n"
+        "fewshot_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: [blue, gold]\ndoc_to_target: label\n")
+    return where
+
+
+def test_include_path_code_is_named_before_it_is_imported(colours_run, tmp_path):
+    tasks = code_tasks(tmp_path / "my_tasks")
+    assert find_tasks(["blt_colours"]).code == []  # blt's own utils.py is blt's code, not an include path's
+    proc = run_blt("lm-eval", colours_run, "--tasks", "code_task", "--include-path", tasks, "--limit", 1)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0, err
+    notice = f"blt lm-eval: --include-path runs Python: {tasks / 'utils.py'} ("
+    assert notice in err and err.index(notice) < err.index("utils.py imported"), err
+
+
+def test_training_names_the_include_path_code_before_its_tasks_run(tmp_path, capsys):
+    """eval.tasks_include_path is code too: the trainer names the files when it checks the tasks,
+    before the first task run imports them."""
+    from blt.config import load_config
+    from blt.train.tasks import find_eval_tasks
+
+    tasks = code_tasks(tmp_path / "my_tasks")
+    cfg = load_config(CONFIGS / "tiny.yaml", ["eval.tasks=[code_task]", f"eval.tasks_include_path=[{tasks}]"])
+    assert find_eval_tasks(cfg).code == [tasks / "utils.py"]
+    err = capsys.readouterr().err
+    assert f"eval: eval.tasks_include_path runs Python: {tasks / 'utils.py'} (" in err
+    assert "utils.py imported" not in err
+
+
+def test_num_fewshot_is_checked_against_the_examples_a_task_has(tmp_path):
+    """The check's bound is lm-eval's own: the largest count it accepts runs, one more is refused."""
+    tasks = find_tasks(["code_task", "blt_colours"], include_path=[code_tasks(tmp_path / "my_tasks")])
+    objects = load_tasks(tasks)
+    with pytest.raises(TaskError, match=r"--num-fewshot 5 asks task 'code_task' .* than it has \(4\)"):
+        check_fewshot(tasks, objects[:1], 5)  # the document asked about is never its own example
+    with pytest.raises(TaskError, match=r"task 'blt_colours' .* \(320\); give --num-fewshot 320 or fewer"):
+        check_fewshot(tasks, objects[1:], 321)
+    scorer = random_scorer("static")
+    lm = BltLM.from_model(scorer.model, scorer.patcher, 96)
+    results = run_tasks(lm, tasks, limit=1, num_fewshot=4, objects=objects[:1])
+    assert results["n-shot"]["code_task"] == 4
+
+
 def test_lm_eval_missing_names_the_extra(monkeypatch, colours_run, capsys):
     monkeypatch.setitem(__import__("sys").modules, "lm_eval", None)
     code, _, err = run_cli(capsys, "lm-eval", colours_run, "--tasks", "blt_colours")
@@ -282,6 +344,30 @@ def test_bad_inputs_are_one_line(colours_run, tmp_path):
     for extra, says in rows:
         assert_user_error(["lm-eval", colours_run, *extra], watch=[colours_run], contains=says)
     assert_user_error(["lm-eval", tmp_path / "not_a_model", "--tasks", "blt_colours"], contains="no checkpoint")
+
+
+def test_bad_lm_eval_inputs_are_one_line_before_any_evaluation(colours_run, tmp_path):
+    """A bad --output is refused before the model is even looked for (here: a directory holding no
+    model, which would be the error otherwise), so nothing is evaluated and then lost."""
+    bad = tmp_path / "bad_tasks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("task: broken_task\ndataset_path: json\n  output_type: multiple_choice\n")
+    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
+    (tmp_path / "results.json").mkdir()
+    rows = [(["--output", tmp_path / "results.json"], f"--output '{tmp_path / 'results.json'}' is a directory"),
+            (["--output", tmp_path / "nope" / "x.json"], f"the directory '{tmp_path / 'nope'}' does not exist"),
+            (["--output", "/sys/x.json"], "cannot write in '/sys'"),
+            (["--output", tmp_path / "not_a_model" / "notes.txt" / "x.json"], "notes.txt' is not a directory")]
+    for extra, says in rows:
+        assert_user_error(["lm-eval", tmp_path / "not_a_model", "--tasks", "blt_colours", *extra], watch=[tmp_path],
+                          contains=says)
+    assert_user_error(["lm-eval", colours_run, "--tasks", "blt_colours", "--num-fewshot", 1000],
+                      watch=[colours_run], contains="--num-fewshot 1000 asks task 'blt_colours' for more few-shot "
+                                                    "examples than it has (320)")
+    assert_user_error(["lm-eval", colours_run, "--tasks", "broken_task", "--include-path", bad, "--output",
+                       tmp_path / "r.json"], watch=[tmp_path],
+                      contains=f"task 'broken_task' cannot be read: '{bad / 'broken.yaml'}' line 3: ")
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ patching mode shows up (blt patch, metrics, exports, refusals)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -191,3 +192,84 @@ def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path, capsys,
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert all(w in err for w in words), err
     assert not (tmp_path / "r").exists()
+
+
+def test_smoothing_in_blocks_equals_one_matmul_and_the_recurrence():
+    """smooth_patches cuts a long row into blocks (memory linear in patches): the same states and
+    gradients as one matmul over the row, and as smooth_step applied patch by patch (generation)."""
+    from blt.model.router import smooth_patches, smooth_step
+
+    torch.manual_seed(0)
+    g = torch.randn(2, 70, 8, requires_grad=True)  # (B, P, Dg) patch-level
+    P = torch.rand(2, 70)
+    P[:, 0], P[0, 9], P[1, 33] = 1.0, 1.0, 0.0  # a first patch, a reset, a patch kept whole
+    P.requires_grad_()
+    one = smooth_patches(g, P)  # 70 patches: one block, the single matmul
+    blocks = smooth_patches(g, P, block=16)  # 5 blocks, each starting from the one before
+    state, steps = torch.zeros(2, 8), []
+    for j in range(70):
+        state = smooth_step(g[:, j], P[:, j], state)
+        steps.append(state)
+    torch.testing.assert_close(blocks, one)
+    torch.testing.assert_close(torch.stack(steps, 1), one)
+    grads = [torch.autograd.grad((s * torch.arange(8.0)).sum(), (g, P)) for s in (one, blocks)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def peak_run(args: list, tmp_path) -> tuple[int, str, str, float]:
+    """Run `python ARGS` as a child; (exit code, stdout, stderr, its peak resident memory in GB)."""
+    import os
+    import subprocess
+    import sys
+
+    from badinput import ROOT
+
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "wb") as o, open(err, "wb") as e:
+        proc = subprocess.Popen([sys.executable, *map(str, args)], stdout=o, stderr=e,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, out.read_text(), err.read_text(errors="replace"), usage.ru_maxrss / 1e6  # KB on Linux
+
+
+def test_smoothing_memory_is_linear_in_patches(tmp_path):
+    """40,000 patches (a 160 KB row): one (P, P) float64 matrix would be 12.8 GB."""
+    code, out, err, gb = peak_run(["-c", "import torch; from blt.model.router import smooth_patches; "
+                                   "print(smooth_patches(torch.randn(1, 40000, 8), torch.rand(1, 40000)).shape)"],
+                                  tmp_path)
+    assert code == 0 and "40000" in out, err
+    assert gb < 1.5, f"peak memory {gb:.2f} GB"
+
+
+@pytest.fixture(scope="module")
+def learned_run(tmp_path_factory, cache_dir):
+    """A tiny learned-patching BLT (data.seq_len 64) trained 1 step by the real CLI."""
+    from badinput import run_blt
+
+    run = tmp_path_factory.mktemp("learned") / "run"
+    proc = run_blt("train", CONFIGS / "tiny_learned.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
+                   *TINY_BLT, "training.steps=1")
+    assert proc.returncode == 0, proc.stderr.decode()
+    return run
+
+
+def test_blt_patch_reads_a_long_file_in_windows_with_bounded_memory(learned_run, tmp_path, capsys):
+    """`blt patch --text` of 120 KB tried to allocate 23.9 GB. Now `--file` reads the text, cut into
+    windows of data.seq_len bytes as training reads it (each window starts a patch), within a
+    bounded memory; the first window is patched as that text alone is."""
+    text = (TEXT * 120)[:120_000]
+    (tmp_path / "long.txt").write_bytes(text)
+    code, out, err, gb = peak_run(["-m", "blt", "patch", learned_run, "--file", tmp_path / "long.txt", "--json"],
+                                  tmp_path)
+    assert code == 0, err
+    assert gb < 1.5, f"peak memory {gb:.2f} GB"
+    found = json.loads(out)
+    patches, window = found["patches"], found["window"]
+    assert window == 64 and "".join(p["text"] for p in patches).encode() == text
+    starts = set(itertools.accumulate([p["bytes"] for p in patches[:-1]], initial=0))  # BOS is position 0
+    assert set(range(0, len(text) + 1, window)) <= starts
+    code, out, err = run_cli(capsys, "patch", learned_run, "--text", text[: window - 1].decode(), "--json")
+    alone = json.loads(out)["patches"]
+    assert code == 0 and patches[: len(alone) - 1] == alone[:-1]  # its last patch may go on into window 2

@@ -181,6 +181,7 @@ def test_chat_renders_the_documented_template(served):
     ('{"model": "tiny", "prompt": "x", "max_tokens": 5000}', "max_tokens"),
     ('{"model": "tiny", "prompt": "x", "top_p": 1.5}', "top_p"),
     ('{"model": "tiny", "prompt": "x", "temperature": -1}', "temperature"),
+    ('{"model": "tiny", "prompt": "x", "temperature": 1e-45}', "temperature"),  # logits / T overflow float32
     ('{"model": "tiny", "prompt": "x", "n": 0}', "n"),
     ('{"model": "tiny", "prompt": [72, 300]}', "prompt"),
     ('{"model": "tiny", "prompt": "x", "stop": [""]}', "stop"),
@@ -199,6 +200,19 @@ def test_malformed_requests_are_400_naming_the_field(served, body, field):
         assert field in err["message"]
     r = httpx.post(served.url + "/v1/chat/completions", json={"model": "tiny", "messages": []})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+@pytest.mark.parametrize("body, field", [
+    ({"max_completion_tokens": -1}, "max_completion_tokens"),  # the field the client sent, not max_tokens
+    ({"max_completion_tokens": 5000, "max_tokens": 5}, "max_completion_tokens"),
+    ({"max_tokens": -1}, "max_tokens"),
+])
+def test_a_chat_length_error_names_the_field_sent(served, body, field):
+    r = httpx.post(served.url + "/v1/chat/completions",
+                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == field and err["message"].startswith(f"{field} must be")
 
 
 def test_unknown_model_is_404(served):
@@ -228,6 +242,12 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
             s.client().completions.create(model="tiny", prompt="x", max_tokens=1)
         assert httpx.get(s.url + "/v1/models").status_code == 401
         assert httpx.get(s.url + "/health").status_code == 200  # for load balancers: no key
+        for path in ("/v1/completions", "/v1/chat/completions"):  # the key is checked before the body is read
+            bad = httpx.post(s.url + path, content=b'{"model": ', headers={"content-type": "application/json"})
+            assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error", bad.text
+            keyed = httpx.post(s.url + path, content=b'{"model": ', headers={"authorization": "Bearer sesame",
+                                                                             "content-type": "application/json"})
+            assert keyed.status_code == 400 and "not valid JSON" in keyed.json()["error"]["message"], keyed.text
         client = s.client("sesame")
         body = {"model": "tiny", "prompt": "ROMEO.", "max_tokens": 4000, "temperature": 0, "stream": True}
         head = {"authorization": "Bearer sesame"}

@@ -62,10 +62,12 @@ def safe_shards(step_dir: Path):
         with weights_only_loads(allowed):
             yield
     except LOAD_ERRORS as e:
-        bad = first_unreadable(sorted(Path(step_dir).glob("*.pt")), allowed)
+        bad = first_unreadable(sorted(Path(step_dir).rglob("*.pt")), allowed)  # a universal form's are in zero/
         if bad is not None:
             raise bad from None
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        if "weights_only" in first:  # torch's advice to load it unguarded is never passed on
+            first = type(e).__name__
         raise UnsafeFileError(f"DeepSpeed could not read the shards in '{step_dir}' ({first}); "
                               "they were not loaded (use another checkpoint)") from None
 

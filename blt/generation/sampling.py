@@ -14,9 +14,10 @@ from blt.typed import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, 
 from blt.tokens import EOS_ID, OFFSET
 
 
+MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0: logits / T stays finite in float32 (below: use 0)
 SAMPLING = {  # each sampling option's type and range (None is allowed for top_k and top_p: no filter)
     "max_bytes": NonNegInt,  # 0 = generate nothing (the prompt only)
-    "temperature": NonNegFloat,  # 0 = greedy
+    "temperature": NonNegFloat,  # 0 = greedy, else >= MIN_TEMPERATURE
     "top_k": PosInt,  # sample among the k most likely bytes
     "top_p": Annotated[float, Range(gt=0, le=1)],  # sample from the smallest set holding this probability
     "seed": Seed,
@@ -25,11 +26,16 @@ SAMPLING = {  # each sampling option's type and range (None is allowed for top_k
 
 def check_sampling(max_bytes: int, temperature: float, top_k: int | None, top_p: float | None, seed: int,
                    flag: bool = False) -> tuple:
-    """The options, checked (ints pass as floats); one outside its SAMPLING range is an OptionError
-    naming it as Python spells it (top_p) or, with flag=True, as the CLI does (--top-p)."""
+    """The options, checked (ints pass as floats); one outside its SAMPLING range (or a temperature
+    in (0, MIN_TEMPERATURE)) is an OptionError naming it as Python spells it (top_p) or, with
+    flag=True, as the CLI does (--top-p)."""
     given = dict(max_bytes=max_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    return tuple(check_option(name, value, SAMPLING[name], optional=name in ("top_k", "top_p"), flag=flag)
-                 for name, value in given.items())
+    checked = tuple(check_option(name, value, SAMPLING[name], optional=name in ("top_k", "top_p"), flag=flag)
+                    for name, value in given.items())
+    if 0 < checked[1] < MIN_TEMPERATURE:  # logits / T would overflow float32 (all bytes 0xFF)
+        raise OptionError(f"{'--temperature' if flag else 'temperature'} must be 0 (greedy) or >= "
+                          f"{MIN_TEMPERATURE:g}, got {temperature!r}")
+    return checked
 
 
 def as_bytes(text: str | bytes, what: str) -> bytes:

@@ -5,6 +5,8 @@ neither torch nor lm_eval.
     scoring.py     Scorer: loglikelihood, rolling loglikelihood and generation in batched forwards (pure torch)
     lm.py          BltLM, the lm_eval model registered as `blt` (imports lm_eval)
     run.py         finding tasks (blt's, --include-path, lm-eval's), running them offline, flat metrics
+    include.py     what an include path holds: unreadable task YAML, the Python its !function tags import
+    output.py      `blt lm-eval --output`: checked before the evaluation, written atomically
     tasks/         blt's own task YAMLs and their data (make_tasks.py writes the data)
     __main__.py    `python -m blt.harness ...`: lm-eval's own command line with `blt` registered
 

@@ -16,6 +16,7 @@ import functools
 import logging
 import os
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,13 +93,22 @@ class Tasks:
     manager: Any
     where: list[str] = field(default_factory=list)  # the directories searched, for messages
     flag: str = "--include-path"  # how the caller spells the include path, for messages
+    code: list[Path] = field(default_factory=list)  # the include paths' Python files `!function` tags import
+
+    @property
+    def fewshot_flag(self) -> str:
+        """How the same caller spells num_fewshot."""
+        return "--num-fewshot" if self.flag.startswith("--") else "eval.tasks_num_fewshot"
 
 
 def find_tasks(names: list[str], include_path: list[str] | tuple = (), flag: str = "--include-path") -> Tasks:
     """Every name a task, group or tag of blt's tasks, the include paths or lm-eval's own; `flag`
     is how the caller spells the include path (--include-path, eval.tasks_include_path)."""
     require_extra("eval", "lm_eval")
+    import lm_eval
     from lm_eval.tasks import TaskManager
+
+    from blt.harness import include
 
     names = [n.strip() for n in names if n.strip()]
     if not names:
@@ -108,18 +118,31 @@ def find_tasks(names: list[str], include_path: list[str] | tuple = (), flag: str
             raise TaskError(f"{flag} '{p}' is not a directory of task YAML files")
     paths = [str(TASKS_DIR), *map(str, include_path)]
     where = [f"blt's tasks ({TASKS_DIR})", *(f"'{p}'" for p in include_path)]
+    found = include.scan(include_path, trusted=[TASKS_DIR, *lm_eval.__path__])
     with offline():
         manager = TaskManager(include_path=paths, include_defaults=False)
-        if any(n not in manager.all_tasks for n in names):  # then lm-eval's built-in tasks (slow to index)
+        missing = [n for n in names if n not in manager.all_tasks]
+        lost = [(n, why) for n in missing for why in found.naming(n).values()]
+        if lost:  # a task in a YAML file lm-eval skipped: that file's error, not "unknown task"
+            raise TaskError(f"task '{lost[0][0]}' cannot be read: {lost[0][1]}; fix that file")
+        if missing:  # then lm-eval's built-in tasks (slow to index)
             manager = TaskManager(include_path=paths)
             where.append(f"lm-eval's {len(manager.all_tasks)} built-in tasks")
     missing = [n for n in names if n not in manager.all_tasks]
     if missing:
         close = difflib.get_close_matches(missing[0], manager.all_tasks, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
-        raise TaskError(f"unknown task {', '.join(repr(m) for m in missing)}{hint}; looked in {', '.join(where)}; "
-                        f"add a directory of task YAML files with {flag}")
-    return Tasks(names, manager, where, flag)
+        broken = list(found.broken.values())
+        note = f"; {flag} holds {len(broken)} unreadable YAML file(s), which lm-eval skips: {broken[0]}" \
+            if broken else ""
+        raise TaskError(f"unknown task {', '.join(repr(m) for m in missing)}{hint}; looked in {', '.join(where)}"
+                        f"{note}; add a directory of task YAML files with {flag}")
+    return Tasks(names, manager, where, flag, found.code)
+
+
+def code_notice(tasks: Tasks) -> str:
+    """The line naming the include paths' Python files that loading the tasks will import."""
+    return f"{tasks.flag} runs Python: {', '.join(map(str, tasks.code))} (imported by the task YAML files' !function tags)"
 
 
 def blt_task_names() -> list[str]:
@@ -148,6 +171,26 @@ def load_tasks(tasks: Tasks) -> list:
     return objects
 
 
+def check_fewshot(tasks: Tasks, objects: list, num_fewshot: int | None) -> None:
+    """Every task has the few-shot examples it will be asked for (`num_fewshot`, or its YAML's),
+    else one line naming the flag and how many there are (not random.sample's "Sample larger than
+    population" from inside lm-eval)."""
+    for task in tasks.manager.load(objects)["tasks"].values():
+        own = task.get_config("num_fewshot")
+        n = own if num_fewshot is None or own == 0 else num_fewshot  # lm-eval keeps a YAML's 0
+        if not n:
+            continue
+        sampler = getattr(task, "sampler", None)
+        pool = len(sampler.fewshot_docs()) if sampler is not None else 0
+        cfg = getattr(task, "fewshot_cfg", None)
+        if cfg is not None and cfg.split is not None and cfg.split == task.config.test_split:
+            pool -= 1  # the document being asked about is never its own example
+        if n > pool:
+            said = f"{tasks.fewshot_flag} {n}" if n == num_fewshot else f"num_fewshot: {n} in its YAML"
+            raise TaskError(f"{said} asks task '{task.task_name}' for more few-shot examples than it has "
+                            f"({max(pool, 0)}); give {tasks.fewshot_flag} {max(pool, 0)} or fewer")
+
+
 def run_tasks(lm, tasks: Tasks, limit: int | None = None, num_fewshot: int | None = None,
               bootstrap_iters: int = 0, log_samples: bool = False, objects: list | None = None) -> dict | None:
     """lm_eval.simple_evaluate on `lm` (a BltLM) over `tasks` (or their already loaded `objects`);
@@ -156,6 +199,7 @@ def run_tasks(lm, tasks: Tasks, limit: int | None = None, num_fewshot: int | Non
     from lm_eval import simple_evaluate
 
     objects = load_tasks(tasks) if objects is None else objects
+    check_fewshot(tasks, objects, num_fewshot)
     with offline():
         return simple_evaluate(model=lm, tasks=objects, task_manager=tasks.manager, limit=limit,
                                num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
@@ -181,11 +225,15 @@ def evaluate_model(model: str, names: list[str], include_path: list[str] = (), l
                    num_fewshot: int | None = None, batch_size: int = 16, device: str = "cpu",
                    dtype: str = "float32") -> tuple[dict, dict]:
     """`blt lm-eval`: the tasks checked and their data read first (fast failures), then the model
-    loaded and evaluated. Returns (lm-eval's full results, {task: {metric: value}})."""
+    loaded and evaluated. Returns (lm-eval's full results, {task: {metric: value}}). The include
+    paths' Python files are named on stderr before loading the tasks imports them."""
     from blt.harness.lm import BltLM
 
     tasks = find_tasks(names, include_path)
+    if tasks.code:
+        print(f"blt lm-eval: {code_notice(tasks)}", file=sys.stderr, flush=True)
     objects = load_tasks(tasks)
+    check_fewshot(tasks, objects, num_fewshot)
     lm = BltLM(pretrained=model, device=device, batch_size=batch_size, dtype=dtype)
     results = run_tasks(lm, tasks, limit, num_fewshot, bootstrap_iters=100000, objects=objects)
     table: dict[str, dict] = {}

@@ -80,15 +80,33 @@ def patch_confidence(conf: torch.Tensor, patch_ids: torch.Tensor, num_patches: i
     return torch.where(exists, conf.gather(1, first), torch.ones_like(conf[:, :1]))
 
 
-def smooth_patches(g: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
-    """s_j = P_j g_j + max(1 - P_j, KEEP_MIN) s_{j-1} over patches, for g (B, P, Dg) and P (B, P),
-    as one matmul: s_j = sum_{i <= j} P_i prod_{i < l <= j} keep_l g_i, the products in float64."""
-    keep = torch.log((1 - P.double()).clamp(min=KEEP_MIN)).cumsum(1)  # (B, P) log of prod_{l <= j} keep_l
+SMOOTH_BLOCK = 512  # patches per matmul of smooth_patches: memory O(P x SMOOTH_BLOCK), not O(P^2)
+
+
+def smooth_patches(g: torch.Tensor, P: torch.Tensor, block: int = SMOOTH_BLOCK) -> torch.Tensor:
+    """s_j = P_j g_j + max(1 - P_j, KEEP_MIN) s_{j-1} over patches, for g (B, P, Dg) and P (B, P):
+    one matmul per block of `block` patches, each block starting from the last state of the one
+    before (a row of up to `block` patches is one block, as one matmul)."""
+    out, before = [], None
+    for a in range(0, P.shape[1], block):
+        out.append(_smooth_block(g[:, a : a + block], P[:, a : a + block], before))  # (B, n, Dg)
+        before = out[-1][:, -1]  # (B, Dg)
+    return torch.cat(out, 1) if len(out) != 1 else out[0]
+
+
+def _smooth_block(g: torch.Tensor, P: torch.Tensor, before: torch.Tensor | None) -> torch.Tensor:
+    """smooth_patches over n patches g (B, n, Dg), P (B, n) that follow the smoothed state `before`
+    (B, Dg) (None: nothing before), as s_j = sum_{i <= j} P_i prod_{i < l <= j} keep_l g_i
+    + prod_{l <= j} keep_l before, the products in float64."""
+    keep = torch.log((1 - P.double()).clamp(min=KEEP_MIN)).cumsum(1)  # (B, n) log of prod_{l <= j} keep_l
     n = P.shape[1]
     later = torch.ones(n, n, dtype=torch.bool, device=P.device).triu(1)  # i > j
     span = (keep[:, :, None] - keep[:, None, :]).masked_fill(later, float("-inf"))  # (B, j, i)
-    w = P.double()[:, None, :] * span.exp()  # (B, P, P) weight of patch i in s_j
-    return torch.bmm(w.to(g.dtype), g)
+    w = P.double()[:, None, :] * span.exp()  # (B, n, n) weight of patch i in s_j
+    s = torch.bmm(w.to(g.dtype), g)  # (B, n, Dg)
+    if before is None:
+        return s
+    return s + keep.exp().to(g.dtype)[:, :, None] * before[:, None, :]
 
 
 def smooth_step(g: torch.Tensor, P: torch.Tensor, before: torch.Tensor) -> torch.Tensor:

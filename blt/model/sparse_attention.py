@@ -17,14 +17,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blt.errors import ConfigError
 from blt.model.attention import causal_self_attention
 from blt.model.sparse_patterns import Pattern
 
 BACKENDS = ("auto", "gather", "flex", "dense")
 
 
-class SparseBackendError(ValueError):
+class SparseBackendError(ConfigError):
     """A pattern/backend pair this device cannot run; one-line message."""
+
+
+def check_trainable(model_cfg, device: torch.device) -> None:
+    """Refuse, before anything is built, a sparse backend that cannot train on `device`: flex has
+    no CPU backward. The message names the config key and the backend to use instead."""
+    if device.type == "cuda":
+        return
+    for name in ("lm",) if model_cfg.arch == "byte_lm" else ("encoder", "global_model", "decoder"):
+        sp = getattr(model_cfg, name).sparse
+        if sp.pattern != "none" and sp.backend == "flex":
+            raise SparseBackendError(f"model.{name}.sparse.backend=flex cannot train on CPU (PyTorch has no CPU "
+                                     f"backward for FlexAttention); set model.{name}.sparse.backend=gather (or auto)")
 
 
 def dense_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:

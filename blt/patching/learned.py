@@ -49,6 +49,10 @@ class Learned(Mode):
         if cfg.target_patch_size <= 1:
             return (f"patching.target_patch_size must be > 1 with patching.mode=learned (got {cfg.target_patch_size}): "
                     "it is the mean patch size the ratio loss aims at")
+        if cfg.max_patch_length is not None and cfg.target_patch_size > cfg.max_patch_length:
+            return (f"patching.target_patch_size ({cfg.target_patch_size:g}) must be <= patching.max_patch_length "
+                    f"({cfg.max_patch_length}) with patching.mode=learned: no patch is longer, so the ratio loss "
+                    "could never reach it (lower the target or raise max_patch_length)")
         if cfg.threshold is not None:
             return ("patching.threshold is for entropy patching; learned patching starts a patch where the router's "
                     "probability is >= 0.5 (set patching.threshold=null and tune patching.target_patch_size)")

@@ -6,6 +6,7 @@ one from a config, with its entropy model (`build_patcher`).
     patcher.calibrate(sample_tokens)      # a mode with a data-derived threshold and threshold=None
     ids = patcher(tokens)                 # (B, T) -> (B, T) patch index of every byte
     logits, ids, routing = patcher.forward(model, tokens)   # every mode, learned included
+    starts, signal = patcher.explain_windows(model, ids, 1024)   # (T,) any length, for `blt patch`
 
 With learned patching the model's own router cuts the patches inside its forward, so `patcher(...)`
 and `starts` refuse; `forward` runs the model either way.
@@ -67,6 +68,23 @@ class Patcher:
             return routing.starts, routing.probs.float()
         ent = self.entropies(tokens) if self.model is not None else None
         return self.starts(tokens, ent), ent
+
+    @torch.no_grad()
+    def explain_windows(self, model, ids: torch.Tensor, window: int,
+                        batch_bytes: int = 16384) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`explain` for one sequence (T,) of any length, cut into windows of `window` bytes as training
+        cuts its data (each window starts a patch), about `batch_bytes` per forward (memory stays that
+        of one such batch, whatever T) -> (T,) starts and (T,) signal (or None)."""
+        full = len(ids) // window * window
+        rows = ids[:full].view(-1, window)  # (N, window)
+        batch = max(1, batch_bytes // window)
+        pieces = [rows[i : i + batch] for i in range(0, len(rows), batch)]
+        if full < len(ids):
+            pieces.append(ids[full:][None])  # (1, T - full) the last, shorter window
+        found = [self.explain(model, x) for x in pieces]
+        starts = torch.cat([s.flatten() for s, _ in found])
+        signal = None if found[0][1] is None else torch.cat([e.flatten() for _, e in found])
+        return starts, signal
 
     def calibrate(self, tokens: torch.Tensor) -> float | None:
         """A mode whose threshold comes from data, with none set: choose it on `tokens` (B, T) (for

@@ -10,8 +10,9 @@ events, or whole), the model list and a health check, over one continuous `Batch
     GET  /                      the model's name and these endpoints
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a malformed
-body or a bad value (the field named), 401 without the bearer key when one is set, 404 for another
-model name, 429 when the queue is full, 503 when the server stops before a request is done.
+body or a bad value (the field named), 401 without the bearer key when one is set (checked before
+the body is read), 404 for another model name, 429 when the queue is full, 503 when the server
+stops before a request is done.
 A client that goes away (a closed stream, a dropped connection) frees its rows at the next step.
 """
 
@@ -24,7 +25,7 @@ import secrets
 import threading
 import time
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -85,12 +86,8 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
     async def _http(request, exc):
         return _error(exc.status_code, str(exc.detail))
 
-    def auth(request: Request) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and secrets.compare_digest(given[7:].encode(), api_key.encode())):
-            raise HTTPException(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'")
+    if api_key is not None:
+        app.add_middleware(_Auth, api_key=api_key)
 
     def check_model(model: str) -> None:
         if model != name:
@@ -106,17 +103,17 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
         return {"model": name, "openai_base_path": "/v1",
                 "endpoints": ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"]}
 
-    @app.get("/v1/models", dependencies=[Depends(auth)])
+    @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "blt"}]}
 
-    @app.post("/v1/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         jobs = completion_jobs(req, limits)
         return await _respond(request, jobs, req, "text_completion", "cmpl")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(auth)])
+    @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         check_model(req.model)
         jobs = chat_jobs(req, limits)
@@ -148,6 +145,22 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
         return await _whole(request, events, rows, meta, kind, usage)
 
     return app
+
+
+class _Auth:
+    """The bearer key checked on every /v1/ path before anything reads the body, so a request
+    without the key is a 401 whatever it holds (malformed JSON included)."""
+
+    def __init__(self, app, api_key: str):
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            if not (given.startswith(b"Bearer ") and secrets.compare_digest(given[7:], self.key)):
+                denied = _error(401, "a valid API key is required: send the header 'Authorization: Bearer KEY'")
+                return await denied(scope, receive, send)
+        await self.app(scope, receive, send)
 
 
 class _Outbox:

@@ -123,15 +123,17 @@ def _refuse_unsupported(req: BaseModel) -> None:
         raise RequestError("best_of is not supported by blt serve (leave it out, or equal to n)", "best_of")
 
 
-def _params(req: _Sampling, max_tokens: int | None, default_max: int, limits: Limits, extra_stop=()) -> list[Params]:
-    """One Params per choice of a prompt (seed + j for choice j)."""
+def _params(req: _Sampling, max_tokens: int | None, default_max: int, limits: Limits, extra_stop=(),
+            field: str = "max_tokens") -> list[Params]:
+    """One Params per choice of a prompt (seed + j for choice j); `field` is the name the client gave
+    `max_tokens` under (max_completion_tokens in a chat request), for messages."""
     _refuse_unsupported(req)
     if not 1 <= req.n <= limits.max_n:
         raise RequestError(f"n must be from 1 to {limits.max_n} (the server's --max-batch), got {req.n}", "n")
     max_bytes = default_max if max_tokens is None else max_tokens
     if not 0 <= max_bytes <= limits.max_tokens:
-        raise RequestError(f"max_tokens must be from 0 to {limits.max_tokens} bytes (the server's --max-tokens), "
-                           f"got {max_bytes}", "max_tokens")
+        raise RequestError(f"{field} must be from 0 to {limits.max_tokens} bytes (the server's --max-tokens), "
+                           f"got {max_bytes}", field)
     top_k = None if req.top_k in (None, 0, -1) else req.top_k
     top_p = None if req.top_p in (None, 1.0) else req.top_p
     seed = secrets.randbelow(2**32) if req.seed is None else req.seed
@@ -177,7 +179,8 @@ def completion_jobs(req: CompletionRequest, limits: Limits) -> list[tuple[bytes,
 
 def chat_jobs(req: ChatRequest, limits: Limits, default_max: int = 256) -> list[tuple[bytes, Params]]:
     """(rendered conversation bytes, Params) for every choice."""
-    asked = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    params = _params(req, asked, min(default_max, limits.max_tokens), limits, extra_stop=(CHAT_STOP,))
+    field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
+    params = _params(req, getattr(req, field), min(default_max, limits.max_tokens), limits, extra_stop=(CHAT_STOP,),
+                     field=field)
     prompt = render_chat(req.messages).encode("utf-8", errors="surrogatepass")
     return [(prompt, c) for c in params]

@@ -13,6 +13,7 @@ import os
 import torch
 
 from blt.config import Config, ConfigError
+from blt.model.sparse_attention import check_trainable
 from blt.train.distributed import Dist
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # fp32 trains without autocast
@@ -32,6 +33,7 @@ def resolve_device(cfg: Config, local_rank: int = 0) -> tuple[torch.device, torc
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(dev)
+    check_trainable(cfg.model, dev)  # a sparse backend this device cannot train with: one line, now
     return dev, AMP_DTYPES.get(resolved_dtype(cfg, dev.type == "cuda"))
 
 

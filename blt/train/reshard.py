@@ -14,7 +14,11 @@ checkpoint already holds whole tensors, which are written out in the same layout
 then load it with DeepSpeed's `checkpoint.load_universal`; the local engine reads the parameter
 files itself. The conversion runs once per checkpoint (rank 0; the others wait), into
 `step_00000100.tmp`, renamed when complete: a conversion that is killed leaves the checkpoint as it
-was, and the next resume starts it again. Pruning a checkpoint removes its universal form.
+was, and the next resume starts it again. It holds `checkpoints/.step_00000100.universal.lock`
+meanwhile, so a second process converting the same checkpoint waits, then uses the first one's.
+Every file is checked (present, plain tensors, the model's shapes) before the marker is written,
+and again before a universal form is used: a damaged one is converted again. Pruning a checkpoint
+removes its universal form.
 
     saved = Layout.of_state(state)                       # how the checkpoint was written
     if saved != engine.layout:
@@ -28,6 +32,7 @@ import contextlib
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -37,8 +42,9 @@ import torch
 import torch.nn as nn
 
 from blt.artifacts.checkpoints import CheckpointError, checkpoint_config, read_state_json
-from blt.artifacts.files import load_pt, read_safetensors, weights_only_loads
+from blt.artifacts.files import LOAD_ERRORS, load_pt, read_safetensors, weights_only_loads
 from blt.artifacts.zero import checkpoint_classes, import_deepspeed, safe_shards, zero_to_universal
+from blt.disk import file_lock
 from blt.errors import UserError
 from blt.model import build_model
 from blt.train.checkpoint import UNIVERSAL
@@ -76,11 +82,33 @@ def universal_dir(step_dir: Path) -> Path:
 
 
 def universal_checkpoint(step_dir: Path, log=None) -> Path:
-    """The universal form of the checkpoint in `step_dir`, made now if it is not there yet."""
+    """The universal form of the checkpoint in `step_dir`, made now if it is not there yet or is
+    damaged (it is derived from the checkpoint, which is never changed). Processes converting one
+    checkpoint at once (two `blt consolidate --universal`, two jobs resuming it) take turns: the
+    first converts, the others wait for it and then use its conversion."""
     step_dir = Path(step_dir)
     out = universal_dir(step_dir)
-    if _made_here(out, step_dir):
+    if _made_here(out, step_dir) and _damage(out, step_dir) is None:
         return out
+    try:  # the lock file is removed when done; kill -9 leaves it, and the next conversion takes it
+        with file_lock(step_dir.parent / f".{out.name}.universal.lock", remove=True):
+            return _convert_once(step_dir, out, log)
+    except PermissionError as e:
+        raise _unwritable(step_dir, e) from None
+
+
+def _convert_once(step_dir: Path, out: Path, log) -> Path:
+    """universal_checkpoint's work, under its lock: into `step_00000100.tmp` (what a killed conversion
+    left there is redone), every file checked, then the marker, then renamed to `out`."""
+    if _made_here(out, step_dir):
+        damage = _damage(out, step_dir)
+        if damage is None:
+            return out  # another process made it while this one waited
+        if log is not None:
+            log(f"the universal form '{out}' is damaged ({damage}); converting {step_dir.name} again")
+    elif out.exists() and not (out / MARKER).is_file():
+        raise CheckpointError(f"'{out}' holds files blt did not write (no {MARKER}); move it away, then run again "
+                              f"(blt writes the universal form of '{step_dir.name}' there)")
     layout = checkpoint_layout(step_dir)
     tmp = out.with_name(out.name + ".tmp")
     start = time.perf_counter()
@@ -92,13 +120,16 @@ def universal_checkpoint(step_dir: Path, log=None) -> Path:
         else:
             _convert_whole(step_dir, tmp, layout)
         _for_every_stage(tmp, step_dir)
+        damage = _damage(tmp, step_dir)
+        if damage is not None:
+            raise CheckpointError(f"converting '{step_dir}' ({layout}) to a universal checkpoint left it incomplete "
+                                  f"({damage}); the checkpoint is unchanged: resume it as {layout}")
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "from": str(layout), "source": _fingerprint(step_dir)}))
-        shutil.rmtree(out, ignore_errors=True)  # one an older blt made
+        shutil.rmtree(out, ignore_errors=True)  # one an older blt made, or a damaged one
         os.replace(tmp, out)
     except PermissionError as e:
         _discard(tmp)
-        raise CheckpointError(f"cannot write the universal form of '{step_dir}' beside it ({e.strerror}); copy "
-                              "the checkpoint somewhere writable and resume from the copy") from None
+        raise _unwritable(step_dir, e) from None
     except UserError:  # already one line: a shard that is unsafe or does not fit
         _discard(tmp)
         raise
@@ -110,6 +141,11 @@ def universal_checkpoint(step_dir: Path, log=None) -> Path:
     if log is not None:
         log(f"converted {step_dir.name} ({layout}) to a universal checkpoint in {time.perf_counter() - start:.1f} s")
     return out
+
+
+def _unwritable(step_dir: Path, e: OSError) -> CheckpointError:
+    return CheckpointError(f"cannot write the universal form of '{step_dir}' beside it ({e.strerror}); copy the "
+                           "checkpoint somewhere writable and resume from the copy")
 
 
 # DeepSpeed's universal loader reads the engine's counters under the name the *loading* stage
@@ -184,6 +220,37 @@ def _made_here(udir: Path, step_dir: Path) -> bool:
         return marker.get("format") == FORMAT and marker.get("source") == _fingerprint(step_dir)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def _damage(udir: Path, step_dir: Path) -> str | None:
+    """What is wrong with the files of a universal form: one missing, unreadable as plain tensors,
+    or of another shape than the checkpoint's model gives its parameter; None if nothing. The files
+    are memory-mapped, so only their headers are read."""
+    zero = udir / "zero"
+    files = [(udir / n, None) for n in ENGINE_STATES] + [(zero / "optimizer_state.pt", None)]
+    for name, shape in _parameter_shapes(step_dir).items():
+        files += [(zero / name / f"{key}.pt", shape) for key in ("fp32", *MOMENTS)] + [(zero / name / "step.pt", ())]
+    with weights_only_loads(checkpoint_classes()):
+        for path, shape in files:
+            where = path.relative_to(udir)
+            if not path.is_file():
+                return f"{where} is missing"
+            try:
+                obj = torch.load(path, map_location="cpu", mmap=True)
+            except pickle.UnpicklingError:
+                return f"{where} holds objects other than tensors and plain data (it was not loaded)"
+            except LOAD_ERRORS as e:
+                return f"{where} is truncated or not a torch file ({type(e).__name__})"
+            if shape == ():
+                got = tuple(obj.shape) if torch.is_tensor(obj) else type(obj).__name__
+                if got not in ((), (1,)):
+                    return f"{where} holds {got}, not a step count"
+            elif shape is not None:
+                t = obj.get("param") if isinstance(obj, dict) else None
+                if not torch.is_tensor(t) or t.shape != shape:
+                    got = tuple(t.shape) if torch.is_tensor(t) else type(t).__name__
+                    return f"{where} holds {got}, but the model's {path.parent.name} is {tuple(shape)}"
+    return None
 
 
 def _whole_optimizer_state(step_dir: Path, layout: Layout) -> dict:

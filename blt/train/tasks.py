@@ -30,9 +30,13 @@ def find_eval_tasks(cfg: Config):
     missing), or None when there are none."""
     if not cfg.eval.tasks:
         return None
-    from blt.harness.run import find_tasks
+    from blt.harness.run import code_notice, find_tasks
+    from blt.proc import log
 
-    return find_tasks(list(cfg.eval.tasks), list(cfg.eval.tasks_include_path), flag="eval.tasks_include_path")
+    tasks = find_tasks(list(cfg.eval.tasks), list(cfg.eval.tasks_include_path), flag="eval.tasks_include_path")
+    if tasks.code:
+        log(f"eval: {code_notice(tasks)}")  # before the first task run imports them
+    return tasks
 
 
 class TaskEval:
