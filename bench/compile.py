@@ -22,16 +22,34 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["patching.mode=static", "eval.every=0", "eval.max_bytes=4096", "logging.images=false", "logging.samples=0",
-          "logging.progress=false", "logging.every=1", "training.max_minutes=null", "checkpoint.every=100000"]
+COMMON = [
+    "patching.mode=static",
+    "eval.every=0",
+    "eval.max_bytes=4096",
+    "logging.images=false",
+    "logging.samples=0",
+    "logging.progress=false",
+    "logging.every=1",
+    "training.max_minutes=null",
+    "checkpoint.every=100000",
+]
 
 
 def run(run_dir: Path, steps: int, compiled: bool) -> list[dict]:
     """Train; the metrics of each step. Each run compiles into an empty inductor cache (cold, as on
     a new machine; a warm cache makes the first step much shorter)."""
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}", *COMMON,
-           f"training.steps={steps}", f"training.compile={str(compiled).lower()}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blt",
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"run_dir={run_dir}",
+        *COMMON,
+        f"training.steps={steps}",
+        f"training.compile={str(compiled).lower()}",
+    ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TORCHINDUCTOR_CACHE_DIR": str(run_dir / "inductor_cache")}
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
@@ -60,8 +78,10 @@ def main() -> None:
     for compiled in (False, True):
         m = med[compiled]
         print(f"| {str(compiled).lower()} | {1000 * m['step']:.0f} | {m['rate']:,.0f} | {m['start']:.1f} |")
-    print(f"\ncompiled / eager bytes/s: {med[False]['step'] / med[True]['step']:.2f}x; compiling costs "
-          f"{med[True]['start'] - med[False]['start']:.1f} s once (medians of {args.rounds} alternated runs each)")
+    print(
+        f"\ncompiled / eager bytes/s: {med[False]['step'] / med[True]['step']:.2f}x; compiling costs "
+        f"{med[True]['start'] - med[False]['start']:.1f} s once (medians of {args.rounds} alternated runs each)"
+    )
 
 
 if __name__ == "__main__":

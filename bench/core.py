@@ -59,13 +59,17 @@ def main() -> None:
         rows.append((name, result, wall, info, bps))
 
     print(f"\nentropy model (configs/entropy_tiny.yaml): trained in {ent_wall:.0f} s\n")
-    print("| model | params | steps | wall time (s) | val BPB | train bytes/s | mean patch (bytes) "
-          "| FLOPs/byte (train) | global / local FLOPs |")
+    print(
+        "| model | params | steps | wall time (s) | val BPB | train bytes/s | mean patch (bytes) "
+        "| FLOPs/byte (train) | global / local FLOPs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for name, result, wall, info, bps in rows:
-        print(f"| {name} | {info['params']:,} | {result['step']} | {wall:.0f} | {result['bpb']:.3f} | {bps:,.0f} "
-              f"| {result['avg_patch_size']:.2f} | {info['flops_per_byte']:.3g} "
-              f"| {info['global_share']:.0%} / {info['local_share']:.0%} |")
+        print(
+            f"| {name} | {info['params']:,} | {result['step']} | {wall:.0f} | {result['bpb']:.3f} | {bps:,.0f} "
+            f"| {result['avg_patch_size']:.2f} | {info['flops_per_byte']:.3g} "
+            f"| {info['global_share']:.0%} / {info['local_share']:.0%} |"
+        )
 
 
 if __name__ == "__main__":

@@ -77,12 +77,12 @@ def time_datasets_map(files: list[str], cache: Path, num_proc: int | None) -> fl
     shutil.rmtree(cache, ignore_errors=True)
 
     def to_ids(batch):
-        return {"ids": [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + 4
-                        for t in batch["text"]]}
+        return {"ids": [np.frombuffer(t.encode("utf-8"), np.uint8).astype(np.uint16) + 4 for t in batch["text"]]}
 
     t0 = time.perf_counter()
-    ds = datasets.load_dataset("text", data_files=files, sample_by="document", split="train", cache_dir=str(cache),
-                               encoding_errors="replace")
+    ds = datasets.load_dataset(
+        "text", data_files=files, sample_by="document", split="train", cache_dir=str(cache), encoding_errors="replace"
+    )
     ds.map(to_ids, batched=True, remove_columns=["text"], num_proc=num_proc)
     secs = time.perf_counter() - t0
     shutil.rmtree(cache, ignore_errors=True)
@@ -139,13 +139,22 @@ def hf_stream(dirs: list[Path], seq_len: int, batch: int, n: int) -> tuple[float
             for k in range(len(data.shards)):
                 ids = data.tokens(k, "train")
                 for j in range((len(ids) - 1) // seq_len):
-                    yield {"ids": np.asarray(ids[j * seq_len: j * seq_len + seq_len + 1], dtype=np.int64)}
+                    yield {"ids": np.asarray(ids[j * seq_len : j * seq_len + seq_len + 1], dtype=np.int64)}
 
     def build():
-        parts = [datasets.IterableDataset.from_generator(windows, gen_kwargs={"roots": [str(d)]})
-                 .shuffle(seed=i, buffer_size=1000) for i, d in enumerate(dirs)]
-        mix = datasets.interleave_datasets(parts, probabilities=[0.5, 0.3, 0.2][: len(dirs)], seed=0,
-                                           stopping_strategy="all_exhausted") if len(parts) > 1 else parts[0]
+        parts = [
+            datasets.IterableDataset.from_generator(windows, gen_kwargs={"roots": [str(d)]}).shuffle(
+                seed=i, buffer_size=1000
+            )
+            for i, d in enumerate(dirs)
+        ]
+        mix = (
+            datasets.interleave_datasets(
+                parts, probabilities=[0.5, 0.3, 0.2][: len(dirs)], seed=0, stopping_strategy="all_exhausted"
+            )
+            if len(parts) > 1
+            else parts[0]
+        )
         return split_dataset_by_node(mix, rank=0, world_size=1)  # no with_format("numpy"): 10x slower
 
     ds = build()
@@ -181,10 +190,23 @@ def first_step(source: Path, run: Path) -> dict:
     """Seconds from building the trainer (after imports) to the end of the first forward/backward,
     and the process's peak RSS, training the tiny BLT (static patching) on a prepared source."""
     shutil.rmtree(run, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-c", FIRST_STEP, str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run}",
-                          "patching.mode=static", "logging.progress=false", "logging.wandb.mode=disabled",
-                          f"data.sources=[{{name: corpus, path: [{source}]}}]"],
-                         capture_output=True, text=True, env=ENV, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            FIRST_STEP,
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"run_dir={run}",
+            "patching.mode=static",
+            "logging.progress=false",
+            "logging.wandb.mode=disabled",
+            f"data.sources=[{{name: corpus, path: [{source}]}}]",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=900,
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -193,11 +215,29 @@ def first_step(source: Path, run: Path) -> dict:
 def step_share(source: Path, run: Path, steps: int) -> tuple[float, float]:
     """(median data seconds per step, median step seconds) of a short tiny-BLT run (static patching)."""
     shutil.rmtree(run, ignore_errors=True)
-    out = subprocess.run([sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run}",
-                          "patching.mode=static", "logging.progress=false", f"training.steps={steps}",
-                          "logging.every=1", "eval.every=0", "eval.max_bytes=4096", "logging.samples=0",
-                          "logging.images=false", f"data.sources=[{{name: corpus, path: [{source}]}}]"],
-                         capture_output=True, text=True, env=ENV, timeout=1800)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"run_dir={run}",
+            "patching.mode=static",
+            "logging.progress=false",
+            f"training.steps={steps}",
+            "logging.every=1",
+            "eval.every=0",
+            "eval.max_bytes=4096",
+            "logging.samples=0",
+            "logging.images=false",
+            f"data.sources=[{{name: corpus, path: [{source}]}}]",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=1800,
+    )
     if out.returncode != 0:
         raise SystemExit(out.stderr[-2000:])
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
@@ -214,8 +254,9 @@ def entropy_rate(source: Path, out: Path, model: Path, ranks: int) -> float:
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", *cmd[2:]]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": str(2 // ranks)},
-                          timeout=3600)
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, env={**ENV, "OMP_NUM_THREADS": str(2 // ranks)}, timeout=3600
+    )
     secs = time.perf_counter() - t0
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
@@ -237,8 +278,10 @@ def main() -> None:
     size = mb_of(files)
     for f in files:  # the page cache holds the corpus for every contender
         Path(f).read_bytes()
-    print(f"corpus: {len(files):,} files, {size:,.1f} MB; small corpus {len(small):,} files, {mb_of(small):.1f} MB",
-          file=sys.stderr)
+    print(
+        f"corpus: {len(files):,} files, {size:,.1f} MB; small corpus {len(small):,} files, {mb_of(small):.1f} MB",
+        file=sys.stderr,
+    )
 
     rows = []
     times: dict[str, list[float]] = {"prepare_1": [], "prepare_2": [], "map_1": [], "map_2": []}
@@ -248,63 +291,110 @@ def main() -> None:
         times["map_1"].append(time_datasets_map(files, out / "hf", None))
         times["map_2"].append(time_datasets_map(files, out / "hf", 2))
     rate = {k: size / statistics.median(v) for k, v in times.items()}
-    rows += [("`blt prepare`, 1 worker", f"{rate['prepare_1']:.1f} MB/s"),
-             ("`blt prepare`, 2 workers", f"{rate['prepare_2']:.1f} MB/s"),
-             ("`datasets` text builder + `map`, 1 process", f"{rate['map_1']:.1f} MB/s"),
-             ("`datasets` text builder + `map`, num_proc=2", f"{rate['map_2']:.1f} MB/s"),
-             ("`blt prepare` 2 workers / `datasets.map`", f"{rate['prepare_2'] / rate['map_1']:.2f}x")]
+    rows += [
+        ("`blt prepare`, 1 worker", f"{rate['prepare_1']:.1f} MB/s"),
+        ("`blt prepare`, 2 workers", f"{rate['prepare_2']:.1f} MB/s"),
+        ("`datasets` text builder + `map`, 1 process", f"{rate['map_1']:.1f} MB/s"),
+        ("`datasets` text builder + `map`, num_proc=2", f"{rate['map_2']:.1f} MB/s"),
+        ("`blt prepare` 2 workers / `datasets.map`", f"{rate['prepare_2'] / rate['map_1']:.2f}x"),
+    ]
 
     big = out / "p1"
     prepare(small, out / "small", log=lambda s: None)
     prepare(small, out / "small_sharded", shard_mb=0.25, log=lambda s: None)  # 8 shards: work for 2 ranks
-    rows.append(("first read of each 4 MB block (sha256 checked, once per process)",
-                 f"{statistics.median(verify_rate(big) for _ in range(args.repeats)):.0f} MB/s"))
+    rows.append(
+        (
+            "first read of each 4 MB block (sha256 checked, once per process)",
+            f"{statistics.median(verify_rate(big) for _ in range(args.repeats)):.0f} MB/s",
+        )
+    )
     batch = 8
     for seq_len in (512, 4096):
         n = 3000 * 512 // seq_len
         g1 = [grain_stream([big], seq_len, batch, n, 0) for _ in range(args.repeats)]
         g3 = [grain_stream([big, big, big], seq_len, batch, n, 0) for _ in range(args.repeats)]
-        rows += [(f"stream, 1 source, {batch} x {seq_len} bytes (Grain, blt; blocks verified)",
-                  f"{statistics.median(r for r, _ in g1):.0f} MB/s per rank"),
-                 (f"stream, 3-source mixture, {batch} x {seq_len} bytes (Grain, blt; blocks verified)",
-                  f"{statistics.median(r for r, _ in g3):.0f} MB/s per rank")]
+        rows += [
+            (
+                f"stream, 1 source, {batch} x {seq_len} bytes (Grain, blt; blocks verified)",
+                f"{statistics.median(r for r, _ in g1):.0f} MB/s per rank",
+            ),
+            (
+                f"stream, 3-source mixture, {batch} x {seq_len} bytes (Grain, blt; blocks verified)",
+                f"{statistics.median(r for r, _ in g3):.0f} MB/s per rank",
+            ),
+        ]
         if seq_len == 512:
             h3 = [hf_stream([big, big, big], seq_len, batch, 300) for _ in range(args.repeats)]
-            rows += [(f"stream, 3-source mixture, {batch} x {seq_len} bytes (HF interleave_datasets)",
-                      f"{statistics.median(r for r, _ in h3):.0f} MB/s per rank"),
-                     ("resume the mixture after 3,000 batches: Grain / HF",
-                      f"{statistics.median(s for _, s in g3) * 1e3:.1f} ms / "
-                      f"{statistics.median(s for _, s in h3) * 1e3:.0f} ms")]
+            rows += [
+                (
+                    f"stream, 3-source mixture, {batch} x {seq_len} bytes (HF interleave_datasets)",
+                    f"{statistics.median(r for r, _ in h3):.0f} MB/s per rank",
+                ),
+                (
+                    "resume the mixture after 3,000 batches: Grain / HF",
+                    f"{statistics.median(s for _, s in g3) * 1e3:.1f} ms / "
+                    f"{statistics.median(s for _, s in h3) * 1e3:.0f} ms",
+                ),
+            ]
 
     data_s, step_s = step_share(big, out / "run_steps", 30)
-    rows.append(("data time per tiny-BLT step (static patching)",
-                 f"{data_s * 1e3:.2f} ms of {step_s * 1e3:.0f} ms ({100 * data_s / step_s:.2f}%)"))
+    rows.append(
+        (
+            "data time per tiny-BLT step (static patching)",
+            f"{data_s * 1e3:.2f} ms of {step_s * 1e3:.0f} ms ({100 * data_s / step_s:.2f}%)",
+        )
+    )
 
     firsts: dict[str, list[dict]] = {"big": [], "small": []}
     for _ in range(args.repeats):
         firsts["big"].append(first_step(big, out / "run_first"))
         firsts["small"].append(first_step(out / "small", out / "run_first"))
-    med = {k: {m: statistics.median(r[m] for r in v) for m in ("first_step_s", "peak_rss_mb")}
-           for k, v in firsts.items()}
-    rows += [(f"time to first step, {size:.0f} MB / {mb_of(small):.0f} MB corpus",
-              f"{med['big']['first_step_s']:.2f} s / {med['small']['first_step_s']:.2f} s "
-              f"({med['big']['first_step_s'] / med['small']['first_step_s']:.2f}x)"),
-             (f"peak RSS, {size:.0f} MB / {mb_of(small):.0f} MB corpus",
-              f"{med['big']['peak_rss_mb']:.0f} MB / {med['small']['peak_rss_mb']:.0f} MB "
-              f"(+{med['big']['peak_rss_mb'] - med['small']['peak_rss_mb']:.0f} MB)")]
+    med = {
+        k: {m: statistics.median(r[m] for r in v) for m in ("first_step_s", "peak_rss_mb")} for k, v in firsts.items()
+    }
+    rows += [
+        (
+            f"time to first step, {size:.0f} MB / {mb_of(small):.0f} MB corpus",
+            f"{med['big']['first_step_s']:.2f} s / {med['small']['first_step_s']:.2f} s "
+            f"({med['big']['first_step_s'] / med['small']['first_step_s']:.2f}x)",
+        ),
+        (
+            f"peak RSS, {size:.0f} MB / {mb_of(small):.0f} MB corpus",
+            f"{med['big']['peak_rss_mb']:.0f} MB / {med['small']['peak_rss_mb']:.0f} MB "
+            f"(+{med['big']['peak_rss_mb'] - med['small']['peak_rss_mb']:.0f} MB)",
+        ),
+    ]
 
     model = out / "entropy_model"
-    done = subprocess.run([sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "entropy_tiny.yaml"),
-                           f"run_dir={model}", "training.steps=20", "logging.progress=false"],
-                          capture_output=True, text=True, env=ENV, timeout=1800)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(ROOT / "configs" / "entropy_tiny.yaml"),
+            f"run_dir={model}",
+            "training.steps=20",
+            "logging.progress=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=1800,
+    )
     if done.returncode != 0:
         raise SystemExit(done.stderr[-2000:])
     ent = {1: [], 2: []}
     for _ in range(max(1, args.repeats - 1)):
         for ranks in (1, 2):
             ent[ranks].append(entropy_rate(out / "small_sharded", out / f"ent{ranks}", model, ranks))
-    rows += [(f"entropy precompute, {ranks} rank(s) (CPU, entropy_tiny, 2 MB in 8 shards, process start included)",
-              f"{statistics.median(v) / 1e3:.0f} KB/s") for ranks, v in ent.items()]
+    rows += [
+        (
+            f"entropy precompute, {ranks} rank(s) (CPU, entropy_tiny, 2 MB in 8 shards, process start included)",
+            f"{statistics.median(v) / 1e3:.0f} KB/s",
+        )
+        for ranks, v in ent.items()
+    ]
 
     print("| measure | result |\n|---|---|")
     for name, value in rows:

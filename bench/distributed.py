@@ -40,8 +40,17 @@ def train(run_dir: Path, procs: int, overrides: list[str], threads: int) -> None
     base = [sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     if procs > 1:
-        base[:3] = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-                    "--master-port", str(free_port()), "-m", "blt"]
+        base[:3] = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "blt",
+        ]
     out = subprocess.run(base + overrides, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         sys.exit(f"run {run_dir.name} failed:\n{out.stderr[-3000:]}")
@@ -59,9 +68,18 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     cores = os.cpu_count() or 1
     device = ["training.device=cuda"] if args.gpu else ["training.device=cpu", "training.dtype=fp32"]
-    common = [f"training.steps={args.steps}", "training.max_minutes=null", "patching.mode=static",
-              "model.hash_sparse_grad=false", "eval.max_bytes=8192", "eval.every=0", "logging.every=1",
-              "logging.progress=false", f"checkpoint.every={10 * args.steps}", *device]
+    common = [
+        f"training.steps={args.steps}",
+        "training.max_minutes=null",
+        "patching.mode=static",
+        "model.hash_sparse_grad=false",
+        "eval.max_bytes=8192",
+        "eval.every=0",
+        "logging.every=1",
+        "logging.progress=false",
+        f"checkpoint.every={10 * args.steps}",
+        *device,
+    ]
     per_proc = max(1, 8 // args.procs)  # the tiny config's global batch of 8 sequences
     rows = []
     single = out / "single"
@@ -70,14 +88,18 @@ def main() -> None:
     rows.append(("1 process (local engine)", 1, t_single, peak_mem(single)))
     for stage in (0, 1, 2, 3):
         run = out / f"zero{stage}"
-        train(run, args.procs, common + [f"training.batch_size={per_proc}", f"distributed.zero_stage={stage}",
-                                         "distributed.engine=deepspeed"], threads=max(1, cores // args.procs))
+        train(
+            run,
+            args.procs,
+            common
+            + [f"training.batch_size={per_proc}", f"distributed.zero_stage={stage}", "distributed.engine=deepspeed"],
+            threads=max(1, cores // args.procs),
+        )
         rows.append((f"ZeRO-{stage}", args.procs, statistics.median(step_times(run, args.warmup)), peak_mem(run)))
 
     global_bytes = 8 * 512
     kind = "GPU" if args.gpu else f"CPU ({cores} cores shared)"
-    print(f"\nconfigs/tiny.yaml, global batch 8 x 512 bytes, {kind}, median of steps {args.warmup + 1}-"
-          f"{args.steps}\n")
+    print(f"\nconfigs/tiny.yaml, global batch 8 x 512 bytes, {kind}, median of steps {args.warmup + 1}-{args.steps}\n")
     mem = "peak GPU memory of rank 0 (GB)" if args.gpu else "peak RSS of rank 0 (GB)"
     print(f"| engine | processes | step time (ms) | bytes/s | relative to 1 process | {mem} |")
     print("|---|---|---|---|---|---|")

@@ -38,8 +38,8 @@ from blt.generation import Generator  # noqa: E402
 def load(args) -> Generator:
     if args.random:
         from blt.config import PatchingConfig, load_config
-        from blt.patching import Patcher
         from blt.model import build_model
+        from blt.patching import Patcher
 
         cfg = load_config(args.random)
         torch.manual_seed(0)
@@ -70,8 +70,12 @@ def main() -> None:
     ap.add_argument("--prompt", default="ROMEO.\n")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default="float32", help="float32 or bfloat16 (with --random)")
-    ap.add_argument("--repeats", type=int, default=3, help="runs per length (cached and uncached alternate); "
-                    "the table shows medians")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="runs per length (cached and uncached alternate); the table shows medians",
+    )
     ap.add_argument("--batch", type=int, default=8, help="also time a batch of this many prompts, cached (0: skip)")
     ap.add_argument("--compile", action="store_true", help="also time the compiled one-byte steps")
     args = ap.parse_args()
@@ -111,48 +115,69 @@ def main() -> None:
         c_bps = statistics.median(cached_bps)
         u_bps = statistics.median(uncached_bps) if uncached_bps else None
         k_bps = statistics.median(compiled_bps) if compiled_bps else None
-        rows.append({"bytes": n, "generated": len(cached), "runs": args.repeats, "cached_bps": c_bps,
-                     "compiled_bps": k_bps, "compiled_bps_runs": compiled_bps,
-                     "compiled_same_text": all(compiled_same) if compiled_same else None,
-                     "uncached_bps": u_bps, "speedup": c_bps / u_bps if u_bps else None,
-                     "cached_bps_runs": cached_bps, "uncached_bps_runs": uncached_bps,
-                     "ms_per_byte": 1000 / c_bps,
-                     "global_calls_per_byte": cs["global_calls"] / max(1, len(cached)),
-                     "one_over_patch": 1 / mean_patch_size(gen, cached),
-                     "context_restarts": cs["context_restarts"],
-                     "same_within_context": us["same_prefix"] if us else None})
+        rows.append(
+            {
+                "bytes": n,
+                "generated": len(cached),
+                "runs": args.repeats,
+                "cached_bps": c_bps,
+                "compiled_bps": k_bps,
+                "compiled_bps_runs": compiled_bps,
+                "compiled_same_text": all(compiled_same) if compiled_same else None,
+                "uncached_bps": u_bps,
+                "speedup": c_bps / u_bps if u_bps else None,
+                "cached_bps_runs": cached_bps,
+                "uncached_bps_runs": uncached_bps,
+                "ms_per_byte": 1000 / c_bps,
+                "global_calls_per_byte": cs["global_calls"] / max(1, len(cached)),
+                "one_over_patch": 1 / mean_patch_size(gen, cached),
+                "context_restarts": cs["context_restarts"],
+                "same_within_context": us["same_prefix"] if us else None,
+            }
+        )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     batch_line = ""
     if args.batch > 1:
         n = 1024 if 1024 in args.lengths else args.lengths[0]
         prompts = [f"{args.prompt}{i}" for i in range(args.batch)]
         outs = gen.generate(prompts, max_bytes=n, **opts)
-        batch_line = (f"A batch of {args.batch} prompts, {n} bytes each, cached: {gen.stats['bytes_per_s']:.0f} bytes/s "
-                      f"in all ({sum(map(len, outs))} bytes, {gen.stats['global_calls']} global calls for "
-                      f"{gen.stats['global_patches']} patches).")
+        batch_line = (
+            f"A batch of {args.batch} prompts, {n} bytes each, cached: {gen.stats['bytes_per_s']:.0f} bytes/s "
+            f"in all ({sum(map(len, outs))} bytes, {gen.stats['global_calls']} global calls for "
+            f"{gen.stats['global_patches']} patches)."
+        )
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"CPU, {torch.get_num_threads()} threads"
     print(f"\n{args.random or args.source} on {dev}; context {gen.context} bytes; median of {args.repeats} runs\n")
-    print("| bytes | cached B/s | uncached B/s | speed-up | ms/byte (cached) | global calls / byte "
-          "| 1 / mean patch size | same text within context |")
+    print(
+        "| bytes | cached B/s | uncached B/s | speed-up | ms/byte (cached) | global calls / byte "
+        "| 1 / mean patch size | same text within context |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         unc = f"{r['uncached_bps']:.0f}" if r["uncached_bps"] else "-"
         sp = f"{r['speedup']:.1f}x" if r["speedup"] else "-"
         same = {True: "yes", False: "no", None: "-"}[r["same_within_context"]]
-        print(f"| {r['bytes']} | {r['cached_bps']:.0f} | {unc} | {sp} | {r['ms_per_byte']:.2f} "
-              f"| {r['global_calls_per_byte']:.3f} | {r['one_over_patch']:.3f} | {same} |")
+        print(
+            f"| {r['bytes']} | {r['cached_bps']:.0f} | {unc} | {sp} | {r['ms_per_byte']:.2f} "
+            f"| {r['global_calls_per_byte']:.3f} | {r['one_over_patch']:.3f} | {same} |"
+        )
     if batch_line:
         print(f"\n{batch_line}")
     if comp is not None:
         print("\n| bytes | eager cached B/s | compiled B/s | compiled / eager | same text |\n|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['bytes']} | {r['cached_bps']:.0f} | {r['compiled_bps']:.0f} "
-                  f"| {r['compiled_bps'] / r['cached_bps']:.2f}x | {'yes' if r['compiled_same_text'] else 'no'} |")
+            print(
+                f"| {r['bytes']} | {r['cached_bps']:.0f} | {r['compiled_bps']:.0f} "
+                f"| {r['compiled_bps'] / r['cached_bps']:.2f}x | {'yes' if r['compiled_same_text'] else 'no'} |"
+            )
         if args.batch > 1:
             comp.generate(prompts, max_bytes=n, **opts)
             print(f"\nA batch of {args.batch}, compiled: {comp.stats['bytes_per_s']:.0f} bytes/s in all.")
-        print("First call, compiling into an empty inductor cache: "
-              + ", ".join(f"{s:.1f} s at batch {b}" for b, s in first.items()) + ".")
+        print(
+            "First call, compiling into an empty inductor cache: "
+            + ", ".join(f"{s:.1f} s at batch {b}" for b, s in first.items())
+            + "."
+        )
 
 
 if __name__ == "__main__":

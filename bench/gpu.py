@@ -56,26 +56,65 @@ LIMITS = {"correctness": 75, "zero2": 45, "train": 250, "generation": 110}
 RUN_NEEDS = {"1B": 100, "0.5B": 60, "toy": 15}
 
 TEXT = ROOT / "blt" / "data" / "shakespeare" / "train" / "hamlet.txt"
-QUIET = ["eval.every=0", "eval.max_bytes=65536", "logging.every=1", "logging.progress=false", "logging.images=false",
-         "logging.samples=0", "logging.tensorboard=false", "checkpoint.every=100000", "training.max_minutes=null",
-         "patching.mode=static", "patching.patch_size=4", "patching.max_patch_length=null"]
-TOY = ["model.encoder.dim=32", "model.encoder.heads=2", "model.encoder.window=32", "model.decoder.dim=32",
-       "model.decoder.heads=2", "model.decoder.window=32", "model.decoder.layers=1", "model.global_model.dim=48",
-       "model.global_model.heads=2", "model.global_model.layers=2", "model.cross_attn_heads=2",
-       "model.hash_buckets=512", "data.seq_len=128", "training.batch_size=2", "training.device=cpu"]
+QUIET = [
+    "eval.every=0",
+    "eval.max_bytes=65536",
+    "logging.every=1",
+    "logging.progress=false",
+    "logging.images=false",
+    "logging.samples=0",
+    "logging.tensorboard=false",
+    "checkpoint.every=100000",
+    "training.max_minutes=null",
+    "patching.mode=static",
+    "patching.patch_size=4",
+    "patching.max_patch_length=null",
+]
+TOY = [
+    "model.encoder.dim=32",
+    "model.encoder.heads=2",
+    "model.encoder.window=32",
+    "model.decoder.dim=32",
+    "model.decoder.heads=2",
+    "model.decoder.window=32",
+    "model.decoder.layers=1",
+    "model.global_model.dim=48",
+    "model.global_model.heads=2",
+    "model.global_model.layers=2",
+    "model.cross_attn_heads=2",
+    "model.hash_buckets=512",
+    "data.seq_len=128",
+    "training.batch_size=2",
+    "training.device=cpu",
+]
 # global model 1024 x 24 (300M), local models 512 wide: ~340M parameters without the hash tables
 # (150M more in them)
-M300 = ["model.global_model.dim=1024", "model.global_model.layers=24", "model.encoder.dim=512",
-        "model.encoder.heads=8", "model.decoder.dim=512", "model.decoder.heads=8", "model.cross_attn_heads=8",
-        "model.hash_buckets=50000"]
+M300 = [
+    "model.global_model.dim=1024",
+    "model.global_model.layers=24",
+    "model.encoder.dim=512",
+    "model.encoder.heads=8",
+    "model.decoder.dim=512",
+    "model.decoder.heads=8",
+    "model.cross_attn_heads=8",
+    "model.hash_buckets=50000",
+]
 
 
 def local_pattern(backend: str, dry: bool) -> list[str]:
     """The local models' window as a sparse `local` pattern run by `backend`."""
     window, block = (32, 16) if dry else (512, 128)
-    return [f"model.{m}.{k}={v}" for m in ("encoder", "decoder")
-            for k, v in (("window", "null"), ("sparse.pattern", "local"), ("sparse.window", window),
-                         ("sparse.block", block), ("sparse.backend", backend))]
+    return [
+        f"model.{m}.{k}={v}"
+        for m in ("encoder", "decoder")
+        for k, v in (
+            ("window", "null"),
+            ("sparse.pattern", "local"),
+            ("sparse.window", window),
+            ("sparse.block", block),
+            ("sparse.backend", backend),
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------- parts
@@ -93,8 +132,9 @@ def part_correctness(dry: bool, device: str, emit) -> None:
     ids = torch.tensor([b + OFFSET for b in raw]).view(B, T + 1)
     tokens, targets = ids[:, :-1], ids[:, 1:]
     torch.manual_seed(0)
-    elm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 64, "layers": 2, "heads": 2}}}
-                                       ).model).eval()
+    elm = build_model(
+        config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 64, "layers": 2, "heads": 2}}}).model
+    ).eval()
     for mode in ("static", "space", "entropy"):
         for backend in ("flex", "gather", "dense"):
             case = f"{mode} patching, {backend} attention"
@@ -119,13 +159,23 @@ def _compare(mode, backend, device, tokens, targets, elm) -> dict:
 
     def model_cfg(be):
         sparse = {"pattern": "local", "window": 32, "block": 16, "backend": be}
-        return {"encoder": {"dim": 64, "layers": 1, "heads": 2, "window": None, "sparse": sparse},
-                "global_model": {"dim": 128, "layers": 2, "heads": 2, "sparse": {**sparse, "window": 16}},
-                "decoder": {"dim": 64, "layers": 2, "heads": 2, "window": None, "sparse": sparse},
-                "cross_attn_k": 2, "cross_attn_heads": 2, "hash_ngram_sizes": [3, 4], "hash_buckets": 256}
+        return {
+            "encoder": {"dim": 64, "layers": 1, "heads": 2, "window": None, "sparse": sparse},
+            "global_model": {"dim": 128, "layers": 2, "heads": 2, "sparse": {**sparse, "window": 16}},
+            "decoder": {"dim": 64, "layers": 2, "heads": 2, "window": None, "sparse": sparse},
+            "cross_attn_k": 2,
+            "cross_attn_heads": 2,
+            "hash_ngram_sizes": [3, 4],
+            "hash_buckets": 256,
+        }
 
-    patching = {"mode": mode, "patch_size": 4, "target_patch_size": 4.0, "max_patch_length": 8,
-                "entropy_model": "random"}
+    patching = {
+        "mode": mode,
+        "patch_size": 4,
+        "target_patch_size": 4.0,
+        "max_patch_length": 8,
+        "entropy_model": "random",
+    }
     cfg0 = config_from_dict({"model": model_cfg("dense"), "patching": patching})
     patcher = Patcher(cfg0.patching, elm if mode == "entropy" else None)
     with torch.no_grad():
@@ -146,27 +196,35 @@ def _compare(mode, backend, device, tokens, targets, elm) -> dict:
     loss_err = abs(loss - ref_loss) / abs(ref_loss)
     grad_err = float((g - ref_g).norm() / ref_g.norm())
     ok = loss_err <= LOSS_TOL and grad_err <= GRAD_TOL
-    return {"ok": ok, "loss_rel_err": loss_err, "grad_rel_err": grad_err,
-            "result": f"loss {loss:.4f} vs {ref_loss:.4f} (rel {loss_err:.1e}), gradients rel L2 {grad_err:.1e}"}
+    return {
+        "ok": ok,
+        "loss_rel_err": loss_err,
+        "grad_rel_err": grad_err,
+        "result": f"loss {loss:.4f} vs {ref_loss:.4f} (rel {loss_err:.1e}), gradients rel L2 {grad_err:.1e}",
+    }
 
 
 def train_runs(dry: bool) -> list[tuple[str, list[str]]]:
     """(case, overrides) of the training part, most important first (a short budget keeps the first)."""
     if dry:
         base = [*TOY, "training.steps=1000", "training.dtype=fp32"]
-        return [("toy: windowed SDPA", base),
-                ("toy: flex local pattern", [*base, *local_pattern("flex", True)]),
-                ("toy: gather local pattern", [*base, *local_pattern("gather", True)]),
-                ("toy: compiled", [*base, "training.compile=true"]),
-                ("toy: activation checkpointing", [*base, "training.activation_checkpointing=true"])]
+        return [
+            ("toy: windowed SDPA", base),
+            ("toy: flex local pattern", [*base, *local_pattern("flex", True)]),
+            ("toy: gather local pattern", [*base, *local_pattern("gather", True)]),
+            ("toy: compiled", [*base, "training.compile=true"]),
+            ("toy: activation checkpointing", [*base, "training.activation_checkpointing=true"]),
+        ]
     base = ["training.steps=1000", "training.dtype=bf16", "training.device=cuda"]
-    return [("1B: windowed SDPA", base),
-            ("1B: compiled", [*base, "training.compile=true"]),
-            ("1B: flex local pattern", [*base, *local_pattern("flex", False)]),
-            ("1B: gather local pattern", [*base, *local_pattern("gather", False)]),
-            ("1B: activation checkpointing", [*base, "training.activation_checkpointing=true"]),
-            ("0.5B: windowed SDPA", [*base, *M300]),
-            ("0.5B: compiled", [*base, *M300, "training.compile=true"])]
+    return [
+        ("1B: windowed SDPA", base),
+        ("1B: compiled", [*base, "training.compile=true"]),
+        ("1B: flex local pattern", [*base, *local_pattern("flex", False)]),
+        ("1B: gather local pattern", [*base, *local_pattern("gather", False)]),
+        ("1B: activation checkpointing", [*base, "training.activation_checkpointing=true"]),
+        ("0.5B: windowed SDPA", [*base, *M300]),
+        ("0.5B: compiled", [*base, *M300, "training.compile=true"]),
+    ]
 
 
 def part_train(dry: bool, device: str, steps: int, deadline: float, out: Path, emit) -> None:
@@ -187,29 +245,50 @@ def part_train(dry: bool, device: str, steps: int, deadline: float, out: Path, e
             emit({"case": case, "ok": None, "result": "skipped: FlexAttention has no CPU backward"})
             continue
         run = out / case.replace(":", "").replace(" ", "_")
-        overrides = [*QUIET, *overrides, f"run_dir={run}", f"data.train=[{TEXT}]", f"data.val=[{TEXT}]",
-                     f"data.cache_dir={out / 'data_cache'}"]
+        overrides = [
+            *QUIET,
+            *overrides,
+            f"run_dir={run}",
+            f"data.train=[{TEXT}]",
+            f"data.val=[{TEXT}]",
+            f"data.cache_dir={out / 'data_cache'}",
+        ]
         try:
             cfg = load_config(ROOT / "configs" / "blt_1b.yaml", overrides)
             plan = make_plan(cfg, 1, 1, gpu=device != "cpu")
             estimate = plan["stages"][0].total / 1e9
             if gpu_gb and estimate > 0.95 * gpu_gb:
-                emit({"case": case, "ok": None, "plan_gb": estimate,
-                      "result": f"skipped: blt plan estimates {estimate:.0f} GB, this GPU has {gpu_gb:.0f} GB"})
+                emit(
+                    {
+                        "case": case,
+                        "ok": None,
+                        "plan_gb": estimate,
+                        "result": f"skipped: blt plan estimates {estimate:.0f} GB, this GPU has {gpu_gb:.0f} GB",
+                    }
+                )
                 continue
             metrics = train_until(overrides, steps, left - 5, run)
         except Exception as e:
             emit({"case": case, "ok": False, "result": f"failed: {one_line(e)}"})
             continue
-        later = metrics[min(len(metrics) - 1, max(1, steps // 3)):]  # after compiling and warm-up
-        med = {k: statistics.median([m[k] for m in later])
-               for k in ("bytes_per_s", "tflops", "mfu", "step_time_s")}
+        later = metrics[min(len(metrics) - 1, max(1, steps // 3)) :]  # after compiling and warm-up
+        med = {k: statistics.median([m[k] for m in later]) for k in ("bytes_per_s", "tflops", "mfu", "step_time_s")}
         peak = max(m.get("peak_mem_gb", 0.0) for m in metrics)
-        emit({"case": case, "ok": True, **med, "peak_mem_gb": peak, "plan_gb": estimate, "steps": len(metrics),
-              "first_step_s": metrics[0]["step_time_s"], "params": plan["params"],
-              "result": f"{med['bytes_per_s']:,.0f} B/s, {med['tflops']:.1f} TFLOP/s, "
-                        f"MFU {100 * med['mfu']:.1f}%, step {1000 * med['step_time_s']:.0f} ms "
-                        f"(first {metrics[0]['step_time_s']:.1f} s), peak {peak:.2f} GB (plan {estimate:.2f} GB)"})
+        emit(
+            {
+                "case": case,
+                "ok": True,
+                **med,
+                "peak_mem_gb": peak,
+                "plan_gb": estimate,
+                "steps": len(metrics),
+                "first_step_s": metrics[0]["step_time_s"],
+                "params": plan["params"],
+                "result": f"{med['bytes_per_s']:,.0f} B/s, {med['tflops']:.1f} TFLOP/s, "
+                f"MFU {100 * med['mfu']:.1f}%, step {1000 * med['step_time_s']:.0f} ms "
+                f"(first {metrics[0]['step_time_s']:.1f} s), peak {peak:.2f} GB (plan {estimate:.2f} GB)",
+            }
+        )
 
 
 def train_until(overrides: list[str], steps: int, limit: float, run: Path) -> list[dict]:
@@ -234,8 +313,11 @@ def train_until(overrides: list[str], steps: int, limit: float, run: Path) -> li
         proc.wait()
     metrics = read_metrics(run / "metrics.jsonl")[:steps]
     if len(metrics) < steps:
-        why = (f"exited with code {proc.returncode}: {last_line(log.read_text(errors='replace'))}"
-               if proc.returncode not in (None, -9) else f"stopped after {limit:.0f} s")
+        why = (
+            f"exited with code {proc.returncode}: {last_line(log.read_text(errors='replace'))}"
+            if proc.returncode not in (None, -9)
+            else f"stopped after {limit:.0f} s"
+        )
         raise RuntimeError(f"{len(metrics)} of {steps} steps: {why}")
     return metrics
 
@@ -247,13 +329,29 @@ def part_zero2(dry: bool, device: str, out: Path, limit: float, emit) -> None:
     shutil.rmtree(run, ignore_errors=True)
     backend = "gloo" if device == "cpu" else "nccl"
     sizes = [*TOY, "training.dtype=fp32"] if dry else [*TOY, "training.dtype=bf16", "training.device=cuda"]
-    overrides = [*QUIET, *sizes, "training.steps=2", "distributed.engine=deepspeed", "distributed.zero_stage=2",
-                 f"distributed.backend={backend}",
-                 f"run_dir={run}", f"data.train=[{TEXT}]", f"data.val=[{TEXT}]", f"data.cache_dir={out / 'data_cache'}",
-                 "eval.max_bytes=4096"]
+    overrides = [
+        *QUIET,
+        *sizes,
+        "training.steps=2",
+        "distributed.engine=deepspeed",
+        "distributed.zero_stage=2",
+        f"distributed.backend={backend}",
+        f"run_dir={run}",
+        f"data.train=[{TEXT}]",
+        f"data.val=[{TEXT}]",
+        f"data.cache_dir={out / 'data_cache'}",
+        "eval.max_bytes=4096",
+    ]
     cmd = [sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "blt_1b.yaml"), *overrides]
-    env = {**child_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
-           "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"}
+    env = {
+        **child_env(),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(free_port()),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "LOCAL_WORLD_SIZE": "1",
+    }
     case = f"ZeRO-2, 1 process, {backend}"
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=limit)
@@ -265,9 +363,16 @@ def part_zero2(dry: bool, device: str, out: Path, limit: float, emit) -> None:
     metrics = read_metrics(run / "metrics.jsonl")
     state = json.loads(state_file.read_text())
     layout = (state.get("engine"), state.get("zero_stage"), state.get("world_size"))
-    emit({"case": case, "ok": len(metrics) == 2 and layout == ("deepspeed", 2, 1), "loss": [m["loss"] for m in metrics],
-          "result": f"{len(metrics)} steps, losses " + ", ".join(f"{m['loss']:.3f}" for m in metrics)
-                    + f"; checkpoint of {layout[0]} ZeRO-{layout[1]}, {layout[2]} process"})
+    emit(
+        {
+            "case": case,
+            "ok": len(metrics) == 2 and layout == ("deepspeed", 2, 1),
+            "loss": [m["loss"] for m in metrics],
+            "result": f"{len(metrics)} steps, losses "
+            + ", ".join(f"{m['loss']:.3f}" for m in metrics)
+            + f"; checkpoint of {layout[0]} ZeRO-{layout[1]}, {layout[2]} process",
+        }
+    )
 
 
 def part_generation(dry: bool, device: str, emit) -> None:
@@ -278,8 +383,10 @@ def part_generation(dry: bool, device: str, emit) -> None:
     from blt.model import build_model
     from blt.patching import Patcher
 
-    cfg = load_config(ROOT / "configs" / ("tiny.yaml" if dry else "blt_1b.yaml"), ["data.seq_len=4096"] if not dry
-                      else ["data.seq_len=256"])
+    cfg = load_config(
+        ROOT / "configs" / ("tiny.yaml" if dry else "blt_1b.yaml"),
+        ["data.seq_len=4096"] if not dry else ["data.seq_len=256"],
+    )
     dtype = torch.float32 if dry else torch.bfloat16
     torch.manual_seed(0)
     with torch.device(device):  # built where it runs: the 1B preset is 4.5B parameters
@@ -309,18 +416,28 @@ def part_generation(dry: bool, device: str, emit) -> None:
                     reference = eager.generate(prompts, max_bytes=n, temperature=0)
                 differ = first_difference(outs, reference)
                 note = "" if differ is None else f"; greedy bytes differ from eager's from byte {differ}"
-                emit({"case": case, "ok": len(first) == batch and (differ is None or dtype != torch.float32),
-                      "bytes_per_s": stats["bytes_per_s"], "first_call_s": first_s, "differs_at": differ,
-                      "compiled_steps": stats["compiled_steps"],
-                      "result": f"{stats['bytes_per_s']:,.0f} B/s in all, first call {first_s:.1f} s{note}"})
+                emit(
+                    {
+                        "case": case,
+                        "ok": len(first) == batch and (differ is None or dtype != torch.float32),
+                        "bytes_per_s": stats["bytes_per_s"],
+                        "first_call_s": first_s,
+                        "differs_at": differ,
+                        "compiled_steps": stats["compiled_steps"],
+                        "result": f"{stats['bytes_per_s']:,.0f} B/s in all, first call {first_s:.1f} s{note}",
+                    }
+                )
             except Exception as e:
                 emit({"case": case, "ok": False, "result": f"failed: {one_line(e)}"})
 
 
 def first_difference(a: list[bytes], b: list[bytes]) -> int | None:
     """The first byte position where any row of a and b differ; None if all are equal."""
-    at = [next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
-          for ra, rb in zip(a, b) if ra != rb]
+    at = [
+        next((i for i, (x, y) in enumerate(zip(ra, rb)) if x != y), min(len(ra), len(rb)))
+        for ra, rb in zip(a, b)
+        if ra != rb
+    ]
     return min(at) if at else None
 
 
@@ -403,13 +520,25 @@ def main() -> None:
             report["parts"][part] = [{"case": part, "ok": None, "result": "skipped: --budget-min was spent"}]
             continue
         rows_file = Path(tempfile.mkstemp(prefix=f"{part}_", suffix=".jsonl", dir=out)[1])
-        cmd = [sys.executable, __file__, "--child", part, "--rows", str(rows_file), "--out", str(out),
-               "--steps", str(args.steps), "--deadline", str(time.time() + limit)] + \
-            (["--dry-run"] if args.dry_run else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            part,
+            "--rows",
+            str(rows_file),
+            "--out",
+            str(out),
+            "--steps",
+            str(args.steps),
+            "--deadline",
+            str(time.time() + limit),
+        ] + (["--dry-run"] if args.dry_run else [])
         t = time.monotonic()
         # its own process group (with the `blt train` runs it starts): killed together
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                env=child_env(), start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env(), start_new_session=True
+        )
         try:
             log, _ = proc.communicate(timeout=limit)
         except subprocess.TimeoutExpired:
@@ -455,8 +584,12 @@ def device_name(dry: bool) -> str:
     if dry:
         return f"dry run: CPU, {torch_version}"
     try:
-        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30)
+        smi = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         gpu = smi.stdout.strip().splitlines()[0] if smi.returncode == 0 and smi.stdout.strip() else "a GPU"
     except (OSError, subprocess.TimeoutExpired):
         gpu = "a GPU (nvidia-smi not found)"

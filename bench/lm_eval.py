@@ -34,8 +34,14 @@ from blt.harness.scoring import Scorer  # noqa: E402
 from blt.tokens import BOS_ID, OFFSET  # noqa: E402
 
 TASK_DATA = ROOT / "blt" / "harness" / "tasks" / "data"
-ACCURACY_TASKS = ["blt_shakespeare_next_line", "blt_shakespeare_word_order", "blt_shakespeare_speaker",
-                  "blt_shakespeare_bpb", "blt_colours", "blt_colours_gen"]
+ACCURACY_TASKS = [
+    "blt_shakespeare_next_line",
+    "blt_shakespeare_word_order",
+    "blt_shakespeare_speaker",
+    "blt_shakespeare_bpb",
+    "blt_colours",
+    "blt_colours_gen",
+]
 
 
 def requests(task: str, n: int) -> list[tuple[bytes, bytes]]:
@@ -54,7 +60,7 @@ def per_byte(model, patcher, context: int, pairs: list[tuple[bytes, bytes]]) -> 
         ids = [BOS_ID] + [b + OFFSET for b in ctx + cont]
         total = 0.0
         for t in range(len(ids) - len(cont), len(ids)):
-            x = torch.tensor([ids[max(0, t - context): t]], device=dev)  # (1, <= context) bytes before t
+            x = torch.tensor([ids[max(0, t - context) : t]], device=dev)  # (1, <= context) bytes before t
             logp = torch.log_softmax(model(x, patcher(x))[0, -1].float(), -1)
             total += float(logp[ids[t]])
         out.append(total)
@@ -97,9 +103,11 @@ def speed(args, loaded) -> None:
     nbytes = sum(len(c) + len(k) + 1 for c, k in pairs)
     shared = sum(len(c) + 1 for c, _ in pairs[::4]) + sum(len(k) for _, k in pairs)  # each context once
     cont = sum(len(k) for _, k in pairs) / len(pairs)
-    print(f"{args.model}: context {context} bytes, {loaded.cfg.patching.mode} patching; {len(pairs)} requests of "
-          f"{args.task} ({nbytes / len(pairs):.0f} bytes each, continuation {cont:.0f}); "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}\n")
+    print(
+        f"{args.model}: context {context} bytes, {loaded.cfg.patching.mode} patching; {len(pairs)} requests of "
+        f"{args.task} ({nbytes / len(pairs):.0f} bytes each, continuation {cont:.0f}); "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}\n"
+    )
     scorers = {b: Scorer(model, patcher, context, b, share_context=False) for b in args.batch_sizes}
     scorers |= {f"shared {b}": Scorer(model, patcher, context, b) for b in args.batch_sizes}
     for s in scorers.values():  # warm-up
@@ -108,7 +116,7 @@ def speed(args, loaded) -> None:
     values: dict = {}
     for _ in range(args.repeats):
         for b, s in scorers.items():
-            dt, out = timed(lambda: s.loglikelihood(pairs))
+            dt, out = timed(lambda s=s: s.loglikelihood(pairs))
             times[b].append(dt)
             values[b] = [v for v, _ in out]
         dt, values["per-byte"] = timed(lambda: per_byte(model, patcher, context, pairs))
@@ -116,21 +124,27 @@ def speed(args, loaded) -> None:
     base = statistics.median(times["per-byte"])
     print("| scoring | forwards | requests/s | speed-up vs per-byte | max abs difference (nats) |")
     print("|---|---|---|---|---|")
-    print(f"| per byte (one forward per continuation byte, batch 1) | {sum(len(k) for _, k in pairs)} | "
-          f"{len(pairs) / base:.2f} | 1.0x | |")
-    for b, s in scorers.items():
+    print(
+        f"| per byte (one forward per continuation byte, batch 1) | {sum(len(k) for _, k in pairs)} | "
+        f"{len(pairs) / base:.2f} | 1.0x | |"
+    )
+    for b in scorers:
         med = statistics.median(times[b])
         diff = max(abs(x - y) for x, y in zip(values[b], values["per-byte"]))
         rate = len(pairs) / med
         if isinstance(b, str):  # shared context: batches of up to b questions, in one cached state each
             n = int(b.split()[1])
-            print(f"| shared context, batch {n} questions | {-(-len(pairs[::4]) // n)} cached | {rate:.2f} | "
-                  f"{base / med:.1f}x | {diff:.1e} |")
+            print(
+                f"| shared context, batch {n} questions | {-(-len(pairs[::4]) // n)} cached | {rate:.2f} | "
+                f"{base / med:.1f}x | {diff:.1e} |"
+            )
         else:
             print(f"| batched, batch {b} | {-(-len(pairs) // b)} | {rate:.2f} | {base / med:.1f}x | {diff:.1e} |")
     print("\nper-run seconds: " + "; ".join(f"{k}: {', '.join(f'{t:.2f}' for t in v)}" for k, v in times.items()))
-    print(f"bytes run per request batch: {nbytes:,}; with each question's context run once: {shared:,} "
-          f"({nbytes / shared:.2f}x fewer)")
+    print(
+        f"bytes run per request batch: {nbytes:,}; with each question's context run once: {shared:,} "
+        f"({nbytes / shared:.2f}x fewer)"
+    )
 
 
 def accuracy(args, loaded) -> None:

@@ -23,10 +23,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(run_dir: Path, steps: int, overrides: list[str]) -> float:
-    cmd = [sys.executable, "-m", "blt", "train", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run_dir}",
-           f"training.steps={steps}", "training.max_minutes=null", "patching.mode=static", "eval.every=0",
-           "eval.max_bytes=4096", "logging.progress=false", "logging.images=false", "logging.samples=0",
-           f"checkpoint.every={10 * steps}", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blt",
+        "train",
+        str(ROOT / "configs" / "tiny.yaml"),
+        f"run_dir={run_dir}",
+        f"training.steps={steps}",
+        "training.max_minutes=null",
+        "patching.mode=static",
+        "eval.every=0",
+        "eval.max_bytes=4096",
+        "logging.progress=false",
+        "logging.images=false",
+        "logging.samples=0",
+        f"checkpoint.every={10 * steps}",
+        *overrides,
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     if out.returncode != 0:
         sys.exit(f"{run_dir.name} failed:\n{out.stderr[-3000:]}")
@@ -46,9 +60,23 @@ def cost_per_log_line(out: Path, lines: int = 300) -> float:
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["logging.wandb.mode=offline", "logging.tensorboard=true"])
     out.mkdir(parents=True, exist_ok=True)
     logger = MetricsLogger(out, lines, 0, progress=False, cfg=cfg)
-    record = {"loss": 1.0, "bpb": 1.4, "lr": 1e-3, "grad_norm": 0.5, "bytes_per_s": 5000.0, "patches_per_s": 1200.0,
-              "avg_patch_size": 4.1, "tflops": 0.01, "mfu": 0.05, "step_time_s": 0.6, "time_data_s": 0.01,
-              "time_fwd_bwd_s": 0.5, "time_optimizer_s": 0.09, "peak_mem_gb": 1.5, "elapsed": 1.0}
+    record = {
+        "loss": 1.0,
+        "bpb": 1.4,
+        "lr": 1e-3,
+        "grad_norm": 0.5,
+        "bytes_per_s": 5000.0,
+        "patches_per_s": 1200.0,
+        "avg_patch_size": 4.1,
+        "tflops": 0.01,
+        "mfu": 0.05,
+        "step_time_s": 0.6,
+        "time_data_s": 0.01,
+        "time_fwd_bwd_s": 0.5,
+        "time_optimizer_s": 0.09,
+        "peak_mem_gb": 1.5,
+        "elapsed": 1.0,
+    }
     hist = [0, 10, 30, 80, 120, 60, 20, 8, 3, 1, 0, 0, 2]
     t0 = time.perf_counter()
     for step in range(1, lines + 1):
@@ -68,8 +96,11 @@ def main() -> None:
     out = ROOT / args.out
     shutil.rmtree(out, ignore_errors=True)
     modes = {
-        "all on: every step to metrics.jsonl, TensorBoard, W&B offline, histogram":
-            ["logging.every=1", "logging.tensorboard=true", "logging.wandb.mode=offline"],
+        "all on: every step to metrics.jsonl, TensorBoard, W&B offline, histogram": [
+            "logging.every=1",
+            "logging.tensorboard=true",
+            "logging.wandb.mode=offline",
+        ],
         "off: metrics.jsonl every 50 steps only": ["logging.every=50", "logging.tensorboard=false"],
     }
     times: dict[str, list[float]] = {m: [] for m in modes}
@@ -84,8 +115,10 @@ def main() -> None:
         print(f"| {mode} | {1000 * t:.1f} |")
     print(f"\noverhead of all logging, end to end: {100 * (on / off - 1):+.2f}% (run-to-run noise is about as large)")
     per_line = cost_per_log_line(out / "direct")
-    print(f"one log line with every sink on costs {1000 * per_line:.2f} ms, directly measured: "
-          f"{100 * per_line / off:.2f}% of a {1000 * off:.0f} ms step when logging every step")
+    print(
+        f"one log line with every sink on costs {1000 * per_line:.2f} ms, directly measured: "
+        f"{100 * per_line / off:.2f}% of a {1000 * off:.0f} ms step when logging every step"
+    )
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import core  # noqa: E402  (bench/core.py: this script's folder is on sys.path)
+
 from blt.config import load_config  # noqa: E402
 from blt.model.flops import flops_report, stack_flops  # noqa: E402
 from blt.tokens import VOCAB_SIZE  # noqa: E402
@@ -66,12 +67,18 @@ def data_overrides(pattern: str) -> list[str]:
 
 def run(config: str, run_dir: Path, overrides: list[str]) -> dict:
     """bench/core.py's run, without the progress bar or the time cap, summed up for the table."""
-    result, wall, _, metrics, cfg = core.run(config, run_dir, ["logging.progress=false", "training.max_minutes=null",
-                                                               *overrides])
+    result, wall, _, metrics, cfg = core.run(
+        config, run_dir, ["logging.progress=false", "training.max_minutes=null", *overrides]
+    )
     lines = [m for m in metrics if "bytes_per_s" in m]
-    return {"cfg": cfg, "result": result, "wall": wall, "lines": lines,
-            "bytes_per_s": statistics.median(m["bytes_per_s"] for m in lines[1:] or lines),
-            "patch_size": mean_patch_size(lines)}
+    return {
+        "cfg": cfg,
+        "result": result,
+        "wall": wall,
+        "lines": lines,
+        "bytes_per_s": statistics.median(m["bytes_per_s"] for m in lines[1:] or lines),
+        "patch_size": mean_patch_size(lines),
+    }
 
 
 def space_patch_size(overrides: list[str], seq_len: int) -> float:
@@ -91,8 +98,12 @@ def space_patch_size(overrides: list[str], seq_len: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=450, help="the learned run's steps; sets the FLOP budget")
-    ap.add_argument("--corpus", action="append", default=[],
-                    help="NAME=GLOB (one document per file), or a default name; repeat for several")
+    ap.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        help="NAME=GLOB (one document per file), or a default name; repeat for several",
+    )
     ap.add_argument("--modes", default=",".join(MODES), help="which modes, comma-separated")
     ap.add_argument("--out", default="bench_runs/patching", help="where the runs go (replaced)")
     args = ap.parse_args()
@@ -111,8 +122,10 @@ def main() -> None:
     base = load_config(ROOT / "configs" / "tiny_learned.yaml")
     step_bytes = base.training.batch_size * base.data.seq_len
     params = 0  # FLOPs per byte do not depend on the parameter count
-    fpb = lambda patching, size: flops_report(base.model, base.data.seq_len, size, params,  # noqa: E731
-                                              patching=patching).flops_per_byte
+
+    def fpb(patching, size: float) -> float:
+        return flops_report(base.model, base.data.seq_len, size, params, patching=patching).flops_per_byte
+
     budget = fpb(base.patching, 4.0) * args.steps * step_bytes
     print(f"FLOP budget per run: {budget:.3e} ({args.steps} learned steps of {step_bytes} bytes)", flush=True)
     rows = []
@@ -140,24 +153,46 @@ def main() -> None:
                 steps = max(1, round((budget - extra_flops) / per_step))  # at least one, on a tiny budget
                 extra_flops += ent_fwd * steps * step_bytes
                 ent_wall = ent["wall"]
-                over += [f"patching.entropy_model={out / name / 'entropy_model'}", "patching.target_patch_size=4.0",
-                         "patching.threshold_mode=global"]
+                over += [
+                    f"patching.entropy_model={out / name / 'entropy_model'}",
+                    "patching.target_patch_size=4.0",
+                    "patching.threshold_mode=global",
+                ]
             print(f"{name} / {mode}: {steps} steps", flush=True)
-            r = run("tiny_learned.yaml", run_dir, [*over, f"training.steps={steps}", "eval.every=0",
-                                                   f"schedule.warmup_steps={min(50, steps // 8)}"])
+            r = run(
+                "tiny_learned.yaml",
+                run_dir,
+                [*over, f"training.steps={steps}", "eval.every=0", f"schedule.warmup_steps={min(50, steps // 8)}"],
+            )
             total = fpb(r["cfg"].patching, r["patch_size"]) * steps * step_bytes + extra_flops
             rows.append((name, mode, steps, r, total, ent_wall))
-            print(json.dumps({"corpus": name, "mode": mode, "steps": steps, "val_bpb": r["result"].get("bpb"),
-                              "bytes_per_s": r["bytes_per_s"], "patch_size": r["patch_size"], "flops": total,
-                              "wall_s": r["wall"] + ent_wall}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "corpus": name,
+                        "mode": mode,
+                        "steps": steps,
+                        "val_bpb": r["result"].get("bpb"),
+                        "bytes_per_s": r["bytes_per_s"],
+                        "patch_size": r["patch_size"],
+                        "flops": total,
+                        "wall_s": r["wall"] + ent_wall,
+                    }
+                ),
+                flush=True,
+            )
 
-    print("\n| corpus | patching | BLT steps | held-out BPB | train bytes/s | mean patch (bytes) "
-          "| total train FLOPs | wall time (s) |")
+    print(
+        "\n| corpus | patching | BLT steps | held-out BPB | train bytes/s | mean patch (bytes) "
+        "| total train FLOPs | wall time (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, mode, steps, r, total, ent_wall in rows:
         wall = f"{r['wall'] + ent_wall:.0f}" + (f" (entropy model {ent_wall:.0f})" if ent_wall else "")
-        print(f"| {name} | {mode} | {steps} | {r['result']['bpb']:.3f} | {r['bytes_per_s']:,.0f} | "
-              f"{r['patch_size']:.2f} | {total:.3e} | {wall} |")
+        print(
+            f"| {name} | {mode} | {steps} | {r['result']['bpb']:.3f} | {r['bytes_per_s']:,.0f} | "
+            f"{r['patch_size']:.2f} | {total:.3e} | {wall} |"
+        )
 
 
 def _patching(base, mode: str):

@@ -28,8 +28,16 @@ from blt.config import load_config  # noqa: E402
 from blt.train.distributed import free_port  # noqa: E402
 from blt.train.plan import count_params  # noqa: E402
 
-COMMON = ["patching.mode=static", "model.hash_sparse_grad=false", "eval.every=0", "eval.max_bytes=4096",
-          "logging.images=false", "logging.samples=0", "logging.progress=false", "training.max_minutes=null"]
+COMMON = [
+    "patching.mode=static",
+    "model.hash_sparse_grad=false",
+    "eval.every=0",
+    "eval.max_bytes=4096",
+    "logging.images=false",
+    "logging.samples=0",
+    "logging.progress=false",
+    "training.max_minutes=null",
+]
 
 
 def blt(args: list[str], procs: int = 1) -> tuple[float, str]:
@@ -37,8 +45,17 @@ def blt(args: list[str], procs: int = 1) -> tuple[float, str]:
     cmd = [sys.executable, "-m", "blt", *args]
     threads = max(1, (os.cpu_count() or 1) // procs)
     if procs > 1:
-        cmd[:3] = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(procs),
-                   "--master-port", str(free_port()), "-m", "blt"]
+        cmd[:3] = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(procs),
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "blt",
+        ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     out = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -49,8 +66,19 @@ def blt(args: list[str], procs: int = 1) -> tuple[float, str]:
 
 def train(run: Path, procs: int, steps: int, *extra: str) -> tuple[float, str]:
     batch = 8 // procs
-    return blt(["train", str(ROOT / "configs" / "tiny.yaml"), f"run_dir={run}", *COMMON, f"training.steps={steps}",
-                f"training.batch_size={batch}", f"checkpoint.every={steps}", *extra], procs)
+    return blt(
+        [
+            "train",
+            str(ROOT / "configs" / "tiny.yaml"),
+            f"run_dir={run}",
+            *COMMON,
+            f"training.steps={steps}",
+            f"training.batch_size={batch}",
+            f"checkpoint.every={steps}",
+            *extra,
+        ],
+        procs,
+    )
 
 
 def state_bytes(config: str) -> int:
@@ -74,19 +102,27 @@ def main() -> None:
     convert = float(re.search(r"universal checkpoint in ([\d.]+) s", err).group(1))
     tiny = state_bytes(str(ROOT / "configs" / "tiny.yaml"))
     resumed = f"checkpoint.resume={step_dir}"
-    rows = [("same layout (2 processes, ZeRO-2)", *train(out / "same", 2, args.steps + 1, resumed,
-                                                           "distributed.zero_stage=2")),
-            ("1 process (local engine)", *train(out / "one", 1, args.steps + 1, resumed)),
-            ("2 processes, ZeRO-3", *train(out / "zero3", 2, args.steps + 1, resumed, "distributed.zero_stage=3"))]
+    rows = [
+        (
+            "same layout (2 processes, ZeRO-2)",
+            *train(out / "same", 2, args.steps + 1, resumed, "distributed.zero_stage=2"),
+        ),
+        ("1 process (local engine)", *train(out / "one", 1, args.steps + 1, resumed)),
+        ("2 processes, ZeRO-3", *train(out / "zero3", 2, args.steps + 1, resumed, "distributed.zero_stage=3")),
+    ]
 
     print("| what | seconds |\n|---|---|")
-    print(f"| conversion of the ZeRO-2 checkpoint ({tiny / 1e6:,.0f} MB of fp32 weights + Adam moments) | "
-          f"{convert:.1f} ({wall:.1f} for the whole `blt consolidate --universal`) |")
+    print(
+        f"| conversion of the ZeRO-2 checkpoint ({tiny / 1e6:,.0f} MB of fp32 weights + Adam moments) | "
+        f"{convert:.1f} ({wall:.1f} for the whole `blt consolidate --universal`) |"
+    )
     for name, seconds, _ in rows:
         print(f"| resume + 1 step + save on {name}, end to end | {seconds:.1f} |")
     big = state_bytes(args.estimate)
-    print(f"\nrate {tiny / convert / 1e6:,.0f} MB/s; {Path(args.estimate).name}: {big / 1e9:,.1f} GB of state, "
-          f"estimated {big / (tiny / convert):,.0f} s to convert at that rate")
+    print(
+        f"\nrate {tiny / convert / 1e6:,.0f} MB/s; {Path(args.estimate).name}: {big / 1e9:,.1f} GB of state, "
+        f"estimated {big / (tiny / convert):,.0f} s to convert at that rate"
+    )
 
 
 if __name__ == "__main__":

@@ -26,8 +26,24 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = ["ROMEO.", "JULIET.", "KING HENRY.", "First Citizen.", "HAMLET. To be", "Enter the", "O, what", "Good",
-           "MACBETH.", "Exeunt", "FALSTAFF. Now", "Why, sir", "ACT II", "What is", "LADY", "Come, come"]
+PROMPTS = [
+    "ROMEO.",
+    "JULIET.",
+    "KING HENRY.",
+    "First Citizen.",
+    "HAMLET. To be",
+    "Enter the",
+    "O, what",
+    "Good",
+    "MACBETH.",
+    "Exeunt",
+    "FALSTAFF. Now",
+    "Why, sir",
+    "ACT II",
+    "What is",
+    "LADY",
+    "Come, come",
+]
 
 
 def free_port() -> int:
@@ -38,8 +54,16 @@ def free_port() -> int:
 
 def one(url: str, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:
     """Stream one request; (seconds to the first text, seconds in all, bytes generated)."""
-    body = {"model": model, "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": max_tokens, "temperature": 0.8,
-            "top_p": 0.95, "seed": i, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": PROMPTS[i % len(PROMPTS)],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "top_p": 0.95,
+        "seed": i,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     first, used = None, 0
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as r:
@@ -78,8 +102,11 @@ def run(url: str, model: str, clients: int, requests: int, max_tokens: int) -> d
         t.join()
     wall = time.perf_counter() - t0
     ttfb = sorted(r[0] for r in results)
-    return {"bytes_per_s": sum(r[2] for r in results) / wall, "p50": statistics.median(ttfb),
-            "p99": ttfb[min(len(ttfb) - 1, round(0.99 * (len(ttfb) - 1)))]}
+    return {
+        "bytes_per_s": sum(r[2] for r in results) / wall,
+        "p50": statistics.median(ttfb),
+        "p99": ttfb[min(len(ttfb) - 1, round(0.99 * (len(ttfb) - 1)))],
+    }
 
 
 def main() -> None:
@@ -93,11 +120,27 @@ def main() -> None:
     args = ap.parse_args()
     port, top = free_port(), max(args.clients)
     url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([sys.executable, "-m", "blt", "serve", args.model, "--port", str(port), "--max-batch",
-                               str(top), "--device", args.device, "--name", "bench",
-                               *(["--threads", str(args.threads)] if args.threads else [])],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "serve",
+            args.model,
+            "--port",
+            str(port),
+            "--max-batch",
+            str(top),
+            "--device",
+            args.device,
+            "--name",
+            "bench",
+            *(["--threads", str(args.threads)] if args.threads else []),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         for _ in range(600):
             try:
@@ -107,10 +150,14 @@ def main() -> None:
                 time.sleep(0.1)
         run(url, "bench", 4, 4, 32)  # warm-up
         threads = f", --threads {args.threads}" if args.threads else ""
-        print(f"`blt serve {args.model}{threads}` ({args.device}), streaming, {args.max_tokens} bytes per request, "
-              f"temperature 0.8, top-p 0.95; medians of {args.repeats} runs\n")
-        print("| concurrent clients | requests | aggregate B/s | one at a time B/s | speed-up | p50 first byte (s) "
-              "| p99 first byte (s) |")
+        print(
+            f"`blt serve {args.model}{threads}` ({args.device}), streaming, {args.max_tokens} bytes per request, "
+            f"temperature 0.8, top-p 0.95; medians of {args.repeats} runs\n"
+        )
+        print(
+            "| concurrent clients | requests | aggregate B/s | one at a time B/s | speed-up | p50 first byte (s) "
+            "| p99 first byte (s) |"
+        )
         print("|---|---|---|---|---|---|---|")
         for n in args.clients:
             rows, base = [], []
@@ -120,11 +167,16 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
             b = statistics.median(r["bytes_per_s"] for r in base)
             ratio = statistics.median(r["bytes_per_s"] / q["bytes_per_s"] for r, q in zip(rows, base))
-            print(f"| {n} | {n} | {med['bytes_per_s']:.0f} | {b:.0f} | {ratio:.1f}x | {med['p50']:.3f} "
-                  f"| {med['p99']:.3f} |", flush=True)
+            print(
+                f"| {n} | {n} | {med['bytes_per_s']:.0f} | {b:.0f} | {ratio:.1f}x | {med['p50']:.3f} "
+                f"| {med['p99']:.3f} |",
+                flush=True,
+            )
         stats = httpx.get(url + "/health").json()
-        print(f"\nserver: {stats['steps']} batched steps, mean {stats['mean_batch']:.1f} rows per step, "
-              f"largest batch {stats['max_batch_seen']}")
+        print(
+            f"\nserver: {stats['steps']} batched steps, mean {stats['mean_batch']:.1f} rows per step, "
+            f"largest batch {stats['max_batch_seen']}"
+        )
     finally:
         server.terminate()
         server.wait(30)

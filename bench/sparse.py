@@ -25,12 +25,15 @@ PATTERNS = {  # DeepSpeed-style settings at block 64
     "local (window 256)": dict(pattern="local", block=64, window=256),
     "strided (dilation 2, 4 blocks)": dict(pattern="strided", block=64, dilation=2, num_sliding_window_blocks=4),
     "fixed (8 local, 1 global)": dict(pattern="fixed", block=64, num_local_blocks=8, num_global_blocks=1),
-    "bigbird (3 window, 1 global, 2 random)": dict(pattern="bigbird", block=64, num_sliding_window_blocks=3,
-                                                    num_global_blocks=1, num_random_blocks=2),
-    "longformer (3 window, globals 0 and 7)": dict(pattern="longformer", block=64, num_sliding_window_blocks=3,
-                                                    global_block_indices=[0, 7]),
-    "variable (4-block windows, global 0, 1 random)": dict(pattern="variable", block=64, local_window_blocks=[4],
-                                                           global_block_indices=[0], num_random_blocks=1),
+    "bigbird (3 window, 1 global, 2 random)": dict(
+        pattern="bigbird", block=64, num_sliding_window_blocks=3, num_global_blocks=1, num_random_blocks=2
+    ),
+    "longformer (3 window, globals 0 and 7)": dict(
+        pattern="longformer", block=64, num_sliding_window_blocks=3, global_block_indices=[0, 7]
+    ),
+    "variable (4-block windows, global 0, 1 random)": dict(
+        pattern="variable", block=64, local_window_blocks=[4], global_block_indices=[0], num_random_blocks=1
+    ),
 }
 
 CHILD = r"""
@@ -89,12 +92,20 @@ def main() -> None:
     cases = {"dense causal SDPA": None, **PATTERNS}
     if args.device == "cuda":  # the GPU goal: window 512 at 16k
         cases["local (window 512)"] = dict(pattern="local", block=128, window=512)
-    results = {name: [run_case(spec, T, args.device, args.dtype, args.repeats) for T in args.lengths]
-               for name, spec in cases.items()}
+    results = {
+        name: [run_case(spec, T, args.device, args.dtype, args.repeats) for T in args.lengths]
+        for name, spec in cases.items()
+    }
     backend = "FlexAttention" if args.device == "cuda" else "gather"
-    print(f"\nforward+backward, B=1, H=8, head dim 64, {args.dtype}, {args.device}; patterns use the {backend} "
-          "backend; ms (peak extra memory MB)\n")
-    print("| pattern | " + " | ".join(f"{T // 1024}k" for T in args.lengths) + " | time 8k / 1k | speed-up vs dense at 8k |")
+    print(
+        f"\nforward+backward, B=1, H=8, head dim 64, {args.dtype}, {args.device}; patterns use the {backend} "
+        "backend; ms (peak extra memory MB)\n"
+    )
+    print(
+        "| pattern | "
+        + " | ".join(f"{T // 1024}k" for T in args.lengths)
+        + " | time 8k / 1k | speed-up vs dense at 8k |"
+    )
     print("|---|" + "---|" * (len(args.lengths) + 2))
     L = args.lengths
     for name, rows in results.items():

@@ -50,20 +50,25 @@ def _cmd_prepare(args) -> None:
 
 def add_prepare_parser(sub) -> None:
     pr = sub.add_parser("prepare", help="files -> shards (and their entropies) for training at scale")
-    pr.add_argument("sources", nargs="*", help="files, directories, globs (txt, jsonl, json, parquet; .gz/.zst), "
-                                               "or hub:NAME")
+    pr.add_argument(
+        "sources", nargs="*", help="files, directories, globs (txt, jsonl, json, parquet; .gz/.zst), or hub:NAME"
+    )
     pr.add_argument("--out", required=True, help="the prepared directory (created; rerun to update it)")
     pr.add_argument("--workers", type=int, default=1, help="processes reading and packing shards")
-    pr.add_argument("--part", default=None, help="K/N: prepare part K of N (several machines); the last "
-                                                 "part to finish writes the manifest")
+    pr.add_argument(
+        "--part",
+        default=None,
+        help="K/N: prepare part K of N (several machines); the last part to finish writes the manifest",
+    )
     pr.add_argument("--shard-mb", type=float, default=64, help="input MB per shard")
     pr.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
     pr.add_argument("--text-field", default="text", help="the text column of json/jsonl/parquet")
     pr.add_argument("--sample-by", default="document", help="plain text: document, paragraph or line")
     pr.add_argument("--seed", type=int, default=0, help="which documents are held out")
     pr.add_argument("--entropy-model", default=None, help="compute float16 entropies with this byte_lm run")
-    pr.add_argument("--seq-len", type=int, default=None, help="the training data.seq_len the entropies are for "
-                                                               "(default 1024)")
+    pr.add_argument(
+        "--seq-len", type=int, default=None, help="the training data.seq_len the entropies are for (default 1024)"
+    )
     pr.add_argument("--batch", type=int, default=16, help="windows per entropy-model forward")
     pr.set_defaults(func=_cmd_prepare)
 
@@ -84,7 +89,7 @@ def _cmd_eval(args) -> None:
         source = args.data
     else:
         val = prepare_data(cfg.data, log=log).val_tokens(args.max_bytes)
-        tokens = np.concatenate([t[0:len(t)] for _, t in val])
+        tokens = np.concatenate([t[0 : len(t)] for _, t in val])
         source = "validation split of the run's data config"
     result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, device)
     print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
@@ -103,8 +108,15 @@ def _cmd_generate(args) -> None:
     # argv arrives as str with surrogate escapes for bytes that are not UTF-8: os.fsencode gives them back
     prompts = [os.fsencode(p) for p in args.prompt or [""]]
     stops = [os.fsencode(s.replace("\\n", "\n").replace("\\t", "\t")) for s in args.stop or []]
-    opts = dict(max_bytes=args.max_bytes, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                seed=args.seed, stop=stops, cache=not args.no_cache)
+    opts = dict(
+        max_bytes=args.max_bytes,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=stops,
+        cache=not args.no_cache,
+    )
     if len(prompts) == 1 and not args.json:  # stream prompt and bytes as UTF-8, never half a character
 
         def write(text: str) -> None:
@@ -140,21 +152,32 @@ def _cmd_patch(args) -> None:
     patches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
         raw = decode(ids[a:b])
-        patches.append({
-            "text": raw.decode("utf-8", errors="backslashreplace"),
-            "bytes": b - a,
-            key: [round(float(e), 3) for e in signal[a:b]] if signal is not None else None,
-        })
+        patches.append(
+            {
+                "text": raw.decode("utf-8", errors="backslashreplace"),
+                "bytes": b - a,
+                key: [round(float(e), 3) for e in signal[a:b]] if signal is not None else None,
+            }
+        )
     if args.json:
-        print(json.dumps({"mode": cfg.patching.mode, "threshold": patcher.threshold, "window": window,
-                          "patches": patches}))
+        print(
+            json.dumps(
+                {"mode": cfg.patching.mode, "threshold": patcher.threshold, "window": window, "patches": patches}
+            )
+        )
         return
     th = f", threshold {patcher.threshold:.3f}" if patcher.threshold is not None else ""
     th = ", a patch starts where the router's probability is >= 0.5" if patcher.learned else th
-    windows = f"; in {-(-len(ids) // window)} windows of data.seq_len={window} bytes, each starting a patch, " \
-              "as training reads text" if len(ids) > window else ""
-    print(f"{len(patches)} patches, mean {sum(p['bytes'] for p in patches) / len(patches):.2f} bytes "
-          f"({cfg.patching.mode}{th}); BOS is the first patch{windows}")
+    windows = (
+        f"; in {-(-len(ids) // window)} windows of data.seq_len={window} bytes, each starting a patch, "
+        "as training reads text"
+        if len(ids) > window
+        else ""
+    )
+    print(
+        f"{len(patches)} patches, mean {sum(p['bytes'] for p in patches) / len(patches):.2f} bytes "
+        f"({cfg.patching.mode}{th}); BOS is the first patch{windows}"
+    )
     print("|" + "|".join(p["text"].replace("\n", "\\n") for p in patches) + "|")
     if signal is not None:
         for p in patches:
@@ -172,8 +195,11 @@ def _cmd_info(args) -> None:
     run = Path(args.config)
     if run.is_dir():  # a run dir: its config, and FLOPs at the mean patch size it measured in training
         cfg = load_config(run / "config.yaml", args.overrides)
-        print(json.dumps(model_info(cfg, build_model(cfg.model, cfg.patching),
-                                    measured_patch_size=_measured_patch_size(run))))
+        print(
+            json.dumps(
+                model_info(cfg, build_model(cfg.model, cfg.patching), measured_patch_size=_measured_patch_size(run))
+            )
+        )
         return
     cfg = load_config(args.config, args.overrides)
     print(json.dumps(model_info(cfg, build_model(cfg.model, cfg.patching))))
@@ -239,13 +265,24 @@ def _cmd_import_hf(args) -> None:
 def _cmd_serve(args) -> None:
     from blt.serve.server import serve
 
-    serve(args.checkpoint, args.host, args.port, args.max_batch, args.max_queue, args.max_tokens, args.device,
-          args.api_key, args.name, args.drain, args.threads)
+    serve(
+        args.checkpoint,
+        args.host,
+        args.port,
+        args.max_batch,
+        args.max_queue,
+        args.max_tokens,
+        args.device,
+        args.api_key,
+        args.name,
+        args.drain,
+        args.threads,
+    )
 
 
 def _cmd_lm_eval(args) -> None:
-    from blt.typed import NonNegInt, PosInt, check_option
     from blt.evaluate import check_device
+    from blt.typed import NonNegInt, PosInt, check_option
 
     check_option("limit", args.limit, PosInt, optional=True, flag=True)  # before anything slow
     check_option("batch_size", args.batch_size, PosInt, flag=True)
@@ -257,8 +294,16 @@ def _cmd_lm_eval(args) -> None:
 
     require_extra("eval", "lm_eval")
     with results_file(args.output) as write:  # a bad --output fails here, not after the evaluation
-        results, table = evaluate_model(args.checkpoint, args.tasks.split(","), args.include_path or [], args.limit,
-                                        args.num_fewshot, args.batch_size, device, args.dtype)
+        results, table = evaluate_model(
+            args.checkpoint,
+            args.tasks.split(","),
+            args.include_path or [],
+            args.limit,
+            args.num_fewshot,
+            args.batch_size,
+            device,
+            args.dtype,
+        )
         from lm_eval.utils import make_table
 
         print(make_table(results), file=sys.stderr)
@@ -309,8 +354,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--stop", action="append", help="stop after this string (included; \\n and \\t work); repeatable")
     g.add_argument("--no-cache", action="store_true", help="re-run the whole context for every byte (reference)")
-    g.add_argument("--compile", action="store_true", help="torch.compile the one-byte steps (tens of seconds "
-                   "of compiling first; in fp32 the same bytes)")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the one-byte steps (tens of seconds of compiling first; in fp32 the same bytes)",
+    )
     g.add_argument("--json", action="store_true", help="print {prompt, text} JSON lines instead of streaming")
     g.add_argument("--stats", action="store_true", help="print bytes/s and global-model calls to stderr")
     g.add_argument("--device", default="cpu")
@@ -320,13 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     pa.add_argument("checkpoint")
     what = pa.add_mutually_exclusive_group(required=True)
     what.add_argument("--text", help="the text to patch")
-    what.add_argument("--file", help="patch this file's bytes (a text longer than the model's data.seq_len is "
-                                     "patched in windows of that many bytes, as training reads it)")
+    what.add_argument(
+        "--file",
+        help="patch this file's bytes (a text longer than the model's data.seq_len is "
+        "patched in windows of that many bytes, as training reads it)",
+    )
     pa.add_argument("--json", action="store_true")
     pa.set_defaults(func=_cmd_patch)
 
-    i = sub.add_parser("info", help="parameter count and FLOPs per byte of a config, or of a run dir (at the mean "
-                                    "patch size it measured)")
+    i = sub.add_parser(
+        "info",
+        help="parameter count and FLOPs per byte of a config, or of a run dir (at the mean patch size it measured)",
+    )
     i.add_argument("config")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=_cmd_info)
@@ -343,9 +396,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("consolidate", help="merge a ZeRO checkpoint's shards into one model.safetensors")
     c.add_argument("checkpoint", help="run dir or checkpoint step dir")
     c.add_argument("--out", help="file to write (default: model.safetensors in the step dir)")
-    c.add_argument("--universal", action="store_true",
-                   help="write the checkpoint's universal form instead (weights and optimizer state for any process "
-                        "count or ZeRO stage), as a resume on another layout does")
+    c.add_argument(
+        "--universal",
+        action="store_true",
+        help="write the checkpoint's universal form instead (weights and optimizer state for any process "
+        "count or ZeRO stage), as a resume on another layout does",
+    )
     c.set_defaults(func=_cmd_consolidate)
 
     x = sub.add_parser("export", help="write an engine-free model dir (or an HF transformers dir with --format hf)")
@@ -388,8 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set BLT_API_KEY)")
     s.add_argument("--name", default=None, help="the model's name in the API (default: the MODEL dir's name)")
     s.add_argument("--drain", type=float, default=5.0, help="seconds Ctrl-C lets running requests finish")
-    s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default on CPU: one fewer than the cores)")
+    s.add_argument(
+        "--threads", type=int, default=None, help="CPU threads for the model (default on CPU: one fewer than the cores)"
+    )
     s.set_defaults(func=_cmd_serve)
     return p
 
@@ -435,8 +492,11 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:  # key=value overrides may also follow the options
         if not hasattr(args, "overrides") or any(e.startswith("-") or "=" not in e for e in extra):
-            print(f"blt {args.command}: error: unrecognized arguments: {' '.join(extra)} "
-                  f"(see `blt {args.command} --help`)", file=sys.stderr)
+            print(
+                f"blt {args.command}: error: unrecognized arguments: {' '.join(extra)} "
+                f"(see `blt {args.command} --help`)",
+                file=sys.stderr,
+            )
             return 2
         args.overrides = list(args.overrides) + extra
     from blt.errors import USER_ERRORS

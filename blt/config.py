@@ -14,7 +14,7 @@ import dataclasses
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal
 
 import yaml
 
@@ -27,8 +27,10 @@ from blt.typed import Fraction, NonNegFloat, NonNegInt, PosFloat, PosInt, Range,
 @dataclass
 class SparseAttentionConfig:
     """DeepSpeed SparsityConfig-style settings (same names); see blt/model/sparse_patterns.py."""
-    pattern: Literal["none", "dense", "local", "strided", "fixed", "bigbird", "longformer", "variable",
-                     "block_causal"] = "none"  # none = plain causal attention (with `window` if set)
+
+    pattern: Literal[
+        "none", "dense", "local", "strided", "fixed", "bigbird", "longformer", "variable", "block_causal"
+    ] = "none"  # none = plain causal attention (with `window` if set)
     backend: Literal["auto", "gather", "flex", "dense"] = "auto"  # auto = flex on GPU, gather (exact, trains) on CPU
     block: PosInt = 64  # block size in positions (bytes or patches)
     attention: Literal["unidirectional", "bidirectional"] = "unidirectional"  # a causal LM needs unidirectional
@@ -41,7 +43,7 @@ class SparseAttentionConfig:
     num_random_blocks: NonNegInt = 1  # bigbird, variable: random key blocks per query block
     num_sliding_window_blocks: PosInt = 3  # bigbird, longformer, strided: window width in blocks
     global_block_indices: list[NonNegInt] = field(default_factory=lambda: [0])  # longformer, variable
-    global_block_end_indices: Optional[list[PosInt]] = None  # longformer, variable: global ranges [start, end)
+    global_block_end_indices: list[PosInt] | None = None  # longformer, variable: global ranges [start, end)
     local_window_blocks: list[PosInt] = field(default_factory=lambda: [4])  # variable: window sizes, last repeats
     horizontal_global_attention: bool = False  # fixed, variable: global blocks also attend everywhere
     seed: Seed = 0  # random blocks
@@ -52,7 +54,7 @@ class TransformerConfig:
     dim: PosInt = 128  # hidden size
     layers: NonNegInt = 2  # number of Transformer blocks
     heads: PosInt = 4  # attention heads (dim must divide by heads)
-    window: Optional[PosInt] = None  # causal sliding-window length in positions; None = full causal
+    window: PosInt | None = None  # causal sliding-window length in positions; None = full causal
     ffn_mult: PosFloat = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
 
@@ -66,7 +68,9 @@ class ModelConfig:
     lm: TransformerConfig = field(default_factory=lambda: TransformerConfig(dim=128, layers=4))  # byte_lm only
     cross_attn_k: PosInt = 2  # patch queries per patch in the encoder pooling (and keys per patch in the decoder)
     cross_attn_heads: PosInt = 4  # heads of the encoder/decoder cross-attention
-    cross_attn_all_layers_decoder: bool = False  # decoder cross-attends to patches before every layer (BLT-1B), not just the first
+    cross_attn_all_layers_decoder: bool = (
+        False  # decoder cross-attends to patches before every layer (BLT-1B), not just the first
+    )
     hash_ngram_sizes: list[PosInt] = field(default_factory=lambda: [3, 4, 5, 6, 7, 8])  # hash n-gram sizes (bytes)
     hash_buckets: NonNegInt = 50002  # buckets per (n-gram size, hash function) table; 0 disables hash embeddings
     hash_functions: NonNegInt = 1  # hash functions per n-gram size; 0 disables hash embeddings
@@ -76,7 +80,9 @@ class ModelConfig:
     init_std: PosFloat = 0.02  # std of the normal init of Linear/Embedding weights
     dropout: Fraction = 0.0  # residual and embedding dropout in every Transformer (training only)
     tie_embeddings: bool = False  # byte_lm only: share input embedding and output head
-    hf_compat: bool = False  # blt: HF transformers' BltModel conventions (see README), so `blt export --format hf` works
+    hf_compat: bool = (
+        False  # blt: HF transformers' BltModel conventions (see README), so `blt export --format hf` works
+    )
 
 
 # ----------------------------------------------------------------------------- patching
@@ -86,11 +92,13 @@ class ModelConfig:
 class PatchingConfig:
     mode: str = "static"  # how bytes are cut into patches: static, space, entropy or learned (blt/patching/registry.py)
     patch_size: PosInt = 4  # static: bytes per patch
-    threshold: Optional[float] = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
+    threshold: float | None = None  # entropy: boundary threshold (nats); None = derive from target_patch_size
     threshold_mode: Literal["global", "monotonic"] = "global"  # H_t > th, or H_t - H_{t-1} > th
-    target_patch_size: Annotated[float, Range(ge=1)] = 4.5  # entropy (threshold=None), learned: the mean patch size aimed at
-    max_patch_length: Optional[PosInt] = 16  # every mode: cut a patch that reaches this many bytes
-    entropy_model: Optional[str] = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
+    target_patch_size: Annotated[float, Range(ge=1)] = (
+        4.5  # entropy (threshold=None), learned: the mean patch size aimed at
+    )
+    max_patch_length: PosInt | None = 16  # every mode: cut a patch that reaches this many bytes
+    entropy_model: str | None = None  # entropy: run dir or checkpoint of a byte_lm trained by `blt train`
     entropy_cache: bool = True  # entropy: precompute entropies for the dataset once (else compute per batch)
     split_first_byte: bool = False  # byte 1 always starts a patch, so the first byte is a patch of its own (HF/BLT)
     ratio_loss_weight: NonNegFloat = 0.03  # learned: weight of the ratio loss towards target_patch_size (H-Net's alpha)
@@ -102,21 +110,27 @@ class PatchingConfig:
 @dataclass
 class SourceConfig:
     name: str = ""  # names the source in logs: data/bytes/<name>, val/bpb/<name>
-    path: list[str] | str = field(default_factory=list)  # a dir made by `blt prepare`, or files/globs (prepared into the cache); one or a list
+    path: list[str] | str = field(
+        default_factory=list
+    )  # a dir made by `blt prepare`, or files/globs (prepared into the cache); one or a list
     weight: NonNegFloat = 1.0  # sampling weight; weights are normalised over the sources
 
 
 @dataclass
 class DataConfig:
-    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture; instead of train, val and hub_dataset
-    train: list[str] = field(default_factory=list)  # files/globs (txt, jsonl(.gz/.zst), json, parquet) or a prepared dir; [] = bundled Shakespeare
+    sources: list[SourceConfig] = field(
+        default_factory=list
+    )  # a weighted mixture; instead of train, val and hub_dataset
+    train: list[str] = field(
+        default_factory=list
+    )  # files/globs (txt, jsonl(.gz/.zst), json, parquet) or a prepared dir; [] = bundled Shakespeare
     val: list[str] = field(default_factory=list)  # held-out files/globs; [] = split val_fraction of train documents
     val_fraction: Fraction = 0.05  # share of documents held out when val is empty (deterministic by seed)
-    hub_dataset: Optional[str] = None  # a HF hub dataset name (needs a network); used instead of train
+    hub_dataset: str | None = None  # a HF hub dataset name (needs a network); used instead of train
     text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
     sample_by: Literal["document", "paragraph", "line"] = "document"  # what one plain-text document is
     seq_len: Annotated[int, Range(ge=2)] = 1024  # bytes per training sequence
-    cache_dir: Optional[str] = None  # where files are prepared into shards; None = ~/.cache/blt
+    cache_dir: str | None = None  # where files are prepared into shards; None = ~/.cache/blt
     workers: NonNegInt = 0  # processes preparing files into the cache; 0 = one per CPU core
     seed: Seed = 0  # data order and split seed
 
@@ -151,29 +165,33 @@ class TrainingConfig:
     threads: NonNegInt = 0  # torch CPU threads per process; 0 = OMP_NUM_THREADS, else the cores / local processes
     activation_checkpointing: bool = False  # recompute every Transformer block in backward (less memory)
     compile: bool = False  # torch.compile each Transformer block (inductor; paid once per process at the start)
-    max_minutes: Optional[PosFloat] = None  # stop (and checkpoint) after this wall time
-    init_from: Optional[str] = None  # fine-tune: start from these weights (run, checkpoint or export dir), fresh optimizer
+    max_minutes: PosFloat | None = None  # stop (and checkpoint) after this wall time
+    init_from: str | None = None  # fine-tune: start from these weights (run, checkpoint or export dir), fresh optimizer
 
 
 @dataclass
 class EvalConfig:
     every: NonNegInt = 200  # validate every N steps (and at the end); 0 = only at the end
-    max_bytes: Optional[PosInt] = None  # cap on validation bytes per evaluation; None = whole split
+    max_bytes: PosInt | None = None  # cap on validation bytes per evaluation; None = whole split
     batch_size: PosInt = 8  # sequences per evaluation batch (task requests too)
-    tasks: list[str] = field(default_factory=list)  # lm-eval tasks to run while training, logged as eval/<task>/<metric> (blt[eval])
+    tasks: list[str] = field(
+        default_factory=list
+    )  # lm-eval tasks to run while training, logged as eval/<task>/<metric> (blt[eval])
     tasks_every: NonNegInt = 0  # run eval.tasks every N steps (and at the end); 0 = only at the end
-    tasks_limit: Optional[PosInt] = None  # documents per task per run; None = all
-    tasks_num_fewshot: Optional[NonNegInt] = None  # few-shot examples per prompt; None = each task's default
+    tasks_limit: PosInt | None = None  # documents per task per run; None = all
+    tasks_num_fewshot: NonNegInt | None = None  # few-shot examples per prompt; None = each task's default
     tasks_include_path: list[str] = field(default_factory=list)  # more directories of task YAML files
 
 
 @dataclass
 class WandbConfig:
-    mode: Literal["disabled", "auto", "offline", "online"] = "disabled"  # auto = online with an API key and a network, else offline
+    mode: Literal["disabled", "auto", "offline", "online"] = (
+        "disabled"  # auto = online with an API key and a network, else offline
+    )
     project: str = "blt"  # W&B project
-    entity: Optional[str] = None  # W&B team or user; None = the key's default
-    name: Optional[str] = None  # run name; None = the config's name
-    group: Optional[str] = None  # groups runs in the W&B UI (e.g. one sweep)
+    entity: str | None = None  # W&B team or user; None = the key's default
+    name: str | None = None  # run name; None = the config's name
+    group: str | None = None  # groups runs in the W&B UI (e.g. one sweep)
     tags: list[str] = field(default_factory=list)  # W&B tags
 
 
@@ -210,7 +228,7 @@ class DistributedConfig:
 @dataclass
 class Config:
     name: str = "blt"  # run name
-    run_dir: Optional[str] = None  # where config.yaml, metrics.jsonl, checkpoints/ go; None = runs/<name>
+    run_dir: str | None = None  # where config.yaml, metrics.jsonl, checkpoints/ go; None = runs/<name>
     model: ModelConfig = field(default_factory=ModelConfig)
     patching: PatchingConfig = field(default_factory=PatchingConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -261,7 +279,7 @@ def config_from_dict(values: dict) -> Config:
     return build(Config, values)
 
 
-def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
     """Defaults < YAML file < overrides; validated, then cross-checked."""
     values: dict = {}
     if path is not None:
@@ -272,8 +290,10 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file '{p}' is not a UTF-8 text file (byte {e.start} is "
-                              f"0x{e.object[e.start]:02x}); pass a YAML file such as configs/tiny.yaml") from None
+            raise ConfigError(
+                f"config file '{p}' is not a UTF-8 text file (byte {e.start} is "
+                f"0x{e.object[e.start]:02x}); pass a YAML file such as configs/tiny.yaml"
+            ) from None
         except OSError as e:
             raise ConfigError(f"config file '{p}' cannot be read: {e.strerror or e}") from None
         try:
@@ -281,7 +301,9 @@ def load_config(path: Optional[str | Path] = None, overrides: list[str] = ()) ->
         except yaml.YAMLError as e:
             mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            raise ConfigError(f"config file '{p}' is not valid YAML{where}: {problem or str(e).splitlines()[0]}") from None
+            raise ConfigError(
+                f"config file '{p}' is not valid YAML{where}: {problem or str(e).splitlines()[0]}"
+            ) from None
         except (ValueError, RecursionError) as e:  # a date such as 2024-13-01; nesting too deep
             raise ConfigError(f"config file '{p}' is not valid YAML: {type(e).__name__}: {e}") from None
         if loaded is None:
@@ -309,27 +331,41 @@ def check_config(cfg: Config) -> None:
     for name in ("encoder", "global_model", "decoder", "lm"):
         t: TransformerConfig = getattr(m, name)
         if t.dim % t.heads:
-            raise ConfigError(f"model.{name}.dim ({t.dim}) must be a positive multiple of model.{name}.heads ({t.heads})")
+            raise ConfigError(
+                f"model.{name}.dim ({t.dim}) must be a positive multiple of model.{name}.heads ({t.heads})"
+            )
         if (t.dim // t.heads) % 2:
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
         sp = t.sparse
         if sp.attention != "unidirectional" or sp.pattern == "block_causal":
-            raise ConfigError(f"model.{name}.sparse: a language model needs causal attention; "
-                              f"pattern={sp.pattern} attention={sp.attention} lets bytes see the future "
-                              "(use attention=unidirectional and a pattern other than block_causal)")
+            raise ConfigError(
+                f"model.{name}.sparse: a language model needs causal attention; "
+                f"pattern={sp.pattern} attention={sp.attention} lets bytes see the future "
+                "(use attention=unidirectional and a pattern other than block_causal)"
+            )
         if sp.pattern != "none" and t.window is not None:
-            raise ConfigError(f"model.{name}: set window=null with a sparse pattern (use sparse.pattern=local "
-                              "and sparse.window for a sliding window)")
+            raise ConfigError(
+                f"model.{name}: set window=null with a sparse pattern (use sparse.pattern=local "
+                "and sparse.window for a sliding window)"
+            )
         if sp.pattern == "fixed" and sp.num_different_global_patterns * sp.num_global_blocks > sp.num_local_blocks:
-            raise ConfigError(f"model.{name}.sparse: num_different_global_patterns x num_global_blocks "
-                              f"({sp.num_different_global_patterns} x {sp.num_global_blocks}) must be <= "
-                              f"num_local_blocks ({sp.num_local_blocks}): the summary blocks sit inside a window")
+            raise ConfigError(
+                f"model.{name}.sparse: num_different_global_patterns x num_global_blocks "
+                f"({sp.num_different_global_patterns} x {sp.num_global_blocks}) must be <= "
+                f"num_local_blocks ({sp.num_local_blocks}): the summary blocks sit inside a window"
+            )
         ends = sp.global_block_end_indices
-        if sp.pattern in ("longformer", "variable") and ends is not None and (
-                len(ends) != len(sp.global_block_indices)
-                or any(e <= s for s, e in zip(sp.global_block_indices, ends))):
-            raise ConfigError(f"model.{name}.sparse: global_block_end_indices {ends} must pair with "
-                              f"global_block_indices {sp.global_block_indices}, each end > its start")
+        if (
+            sp.pattern in ("longformer", "variable")
+            and ends is not None
+            and (
+                len(ends) != len(sp.global_block_indices) or any(e <= s for s, e in zip(sp.global_block_indices, ends))
+            )
+        ):
+            raise ConfigError(
+                f"model.{name}.sparse: global_block_end_indices {ends} must pair with "
+                f"global_block_indices {sp.global_block_indices}, each end > its start"
+            )
     if m.arch == "blt":
         if m.encoder.dim != m.decoder.dim:
             raise ConfigError(
@@ -339,8 +375,10 @@ def check_config(cfg: Config) -> None:
         if m.encoder.dim % m.cross_attn_heads:
             raise ConfigError(f"model.cross_attn_heads ({m.cross_attn_heads}) must divide model.encoder.dim")
     if m.hf_compat and m.arch == "blt" and not cfg.patching.split_first_byte:
-        raise ConfigError("model.hf_compat=true needs patching.split_first_byte=true (HF's decoder reads the patch "
-                          "that ends at each byte, which is causal only when the first byte is a patch of its own)")
+        raise ConfigError(
+            "model.hf_compat=true needs patching.split_first_byte=true (HF's decoder reads the patch "
+            "that ends at each byte, which is causal only when the first byte is a patch of its own)"
+        )
     check_sources(cfg.data)
     if len(cfg.optimizer.betas) != 2:
         raise ConfigError(f"optimizer.betas must be a list of two floats, got {cfg.optimizer.betas}")
@@ -363,15 +401,19 @@ def check_sources(d: DataConfig) -> None:
     if not d.sources:
         return
     if d.train or d.val or d.hub_dataset:
-        raise ConfigError("data.sources replaces data.train, data.val and data.hub_dataset; set one or the other "
-                          "(a single source: data.sources=[{name: NAME, path: [FILES]}])")
+        raise ConfigError(
+            "data.sources replaces data.train, data.val and data.hub_dataset; set one or the other "
+            "(a single source: data.sources=[{name: NAME, path: [FILES]}])"
+        )
     names = [s.name for s in d.sources]
     for i, s in enumerate(d.sources):
         if isinstance(s.path, str):  # path: DIR, as people write one path
             s.path = [s.path]
         if not re.fullmatch(r"[A-Za-z0-9_.-]+", s.name):
-            raise ConfigError(f"data.sources[{i}].name {s.name!r} must be a non-empty name of letters, digits, "
-                              "'_', '.' or '-' (it names the source's metrics)")
+            raise ConfigError(
+                f"data.sources[{i}].name {s.name!r} must be a non-empty name of letters, digits, "
+                "'_', '.' or '-' (it names the source's metrics)"
+            )
         if names.count(s.name) > 1:
             raise ConfigError(f"data.sources: the name {s.name!r} is used twice; give every source its own name")
         if not s.path:

@@ -22,5 +22,6 @@ def require_extra(extra: str, *modules: str) -> None:
         try:
             importlib.import_module(name)
         except ImportError as e:
-            raise UserError(f"{e.name or name} is not installed: pip install -e \".[{extra}]\" "
-                            f"(the '{extra}' extra)") from None
+            raise UserError(
+                f"{e.name or name} is not installed: pip install -e \".[{extra}]\" (the '{extra}' extra)"
+            ) from None

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.typed import OptionError, PosInt, check_option
 from blt.data import OFFSET, PAD_ID, DataError, eval_windows
 from blt.patching import Patcher
+from blt.typed import OptionError, PosInt, check_option
 
 
 def check_device(device: str, name: str = "device") -> str:
@@ -34,12 +34,17 @@ def check_device(device: str, name: str = "device") -> str:
     if dev is None or dev.type not in ("cpu", "cuda", "mps"):
         raise OptionError(f"{name} {device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        why = f"this torch ({torch.__version__}) is built without CUDA" if torch.version.cuda is None \
+        why = (
+            f"this torch ({torch.__version__}) is built without CUDA"
+            if torch.version.cuda is None
             else "no CUDA device is visible"
+        )
         raise OptionError(f"{name} {device}: {why}; use {fix}")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise OptionError(f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+        raise OptionError(
+            f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
+            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+        )
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise OptionError(f"{name} {device}: no MPS device is visible; use {fix}")
     return device
@@ -59,9 +64,19 @@ def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None):
 
 
 @torch.no_grad()
-def evaluate(model, patcher: Patcher, tokens: np.ndarray, seq_len: int, batch_size: int,
-             max_bytes: int | None = None, device="cpu", amp_dtype=None,
-             rank: int = 0, world_size: int = 1, reduce=None) -> dict:
+def evaluate(
+    model,
+    patcher: Patcher,
+    tokens: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_bytes: int | None = None,
+    device="cpu",
+    amp_dtype=None,
+    rank: int = 0,
+    world_size: int = 1,
+    reduce=None,
+) -> dict:
     """BPB over every byte of `tokens` (up to max_bytes). In a job of world_size processes, rank r
     scores batches r, r + world_size, ... and `reduce` (a sum over ranks) combines the counts; every
     rank runs the same number of forwards (padding batches score nothing), as ZeRO-3 needs."""

@@ -49,8 +49,10 @@ def _empty_dir(out: str | Path) -> Path:
     except OSError as e:
         raise ExportError(f"cannot look into '{out}' ({e.strerror}); give a new directory you can write") from None
     if not out.exists() and out.suffix.lower() in WEIGHT_FILES:
-        raise ExportError(f"'{out}' is a {out.suffix} file name, and an export is a directory; give a directory "
-                          "path (for one weights file of a ZeRO checkpoint: blt consolidate RUN --out FILE)")
+        raise ExportError(
+            f"'{out}' is a {out.suffix} file name, and an export is a directory; give a directory "
+            "path (for one weights file of a ZeRO checkpoint: blt consolidate RUN --out FILE)"
+        )
     return out.resolve() if out.is_symlink() else out
 
 
@@ -100,8 +102,14 @@ def export(source: str | Path, out: str | Path, fmt: str = "blt") -> dict:
         if fmt == "hf":
             from blt.hf import write_hf
 
-            write_hf(tmp, cfg, _plain_state(model), ecfg, _plain_state(emodel) if emodel is not None else None,
-                     cfg.patching.threshold if cfg.patching.threshold is not None else meta.get("threshold"))
+            write_hf(
+                tmp,
+                cfg,
+                _plain_state(model),
+                ecfg,
+                _plain_state(emodel) if emodel is not None else None,
+                cfg.patching.threshold if cfg.patching.threshold is not None else meta.get("threshold"),
+            )
         else:
             write_export(tmp, model, cfg, meta, emodel, ecfg)
     return {"format": "hf" if fmt == "hf" else FORMAT, "out": str(out), **{k: meta.get(k) for k in ("source", "step")}}

@@ -51,17 +51,48 @@ PATCHER_NAMES = [("transformer.layers.", "model.patcher.layers."), ("", "model.p
 PROJ = "global_transformer.token_embedding_projection.weight"  # HF: nn.Identity when enc.dim * k == global dim
 # HF's defaults (configuration_blt.py) for keys a diffed config.json may leave out
 HF_DEFAULTS = {
-    "": dict(patch_in_forward=True, patch_size=4, patching_mode="entropy", patching_threshold=1.335442066192627,
-             max_patch_length=None, local_attention_window_len=512, cross_attn_k=2, encoder_hash_byte_group_size=None,
-             encoder_hash_byte_group_vocab=500002, encoder_hash_byte_group_nb_functions=1, vocab_size=260),
-    "encoder_config": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=1, cross_attn_all_layers=False,
-                           cross_attn_k=2, rope_theta=500000.0),
-    "decoder_config": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=9, cross_attn_all_layers=True,
-                           cross_attn_k=2, intermediate_size=2816, hidden_size_global=2048, rope_theta=500000.0),
-    "global_config": dict(hidden_size=2048, num_attention_heads=16, num_hidden_layers=25, intermediate_size=5632,
-                          rope_theta=500000.0),
-    "patcher_config": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=14, intermediate_size=2048,
-                           sliding_window=512, rope_theta=10000.0),
+    "": dict(
+        patch_in_forward=True,
+        patch_size=4,
+        patching_mode="entropy",
+        patching_threshold=1.335442066192627,
+        max_patch_length=None,
+        local_attention_window_len=512,
+        cross_attn_k=2,
+        encoder_hash_byte_group_size=None,
+        encoder_hash_byte_group_vocab=500002,
+        encoder_hash_byte_group_nb_functions=1,
+        vocab_size=260,
+    ),
+    "encoder_config": dict(
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_hidden_layers=1,
+        cross_attn_all_layers=False,
+        cross_attn_k=2,
+        rope_theta=500000.0,
+    ),
+    "decoder_config": dict(
+        hidden_size=1024,
+        num_attention_heads=16,
+        num_hidden_layers=9,
+        cross_attn_all_layers=True,
+        cross_attn_k=2,
+        intermediate_size=2816,
+        hidden_size_global=2048,
+        rope_theta=500000.0,
+    ),
+    "global_config": dict(
+        hidden_size=2048, num_attention_heads=16, num_hidden_layers=25, intermediate_size=5632, rope_theta=500000.0
+    ),
+    "patcher_config": dict(
+        hidden_size=768,
+        num_attention_heads=12,
+        num_hidden_layers=14,
+        intermediate_size=2048,
+        sliding_window=512,
+        rope_theta=10000.0,
+    ),
 }
 
 
@@ -80,8 +111,11 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
         raise _no(*refusal)
     for key, on in (("model.hf_compat", m.hf_compat), ("patching.split_first_byte", p.split_first_byte)):
         if not on:
-            raise _no(key, "HF's conventions are needed: set model.hf_compat=true and "
-                      "patching.split_first_byte=true and train/fine-tune with it")
+            raise _no(
+                key,
+                "HF's conventions are needed: set model.hf_compat=true and "
+                "patching.split_first_byte=true and train/fine-tune with it",
+            )
     for name in ("encoder", "global_model", "decoder"):
         if getattr(m, name).sparse.pattern != "none":
             raise _no(f"model.{name}.sparse.pattern", "HF's BLT has dense attention only; set it to none")
@@ -90,20 +124,33 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
     if m.global_model.window is not None:
         raise _no("model.global_model.window", "HF's global transformer is fully causal; set it to null")
     if m.encoder.window != m.decoder.window:
-        raise _no("model.decoder.window", f"HF has one local_attention_window_len for encoder and decoder; "
-                  f"set it equal to model.encoder.window ({m.encoder.window})")
+        raise _no(
+            "model.decoder.window",
+            f"HF has one local_attention_window_len for encoder and decoder; "
+            f"set it equal to model.encoder.window ({m.encoder.window})",
+        )
     if m.encoder.dim != m.decoder.dim:
         raise _no("model.decoder.dim", "HF needs the same hidden size for encoder and decoder")
     for name in ("encoder", "decoder"):
         if m.cross_attn_heads != getattr(m, name).heads:
-            raise _no("model.cross_attn_heads", f"HF's cross-attention uses the {name}'s heads; set it to "
-                      f"model.{name}.heads ({getattr(m, name).heads}) and make encoder and decoder heads equal")
+            raise _no(
+                "model.cross_attn_heads",
+                f"HF's cross-attention uses the {name}'s heads; set it to "
+                f"model.{name}.heads ({getattr(m, name).heads}) and make encoder and decoder heads equal",
+            )
     identity = m.encoder.dim * m.cross_attn_k == m.global_model.dim
-    if identity and state is not None and PROJ in state and not torch.equal(
-            state[PROJ].float().cpu(), torch.eye(m.global_model.dim)):
-        raise _no("model.global_model.dim", "equals encoder.dim * cross_attn_k, where HF has no learned "
-                  "token_embedding_projection (identity); train with another global_model.dim or cross_attn_k "
-                  "(configs/tiny_hf.yaml is configs/tiny.yaml with cross_attn_k 1)")
+    if (
+        identity
+        and state is not None
+        and PROJ in state
+        and not torch.equal(state[PROJ].float().cpu(), torch.eye(m.global_model.dim))
+    ):
+        raise _no(
+            "model.global_model.dim",
+            "equals encoder.dim * cross_attn_k, where HF has no learned "
+            "token_embedding_projection (identity); train with another global_model.dim or cross_attn_k "
+            "(configs/tiny_hf.yaml is configs/tiny.yaml with cross_attn_k 1)",
+        )
 
 
 def check_entropy_expressible(ecfg: Config) -> None:
@@ -116,10 +163,20 @@ def check_entropy_expressible(ecfg: Config) -> None:
 
 def _sub(t: TransformerConfig, cfg: Config, **extra) -> dict:
     m = cfg.model
-    return dict(hidden_size=t.dim, num_attention_heads=t.heads, num_key_value_heads=t.heads, num_hidden_layers=t.layers,
-                intermediate_size=ffn_hidden(t.dim, t.ffn_mult), rms_norm_eps=m.norm_eps, hidden_act="silu",
-                rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta}, dropout=m.dropout,
-                max_position_embeddings=cfg.data.seq_len, initializer_range=m.init_std, **extra)
+    return dict(
+        hidden_size=t.dim,
+        num_attention_heads=t.heads,
+        num_key_value_heads=t.heads,
+        num_hidden_layers=t.layers,
+        intermediate_size=ffn_hidden(t.dim, t.ffn_mult),
+        rms_norm_eps=m.norm_eps,
+        hidden_act="silu",
+        rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+        dropout=m.dropout,
+        max_position_embeddings=cfg.data.seq_len,
+        initializer_range=m.init_std,
+        **extra,
+    )
 
 
 def _rope_rows(dim: int, heads: int, to_hf: bool) -> torch.Tensor:
@@ -140,7 +197,7 @@ def _shift_layer_cross(key: str, to_hf: bool) -> str | None:
     src, dst, shift = (ours, theirs, 1) if to_hf else (theirs, ours, -1)
     if not key.startswith(src):
         return None
-    i, rest = key[len(src):].split(".", 1)
+    i, rest = key[len(src) :].split(".", 1)
     return None if int(i) + shift < 0 else f"{dst}{int(i) + shift}.{rest}"
 
 
@@ -150,7 +207,7 @@ def _rename(key: str, names: list, to_hf: bool) -> str | None:
     if shifted is not None:
         return shifted
     pair = next(((a, b) if to_hf else (b, a) for a, b in names if key.startswith(a if to_hf else b)), None)
-    return None if pair is None else pair[1] + key[len(pair[0]):]
+    return None if pair is None else pair[1] + key[len(pair[0]) :]
 
 
 def _convert(state: dict, names: list, heads: dict, to_hf: bool) -> dict:
@@ -178,20 +235,33 @@ def fit_hf_weights(model: torch.nn.Module, state: dict, names: list, src) -> Non
     def hf(key: str) -> str:
         return _rename(key, names, to_hf=True) or key
 
-    problems = [f"{hf(k)} is {tuple(state[k].shape)}, config.json makes it {tuple(v.shape)}"
-                for k, v in own.items() if k in state and state[k].shape != v.shape][:2]
-    for what, keys in (("missing", [hf(k) for k in own if k not in state]),
-                       ("unexpected", [hf(k) for k in state if k not in own])):
+    problems = [
+        f"{hf(k)} is {tuple(state[k].shape)}, config.json makes it {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ][:2]
+    for what, keys in (
+        ("missing", [hf(k) for k in own if k not in state]),
+        ("unexpected", [hf(k) for k in state if k not in own]),
+    ):
         if keys:
             problems.append(f"{what} {', '.join(keys[:2])}" + (f" and {len(keys) - 2} more" if len(keys) > 2 else ""))
     if problems:
-        raise HFFormatError(f"the weights in '{src}' do not fit its config.json: {'; '.join(problems)} "
-                            "(keys missing from config.json take HF's defaults)")
+        raise HFFormatError(
+            f"the weights in '{src}' do not fit its config.json: {'; '.join(problems)} "
+            "(keys missing from config.json take HF's defaults)"
+        )
     model.load_state_dict(state, strict=True, assign=True)
 
 
-def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = None,
-             entropy_state: dict | None = None, threshold: float | None = None) -> None:
+def write_hf(
+    out_dir,
+    cfg: Config,
+    state: dict,
+    entropy_cfg: Config | None = None,
+    entropy_state: dict | None = None,
+    threshold: float | None = None,
+) -> None:
     """Write config.json + model.safetensors loadable by BltForCausalLM.from_pretrained(out_dir).
     Entropy patching puts the entropy model in as HF's patcher (patch_in_forward=true, `threshold` or
     patching.threshold); static patching writes patch_in_forward=false, and HF's forward then makes
@@ -210,24 +280,50 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
     hashed = m.hash_buckets > 0 and m.hash_functions > 0 and bool(m.hash_ngram_sizes)
     local = dict(vocab_size=VOCAB_SIZE, cross_attn_k=m.cross_attn_k, hidden_size_global=m.global_model.dim)
     hf = dict(
-        architectures=["BltForCausalLM"], model_type="blt", vocab_size=VOCAB_SIZE, dtype=str(dtype).removeprefix("torch."),
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID, tie_word_embeddings=False,
-        max_position_embeddings=cfg.data.seq_len, initializer_range=m.init_std,
+        architectures=["BltForCausalLM"],
+        model_type="blt",
+        vocab_size=VOCAB_SIZE,
+        dtype=str(dtype).removeprefix("torch."),
+        bos_token_id=BOS_ID,
+        eos_token_id=EOS_ID,
+        pad_token_id=PAD_ID,
+        tie_word_embeddings=False,
+        max_position_embeddings=cfg.data.seq_len,
+        initializer_range=m.init_std,
         rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
-        patch_in_forward=entropy, patching_mode=p.mode, patch_size=p.patch_size, patching_batch_size=1,
-        patching_threshold=float(th) if entropy else None, max_patch_length=p.max_patch_length,
-        local_attention_window_len=m.encoder.window, cross_attn_k=m.cross_attn_k,
+        patch_in_forward=entropy,
+        patching_mode=p.mode,
+        patch_size=p.patch_size,
+        patching_batch_size=1,
+        patching_threshold=float(th) if entropy else None,
+        max_patch_length=p.max_patch_length,
+        local_attention_window_len=m.encoder.window,
+        cross_attn_k=m.cross_attn_k,
         encoder_hash_byte_group_size=list(m.hash_ngram_sizes) or [3],
         encoder_hash_byte_group_vocab=m.hash_buckets if hashed else 1,
         encoder_hash_byte_group_nb_functions=m.hash_functions if hashed else 0,  # 0: no hash embeddings
-        encoder_config=_sub(m.encoder, cfg, model_type="blt_local_encoder", sliding_window=m.encoder.window,
-                            cross_attn_all_layers=False, **local),
-        decoder_config=_sub(m.decoder, cfg, model_type="blt_local_decoder",
-                            cross_attn_all_layers=m.cross_attn_all_layers_decoder, **local),
+        encoder_config=_sub(
+            m.encoder,
+            cfg,
+            model_type="blt_local_encoder",
+            sliding_window=m.encoder.window,
+            cross_attn_all_layers=False,
+            **local,
+        ),
+        decoder_config=_sub(
+            m.decoder,
+            cfg,
+            model_type="blt_local_decoder",
+            cross_attn_all_layers=m.cross_attn_all_layers_decoder,
+            **local,
+        ),
         global_config=_sub(m.global_model, cfg, model_type="blt_global_transformer"),
     )
-    heads = {"local_encoder.": m.encoder.heads, "global_transformer.": m.global_model.heads,
-             "local_decoder.": m.decoder.heads}
+    heads = {
+        "local_encoder.": m.encoder.heads,
+        "global_transformer.": m.global_model.heads,
+        "local_decoder.": m.decoder.heads,
+    }
     state = dict(state)
     if m.encoder.dim * m.cross_attn_k == m.global_model.dim:
         state.pop(PROJ, None)  # identity (checked above); HF builds nn.Identity here
@@ -236,8 +332,14 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
         tensors["model.encoder_hash_tok_embedding.weight"] = torch.zeros(0, m.encoder.dim, dtype=dtype)
     if entropy:
         e = entropy_cfg.model
-        hf["patcher_config"] = _sub(e.lm, entropy_cfg, model_type="blt_patcher", vocab_size=VOCAB_SIZE,
-                                    sliding_window=e.lm.window, tie_word_embeddings=False)
+        hf["patcher_config"] = _sub(
+            e.lm,
+            entropy_cfg,
+            model_type="blt_patcher",
+            vocab_size=VOCAB_SIZE,
+            sliding_window=e.lm.window,
+            tie_word_embeddings=False,
+        )
         tensors.update(_convert(entropy_state, PATCHER_NAMES, {"": e.lm.heads}, to_hf=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -247,18 +349,44 @@ def write_hf(out_dir, cfg: Config, state: dict, entropy_cfg: Config | None = Non
 
 # the JSON type of every config.json field read_hf reads; None: it may be null
 KINDS = {
-    "model_type": (str, None), "vocab_size": (int,), "cross_attn_k": (int,), "local_attention_window_len": (int, None),
-    "patch_in_forward": (bool, None), "patching_mode": (str, None), "patch_size": (int, None),
-    "patching_threshold": (float, None), "max_patch_length": (int, None), "max_position_embeddings": (int, None),
-    "encoder_hash_byte_group_size": (list, None), "encoder_hash_byte_group_vocab": (int,),
-    "encoder_hash_byte_group_nb_functions": (int,), "initializer_range": (float,), "hidden_size": (int,),
-    "num_attention_heads": (int,), "num_key_value_heads": (int, None), "num_hidden_layers": (int,),
-    "intermediate_size": (int, None), "hidden_size_global": (int,), "cross_attn_all_layers": (bool,),
-    "sliding_window": (int, None), "rms_norm_eps": (float,), "dropout": (float, None), "hidden_act": (str,),
-    "rope_parameters": (dict, None), "rope_scaling": (dict, None), "rope_theta": (float,),
+    "model_type": (str, None),
+    "vocab_size": (int,),
+    "cross_attn_k": (int,),
+    "local_attention_window_len": (int, None),
+    "patch_in_forward": (bool, None),
+    "patching_mode": (str, None),
+    "patch_size": (int, None),
+    "patching_threshold": (float, None),
+    "max_patch_length": (int, None),
+    "max_position_embeddings": (int, None),
+    "encoder_hash_byte_group_size": (list, None),
+    "encoder_hash_byte_group_vocab": (int,),
+    "encoder_hash_byte_group_nb_functions": (int,),
+    "initializer_range": (float,),
+    "hidden_size": (int,),
+    "num_attention_heads": (int,),
+    "num_key_value_heads": (int, None),
+    "num_hidden_layers": (int,),
+    "intermediate_size": (int, None),
+    "hidden_size_global": (int,),
+    "cross_attn_all_layers": (bool,),
+    "sliding_window": (int, None),
+    "rms_norm_eps": (float,),
+    "dropout": (float, None),
+    "hidden_act": (str,),
+    "rope_parameters": (dict, None),
+    "rope_scaling": (dict, None),
+    "rope_theta": (float,),
 }
-KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-              dict: "an object", None: "null"}
+KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    bool: "true or false",
+    str: "a string",
+    list: "a list",
+    dict: "an object",
+    None: "null",
+}
 
 
 def _is(value, kinds: tuple) -> bool:
@@ -278,8 +406,12 @@ def _field(hf: dict, sec: str, key: str, default=None):
     value = d[key] if key in d else HF_DEFAULTS[sec].get(key, default)
     kinds = KINDS.get(key)
     if kinds is not None and not _is(value, kinds):
-        raise _no(f"config.json {sec + '.' if sec else ''}{key}", f"is {json.dumps(value)[:40]}; expected "
-                  + " or ".join(KIND_NAMES[k] for k in kinds) + " (as transformers' BltConfig writes it)")
+        raise _no(
+            f"config.json {sec + '.' if sec else ''}{key}",
+            f"is {json.dumps(value)[:40]}; expected "
+            + " or ".join(KIND_NAMES[k] for k in kinds)
+            + " (as transformers' BltConfig writes it)",
+        )
     return value
 
 
@@ -287,10 +419,14 @@ def _stack(hf: dict, sec: str, window) -> tuple[dict, float, float]:
     """One HF sub-config -> (our TransformerConfig fields, rms_norm_eps, rope_theta)."""
     dim, heads = _field(hf, sec, "hidden_size"), _field(hf, sec, "num_attention_heads")
     if dim < 1 or heads < 1 or dim % heads or (dim // heads) % 2:
-        raise _no(f"config.json {sec}.hidden_size", f"{dim} must be a positive multiple of num_attention_heads "
-                  f"({heads}) with an even head size (RoPE)")
+        raise _no(
+            f"config.json {sec}.hidden_size",
+            f"{dim} must be a positive multiple of num_attention_heads ({heads}) with an even head size (RoPE)",
+        )
     if (_field(hf, sec, "num_key_value_heads") or heads) != heads:
-        raise _no(f"config.json {sec}.num_key_value_heads", "grouped-query attention is not supported; it must equal heads")
+        raise _no(
+            f"config.json {sec}.num_key_value_heads", "grouped-query attention is not supported; it must equal heads"
+        )
     if _field(hf, sec, "hidden_act", "silu") != "silu":
         raise _no(f"config.json {sec}.hidden_act", "only silu (SwiGLU) is supported")
     rope = _field(hf, sec, "rope_parameters") or _field(hf, sec, "rope_scaling") or {}
@@ -302,8 +438,10 @@ def _stack(hf: dict, sec: str, window) -> tuple[dict, float, float]:
     inter = _field(hf, sec, "intermediate_size") or int(8 * dim / 3)
     mult = inter / dim if ffn_hidden(dim, inter / dim) == inter else (inter - 8) / dim
     if inter < 16 or inter % 16 or ffn_hidden(dim, mult) != inter:
-        raise _no(f"config.json {sec}.intermediate_size", f"{inter} is not a positive multiple of 16 "
-                  "(model.*.ffn_mult can't give it)")
+        raise _no(
+            f"config.json {sec}.intermediate_size",
+            f"{inter} is not a positive multiple of 16 (model.*.ffn_mult can't give it)",
+        )
     layers = _field(hf, sec, "num_hidden_layers")
     if layers < 0:
         raise _no(f"config.json {sec}.num_hidden_layers", f"is {layers}; expected 0 or more")
@@ -331,11 +469,15 @@ def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_bytes().decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise HFFormatError(f"'{path}' is not readable JSON ({type(e).__name__}: {str(e)[:80]}); "
-                            "expected an HF BltForCausalLM directory's file") from None
+        raise HFFormatError(
+            f"'{path}' is not readable JSON ({type(e).__name__}: {str(e)[:80]}); "
+            "expected an HF BltForCausalLM directory's file"
+        ) from None
     if not isinstance(value, dict):
-        raise HFFormatError(f"'{path}' holds a JSON {type(value).__name__}, not an object; "
-                            "expected an HF BltForCausalLM directory's file")
+        raise HFFormatError(
+            f"'{path}' holds a JSON {type(value).__name__}, not an object; "
+            "expected an HF BltForCausalLM directory's file"
+        )
     return value
 
 
@@ -373,8 +515,11 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
         raise _no("config.json vocab_size", f"must be {VOCAB_SIZE} (the BLT byte vocabulary)")
     k = _field(hf, "", "cross_attn_k")
     if _field(hf, "encoder_config", "cross_attn_all_layers"):
-        raise _no("config.json encoder_config.cross_attn_all_layers", "encoder cross-attention in every layer is "
-                  "not supported (the decoder's is: model.cross_attn_all_layers_decoder)")
+        raise _no(
+            "config.json encoder_config.cross_attn_all_layers",
+            "encoder cross-attention in every layer is "
+            "not supported (the decoder's is: model.cross_attn_all_layers_decoder)",
+        )
     for sec in ("encoder_config", "decoder_config"):
         if _field(hf, sec, "cross_attn_k") != k:
             raise _no(f"config.json {sec}.cross_attn_k", f"must equal the top-level cross_attn_k ({k})")
@@ -389,19 +534,32 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     if k < 1:
         raise _no("config.json cross_attn_k", f"is {k}; expected 1 or more")
     if _field(hf, "decoder_config", "hidden_size_global") != glob["dim"]:
-        raise _no("config.json decoder_config.hidden_size_global", f"must equal global_config.hidden_size ({glob['dim']})")
+        raise _no(
+            "config.json decoder_config.hidden_size_global", f"must equal global_config.hidden_size ({glob['dim']})"
+        )
     if enc["layers"] < 1 or dec["layers"] < 1:
         raise _no("config.json num_hidden_layers", "encoder and decoder need at least one layer")
     sizes = _field(hf, "", "encoder_hash_byte_group_size") or [3, 4, 5, 6, 7, 8]
     if not all(_is(n, (int,)) and n >= 1 for n in sizes):
         raise _no("config.json encoder_hash_byte_group_size", f"is {sizes}; expected a list of n-gram sizes >= 1")
     funcs = _field(hf, "", "encoder_hash_byte_group_nb_functions")
-    model = dict(arch="blt", hf_compat=True, encoder=enc, decoder=dec, global_model=glob,
-                 cross_attn_k=k, cross_attn_heads=enc["heads"],
-                 cross_attn_all_layers_decoder=bool(_field(hf, "decoder_config", "cross_attn_all_layers")), hash_ngram_sizes=list(sizes), hash_functions=funcs,
-                 hash_buckets=_field(hf, "", "encoder_hash_byte_group_vocab") if funcs else 0,
-                 rope_theta=theta, norm_eps=eps, init_std=_field(hf, "", "initializer_range", 0.02),
-                 dropout=float(_field(hf, "encoder_config", "dropout") or 0.0))
+    model = dict(
+        arch="blt",
+        hf_compat=True,
+        encoder=enc,
+        decoder=dec,
+        global_model=glob,
+        cross_attn_k=k,
+        cross_attn_heads=enc["heads"],
+        cross_attn_all_layers_decoder=bool(_field(hf, "decoder_config", "cross_attn_all_layers")),
+        hash_ngram_sizes=list(sizes),
+        hash_functions=funcs,
+        hash_buckets=_field(hf, "", "encoder_hash_byte_group_vocab") if funcs else 0,
+        rope_theta=theta,
+        norm_eps=eps,
+        init_std=_field(hf, "", "initializer_range", 0.02),
+        dropout=float(_field(hf, "encoder_config", "dropout") or 0.0),
+    )
     tensors = _load_tensors(src)
     patcher = {key: t for key, t in tensors.items() if key.startswith("model.patcher.")}
     entropy = bool(_field(hf, "", "patch_in_forward")) and _field(hf, "", "patching_mode") == "entropy"
@@ -413,14 +571,20 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     # back the model's trained patch_size, which HF's forward ignores unless given patch_lengths.
     mode = "entropy" if entropy else "static"
     size = _field(hf, "", "patch_size") if _field(hf, "", "patching_mode") == "static" else 1
-    patching = dict(mode=mode, patch_size=size if mode == "static" else _field(hf, "", "patch_size") or 4,
-                    threshold=_field(hf, "", "patching_threshold") if entropy else None, threshold_mode="global",
-                    max_patch_length=_field(hf, "", "max_patch_length"), split_first_byte=True)
+    patching = dict(
+        mode=mode,
+        patch_size=size if mode == "static" else _field(hf, "", "patch_size") or 4,
+        threshold=_field(hf, "", "patching_threshold") if entropy else None,
+        threshold_mode="global",
+        max_patch_length=_field(hf, "", "max_patch_length"),
+        split_first_byte=True,
+    )
     context = min(int(_field(hf, "", "max_position_embeddings") or 4096), 8192)  # eval/generation window in bytes
     cfg = _checked({"model": model, "patching": patching, "data": {"seq_len": context}}, placeholder_entropy=entropy)
     heads = {"local_encoder.": enc["heads"], "global_transformer.": glob["heads"], "local_decoder.": dec["heads"]}
-    state = _convert({key: t for key, t in tensors.items() if not key.startswith("model.patcher.")},
-                     BLT_NAMES, heads, to_hf=False)
+    state = _convert(
+        {key: t for key, t in tensors.items() if not key.startswith("model.patcher.")}, BLT_NAMES, heads, to_hf=False
+    )
     if enc["dim"] * k == glob["dim"]:  # HF's nn.Identity
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
         state[PROJ] = torch.eye(glob["dim"], dtype=dtype)
@@ -429,9 +593,18 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     if not entropy:
         return cfg, state, None, None
     lm, eps_p, theta_p = _stack(hf, "patcher_config", _field(hf, "patcher_config", "sliding_window"))
-    ecfg = _checked({"model": {"arch": "byte_lm", "lm": lm, "norm_eps": eps_p, "rope_theta": theta_p,
-                               "init_std": _field(hf, "patcher_config", "initializer_range", 0.02),
-                               "tie_embeddings": False}})
+    ecfg = _checked(
+        {
+            "model": {
+                "arch": "byte_lm",
+                "lm": lm,
+                "norm_eps": eps_p,
+                "rope_theta": theta_p,
+                "init_std": _field(hf, "patcher_config", "initializer_range", 0.02),
+                "tie_embeddings": False,
+            }
+        }
+    )
     return cfg, state, ecfg, _convert(patcher, PATCHER_NAMES, {"": lm["heads"]}, to_hf=False)
 
 

@@ -1,6 +1,6 @@
 """Checks for the verbs that serve on a TCP port (`blt dashboard`, `blt serve`).
 
-    check_bindable("127.0.0.1", 8000)   # AddressError (one line naming the fix) if it cannot bind
+check_bindable("127.0.0.1", 8000)   # AddressError (one line naming the fix) if it cannot bind
 """
 
 from __future__ import annotations
@@ -23,8 +23,9 @@ def check_bindable(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as e:
-        raise AddressError(f"--host {host} is not an address or name this machine can resolve ({e}); "
-                           "use --host 127.0.0.1") from None
+        raise AddressError(
+            f"--host {host} is not an address or name this machine can resolve ({e}); use --host 127.0.0.1"
+        ) from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -33,7 +33,7 @@ def encode(data: str | bytes, bos: bool = True, eos: bool = True) -> np.ndarray:
         out[0] = BOS_ID
     if eos:
         out[-1] = EOS_ID
-    out[int(bos): int(bos) + len(raw)] = raw.astype(np.uint16) + OFFSET
+    out[int(bos) : int(bos) + len(raw)] = raw.astype(np.uint16) + OFFSET
     return out
 
 

@@ -32,18 +32,24 @@ class OptionError(UserError):
 @dataclass(frozen=True)
 class Range:
     """Bounds a number must meet (None = unbounded): `Annotated[float, Range(gt=0)]`."""
+
     gt: float | None = None
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
 
     def __contains__(self, v) -> bool:
-        return ((self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
-                and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le))
+        return (
+            (self.gt is None or v > self.gt)
+            and (self.ge is None or v >= self.ge)
+            and (self.lt is None or v < self.lt)
+            and (self.le is None or v <= self.le)
+        )
 
     def __str__(self) -> str:  # "> 0", ">= 1", "in [0, 1)", "in [0, 2**32)"
         def num(b):
             return f"2**{b.bit_length() - 1}" if isinstance(b, int) and b >= 2**16 and not b & (b - 1) else str(b)
+
         lo = f"[{num(self.ge)}" if self.ge is not None else f"({num(self.gt)}" if self.gt is not None else ""
         hi = f"{num(self.le)}]" if self.le is not None else f"{num(self.lt)})" if self.lt is not None else ""
         if lo and hi:
@@ -142,7 +148,7 @@ def coerce(value: Any, tp: Any, key: str, subject: str = "config key '{}'") -> A
             return number
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
-            if not -2**63 <= value < 2**63:
+            if not -(2**63) <= value < 2**63:
                 raise _OutOfRange(who, "a 64-bit integer", value)
             return value
     elif tp is bool or tp is str:

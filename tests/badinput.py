@@ -29,17 +29,30 @@ def snapshot(*roots: Path) -> dict[str, str]:
     return out
 
 
-def run_blt(*args, cwd: Path | None = None, env: dict | None = None, timeout: int = 300,
-            stdin: bytes | None = None) -> subprocess.CompletedProcess:
+def run_blt(
+    *args, cwd: Path | None = None, env: dict | None = None, timeout: int = 300, stdin: bytes | None = None
+) -> subprocess.CompletedProcess:
     """`python -m blt ARGS` in a child process; args may be str, Path or bytes (raw argv bytes)."""
     argv = [a if isinstance(a, bytes) else str(a) for a in args]
-    return subprocess.run([sys.executable, "-m", "blt", *argv], capture_output=True, cwd=cwd, timeout=timeout,
-                          input=stdin, env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled",
-                                            **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "blt", *argv],
+        capture_output=True,
+        cwd=cwd,
+        timeout=timeout,
+        input=stdin,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled", **(env or {})},
+    )
 
 
-def assert_user_error(args, watch=(), cwd: Path | None = None, env: dict | None = None,
-                      contains: str | None = None, timeout: int = 300, progress: tuple[str, ...] = ()) -> str:
+def assert_user_error(
+    args,
+    watch=(),
+    cwd: Path | None = None,
+    env: dict | None = None,
+    contains: str | None = None,
+    timeout: int = 300,
+    progress: tuple[str, ...] = (),
+) -> str:
     """Run `blt *args`; assert the one-line-error contract; returns the error line.
 
     watch: paths whose files must be byte-identical after the command (and nothing new appears
@@ -60,7 +73,8 @@ def assert_user_error(args, watch=(), cwd: Path | None = None, env: dict | None 
         assert contains.lower() in lines[0].lower(), shown
     after = snapshot(*watch)
     assert after == before, f"{shown}\nfiles changed: " + ", ".join(
-        sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k)))
+        sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    )
     return lines[0]
 
 
@@ -70,8 +84,12 @@ def kill_midway(args, started, output: Path, env: dict | None = None, tries: int
     import pytest
 
     for _ in range(tries):
-        job = subprocess.Popen([sys.executable, "-m", "blt", *map(str, args)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})})
+        job = subprocess.Popen(
+            [sys.executable, "-m", "blt", *map(str, args)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+        )
         while job.poll() is None and not started():
             time.sleep(0.001)
         if job.poll() is None:

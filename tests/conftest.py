@@ -14,18 +14,42 @@ CONFIGS = ROOT / "configs"
 
 # Shrinks configs/tiny.yaml and configs/entropy_tiny.yaml to seconds; the YAML files stay the source.
 TINY_BLT = [
-    "model.encoder.dim=32", "model.encoder.heads=2", "model.encoder.window=32",
-    "model.decoder.dim=32", "model.decoder.heads=2", "model.decoder.window=32", "model.decoder.layers=1",
-    "model.global_model.dim=48", "model.global_model.heads=2", "model.global_model.layers=2",
-    "model.cross_attn_heads=2", "model.hash_buckets=512",
-    "data.seq_len=64", "training.batch_size=4", "training.max_minutes=null",
-    "eval.max_bytes=2048", "eval.every=0", "logging.every=1", "logging.progress=false",
-    "schedule.warmup_steps=2", "logging.images=false", "logging.samples=0",
+    "model.encoder.dim=32",
+    "model.encoder.heads=2",
+    "model.encoder.window=32",
+    "model.decoder.dim=32",
+    "model.decoder.heads=2",
+    "model.decoder.window=32",
+    "model.decoder.layers=1",
+    "model.global_model.dim=48",
+    "model.global_model.heads=2",
+    "model.global_model.layers=2",
+    "model.cross_attn_heads=2",
+    "model.hash_buckets=512",
+    "data.seq_len=64",
+    "training.batch_size=4",
+    "training.max_minutes=null",
+    "eval.max_bytes=2048",
+    "eval.every=0",
+    "logging.every=1",
+    "logging.progress=false",
+    "schedule.warmup_steps=2",
+    "logging.images=false",
+    "logging.samples=0",
 ]
 TINY_LM = [
-    "model.lm.dim=32", "model.lm.heads=2", "model.lm.layers=1", "model.lm.window=32",
-    "data.seq_len=64", "training.batch_size=4", "eval.max_bytes=2048", "eval.every=0",
-    "logging.every=1", "logging.progress=false", "schedule.warmup_steps=2", "logging.images=false",
+    "model.lm.dim=32",
+    "model.lm.heads=2",
+    "model.lm.layers=1",
+    "model.lm.window=32",
+    "data.seq_len=64",
+    "training.batch_size=4",
+    "eval.max_bytes=2048",
+    "eval.every=0",
+    "logging.every=1",
+    "logging.progress=false",
+    "schedule.warmup_steps=2",
+    "logging.images=false",
     "logging.samples=0",
 ]
 
@@ -49,8 +73,16 @@ def cache_dir(tmp_path_factory) -> Path:
 def entropy_run(tmp_path_factory, cache_dir) -> Path:
     """A tiny entropy model trained by the real CLI (8 steps on the bundled corpus)."""
     run = tmp_path_factory.mktemp("entropy") / "run"
-    code = main(["train", str(CONFIGS / "entropy_tiny.yaml"), f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                 "training.steps=8", *TINY_LM])
+    code = main(
+        [
+            "train",
+            str(CONFIGS / "entropy_tiny.yaml"),
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            "training.steps=8",
+            *TINY_LM,
+        ]
+    )
     assert code == 0
     return run
 
@@ -62,7 +94,14 @@ def static_run(tmp_path_factory, cache_dir) -> Path:
     from badinput import run_blt
 
     run = tmp_path_factory.mktemp("static") / "run"
-    out = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                  "patching.mode=static", *TINY_BLT, "training.steps=2")
+    out = run_blt(
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "patching.mode=static",
+        *TINY_BLT,
+        "training.steps=2",
+    )
     assert out.returncode == 0, out.stderr.decode()
     return run

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_pickle_safety import plant
 
 from blt.train.reshard import universal_checkpoint, universal_dir
+
 from badinput import assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT
-from test_pickle_safety import plant
 
 STEP = Path("checkpoints") / "step_00000002"
 
@@ -34,6 +35,7 @@ def json_junk(path: Path) -> None:
 def byte_lm_weights(entropy_run: Path):
     def put(path: Path) -> None:  # a byte LM's weights where a BLT's belong
         shutil.copy(entropy_run / "checkpoints" / "step_00000008" / "model.safetensors", path)
+
     return put
 
 
@@ -85,17 +87,30 @@ def test_loaders_name_the_damaged_file(static_run, entropy_run, tmp_path, verb, 
 @pytest.mark.parametrize("case,name,how,words", RESUME_DAMAGE, ids=[d[0] for d in RESUME_DAMAGE])
 def test_resume_names_the_damaged_file(static_run, entropy_run, tmp_path, cache_dir, case, name, how, words):
     run = damaged(static_run, tmp_path, entropy_run, name, how)
-    line = assert_user_error(["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                              "patching.mode=static", *TINY_BLT, "training.steps=4"], watch=[run], contains=words,
-                             progress=("data: ",))
+    line = assert_user_error(
+        [
+            "train",
+            CONFIGS / "tiny.yaml",
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            "patching.mode=static",
+            *TINY_BLT,
+            "training.steps=4",
+        ],
+        watch=[run],
+        contains=words,
+        progress=("data: ",),
+    )
     assert "blt train: error:" in line
 
 
 def test_damaged_export_is_named(static_run, tmp_path):
     out = tmp_path / "export"
     assert run_blt("export", static_run, out).returncode == 0
-    for name, how, words in [("model.safetensors", truncate, "model.safetensors"),
-                             ("export.json", json_junk, "export.json")]:
+    for name, how, words in [
+        ("model.safetensors", truncate, "model.safetensors"),
+        ("export.json", json_junk, "export.json"),
+    ]:
         broken = tmp_path / f"broken_{name}"
         shutil.copytree(out, broken)
         how(broken / name)
@@ -111,8 +126,11 @@ UNIVERSAL_DAMAGE = [
     ("wrong_shape", wrong_shape, "fp32.pt holds (3, 3), but the model's local_decoder.lm_head.weight is (260, 32)"),
     ("truncated", lambda param, marker: truncate(param / "fp32.pt"), "fp32.pt is truncated or not a torch file"),
     ("missing_parameter", lambda param, marker: shutil.rmtree(param), "fp32.pt is missing"),
-    ("malicious_pickle", lambda param, marker: plant(param / "exp_avg.pt", marker, wrap=lambda p: {"param": p}),
-     "exp_avg.pt holds objects other than tensors"),
+    (
+        "malicious_pickle",
+        lambda param, marker: plant(param / "exp_avg.pt", marker, wrap=lambda p: {"param": p}),
+        "exp_avg.pt holds objects other than tensors",
+    ),
 ]
 
 
@@ -129,9 +147,17 @@ def test_a_damaged_universal_form_is_made_again(static_run, tmp_path, cache_dir,
     universal_checkpoint(step_dir)
     marker = tmp_path / "PAYLOAD_RAN"
     how(universal_dir(step_dir) / "zero" / "local_decoder.lm_head.weight", marker)
-    done = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                   "patching.mode=static", *TINY_BLT, "training.steps=4", "distributed.engine=deepspeed",
-                   "distributed.zero_stage=1")
+    done = run_blt(
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "patching.mode=static",
+        *TINY_BLT,
+        "training.steps=4",
+        "distributed.engine=deepspeed",
+        "distributed.zero_stage=1",
+    )
     err = done.stderr.decode()
     assert done.returncode == 0, err
     assert f"is damaged (zero/local_decoder.lm_head.weight/{words}" in err, err

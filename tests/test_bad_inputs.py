@@ -2,8 +2,8 @@
 problem and the fix, no traceback, nothing written. Each row runs the real CLI in a child process
 through tests/badinput.py; a few rows check the Python API the same values go through.
 
-Sections: config (`blt train`), generate, eval, patch, plan, a closed stdout. Keep new sections (e.g. checkpoint loading)
-in the same shape: a table of rows, one test function that runs it.
+Sections: config (`blt train`), generate, eval, patch, plan, a closed stdout. Keep new sections
+(e.g. checkpoint loading) in the same shape: a table of rows, one test function that runs it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
+from blt.errors import UserError
+
 from badinput import ROOT, assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT
-
-from blt.errors import UserError
 
 TINY = CONFIGS / "tiny.yaml"
 # a device this machine lacks: plain cuda on a CPU-only torch, else a GPU number past the last
@@ -36,8 +36,9 @@ BAD_OVERRIDES = [  # space-separated overrides (the last word wins), part of the
     # (eval.max_bytes=0 trained every step and then crashed; checkpoint.every=0 divided by zero)
     pytest.param("optimizer.lr=-1", "'optimizer.lr' must be > 0, got -1.0", id="lr-negative"),
     pytest.param("optimizer.lr=.nan", "'optimizer.lr' must be a finite number, got nan", id="lr-nan"),
-    pytest.param("training.max_minutes=.inf", "'training.max_minutes' must be a finite number or null",
-                 id="max_minutes-inf"),
+    pytest.param(
+        "training.max_minutes=.inf", "'training.max_minutes' must be a finite number or null", id="max_minutes-inf"
+    ),
     pytest.param("optimizer.eps=-1", "'optimizer.eps' must be > 0", id="eps-negative"),
     pytest.param("optimizer.betas=[0.9,2]", "'optimizer.betas[1]' must be in [0, 1), got 2.0", id="beta-2"),
     pytest.param("optimizer.betas=[0.9]", "optimizer.betas must be a list of two floats", id="betas-one"),
@@ -71,29 +72,55 @@ BAD_OVERRIDES = [  # space-separated overrides (the last word wins), part of the
     pytest.param("model.encoder.dim=33", "must be a positive multiple of model.encoder.heads", id="dim-not-multiple"),
     pytest.param("model.decoder.dim=64", "must equal model.encoder.dim", id="decoder-dim"),
     pytest.param("model.hf_compat=true", "patching.split_first_byte=true", id="hf_compat-needs-split"),
-    pytest.param("patching.mode=entropy patching.entropy_model=null", "needs patching.entropy_model",
-                 id="entropy-needs-model"),
+    pytest.param(
+        "patching.mode=entropy patching.entropy_model=null", "needs patching.entropy_model", id="entropy-needs-model"
+    ),
     pytest.param("model.global_model.sparse.attention=bidirectional", "causal attention", id="sparse-bidirectional"),
     pytest.param("distributed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3", id="zero_stage-4"),
-    pytest.param("training.device=cuda", "training.device=cuda but no CUDA device is visible", id="device-missing",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible")),
+    pytest.param(
+        "training.device=cuda",
+        "training.device=cuda but no CUDA device is visible",
+        id="device-missing",
+        marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible"),
+    ),
     # FlexAttention has no CPU backward: an 81-line traceback from inside the first step before
-    pytest.param("training.device=cpu model.global_model.sparse.pattern=local model.global_model.sparse.backend=flex",
-                 "set model.global_model.sparse.backend=gather", id="flex-on-cpu-global"),
-    pytest.param("training.device=cpu model.decoder.window=null model.decoder.sparse.pattern=local "
-                 "model.decoder.sparse.backend=flex", "set model.decoder.sparse.backend=gather", id="flex-on-cpu-decoder"),
+    pytest.param(
+        "training.device=cpu model.global_model.sparse.pattern=local model.global_model.sparse.backend=flex",
+        "set model.global_model.sparse.backend=gather",
+        id="flex-on-cpu-global",
+    ),
+    pytest.param(
+        "training.device=cpu model.decoder.window=null model.decoder.sparse.pattern=local "
+        "model.decoder.sparse.backend=flex",
+        "set model.decoder.sparse.backend=gather",
+        id="flex-on-cpu-decoder",
+    ),
     # a learned target no patch can reach (1e9 trained with a ratio loss of 2e8 before)
-    pytest.param("patching.mode=learned patching.target_patch_size=1e9",
-                 "patching.target_patch_size (1e+09) must be <= patching.max_patch_length (12)", id="learned-target-1e9"),
-    pytest.param("patching.mode=learned patching.target_patch_size=13",
-                 "target_patch_size (13) must be <= patching.max_patch_length (12)", id="learned-target-above-max"),
+    pytest.param(
+        "patching.mode=learned patching.target_patch_size=1e9",
+        "patching.target_patch_size (1e+09) must be <= patching.max_patch_length (12)",
+        id="learned-target-1e9",
+    ),
+    pytest.param(
+        "patching.mode=learned patching.target_patch_size=13",
+        "target_patch_size (13) must be <= patching.max_patch_length (12)",
+        id="learned-target-above-max",
+    ),
 ]
 
 
 def train_args(config, tmp_path, cache_dir, *overrides) -> list:
     """A quick tiny run (so that a row wrongly accepted fails fast), the row's overrides last."""
-    return ["train", config, f"run_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}", *TINY_BLT,
-            "patching.mode=static", "training.steps=1", *overrides]
+    return [
+        "train",
+        config,
+        f"run_dir={tmp_path / 'run'}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "training.steps=1",
+        *overrides,
+    ]
 
 
 @pytest.mark.parametrize("overrides,message", BAD_OVERRIDES)
@@ -107,19 +134,35 @@ BAD_FILES = [  # file name, contents (None: not created, "dir": a directory; not
     pytest.param("configs", "dir", "is a directory", id="directory"),
     pytest.param("unclosed.yaml", b"training: {steps: 1\n", "not valid YAML at line 2", id="invalid-yaml"),
     pytest.param("date.yaml", b"name: 2024-13-01\n", "not valid YAML", id="impossible-date"),
-    pytest.param("random.bin", bytes(random.Random(0).randrange(256) for _ in range(4096)),
-                 "is not a UTF-8 text file", id="random-bytes"),
+    pytest.param(
+        "random.bin",
+        bytes(random.Random(0).randrange(256) for _ in range(4096)),
+        "is not a UTF-8 text file",
+        id="random-bytes",
+    ),
     pytest.param("list.yaml", b"- 1\n- 2\n", "must hold a mapping at the top level", id="top-level-list"),
-    pytest.param("section.yaml", b"checkpoint: 3\n", "'checkpoint' must be a mapping of CheckpointConfig fields",
-                 id="section-of-wrong-type"),
-    pytest.param("betas.yaml", b"optimizer: {betas: 0.9}\n", "'optimizer.betas' must be list[float], got 0.9",
-                 id="value-of-wrong-type"),
-    pytest.param("nested.yaml", b"model: {decoder: {sparse: {block: [1, 2]}}}\n",
-                 "'model.decoder.sparse.block' must be int",
-                 id="nested-value-of-wrong-type"),
+    pytest.param(
+        "section.yaml",
+        b"checkpoint: 3\n",
+        "'checkpoint' must be a mapping of CheckpointConfig fields",
+        id="section-of-wrong-type",
+    ),
+    pytest.param(
+        "betas.yaml",
+        b"optimizer: {betas: 0.9}\n",
+        "'optimizer.betas' must be list[float], got 0.9",
+        id="value-of-wrong-type",
+    ),
+    pytest.param(
+        "nested.yaml",
+        b"model: {decoder: {sparse: {block: [1, 2]}}}\n",
+        "'model.decoder.sparse.block' must be int",
+        id="nested-value-of-wrong-type",
+    ),
     pytest.param("nan.yaml", b"optimizer: {lr: .nan}\n", "'optimizer.lr' must be a finite number", id="yaml-nan"),
-    pytest.param("inf.yaml", b"model: {norm_eps: -.inf}\n", "'model.norm_eps' must be a finite number",
-                 id="yaml-minus-inf"),
+    pytest.param(
+        "inf.yaml", b"model: {norm_eps: -.inf}\n", "'model.norm_eps' must be a finite number", id="yaml-minus-inf"
+    ),
 ]
 
 
@@ -136,15 +179,19 @@ def test_bad_config_file_fails_before_anything_is_written(tmp_path, cache_dir, n
 
 def test_a_program_given_as_the_config_is_one_line(tmp_path):
     """`blt train /bin/ls`: a binary file was a UnicodeDecodeError traceback."""
-    assert_user_error(["train", sys.executable, f"run_dir={tmp_path / 'run'}"], watch=[tmp_path],
-                      contains="is not a UTF-8 text file")
+    assert_user_error(
+        ["train", sys.executable, f"run_dir={tmp_path / 'run'}"], watch=[tmp_path], contains="is not a UTF-8 text file"
+    )
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("args,message", [
-    pytest.param(["train"], "the following arguments are required: config", id="no-config"),
-    pytest.param(["train", TINY, "--bogus"], "unrecognized arguments: --bogus", id="unknown-option"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        pytest.param(["train"], "the following arguments are required: config", id="no-config"),
+        pytest.param(["train", TINY, "--bogus"], "unrecognized arguments: --bogus", id="unknown-option"),
+    ],
+)
 def test_usage_errors_are_one_line(tmp_path, args, message):
     assert_user_error(args, watch=[tmp_path], cwd=tmp_path, contains=message)
 
@@ -164,8 +211,11 @@ BAD_GENERATE = [  # arguments after the run dir, part of the message
     pytest.param(["--temperature", "inf"], "--temperature must be a finite number, got inf", id="temperature-inf"),
     pytest.param(["--temperature", "-1"], "--temperature must be >= 0, got -1.0", id="temperature-negative"),
     # logits / T overflowed float32 and every byte came out 0xFF
-    pytest.param(["--temperature", "1e-45"], "--temperature must be 0 (greedy) or >= 0.001, got 1e-45",
-                 id="temperature-underflow"),
+    pytest.param(
+        ["--temperature", "1e-45"],
+        "--temperature must be 0 (greedy) or >= 0.001, got 1e-45",
+        id="temperature-underflow",
+    ),
     pytest.param(["--temperature", "1e-300"], "--temperature must be 0 (greedy) or >= 0.001", id="temperature-1e-300"),
     pytest.param(["--top-p", "2"], "--top-p must be in (0, 1], got 2.0", id="top_p-2"),
     pytest.param(["--top-p", "0"], "--top-p must be in (0, 1], got 0.0", id="top_p-0"),
@@ -184,12 +234,15 @@ def test_bad_generate_option_is_one_line(run, args, message):
     assert_user_error(["generate", run, "--prompt", "a", *args], watch=[run], contains=message)
 
 
-@pytest.mark.parametrize("args", [
-    pytest.param([b"--prompt", b"ab\xc3"], id="prompt-ends-mid-character"),
-    pytest.param([b"--prompt", b"\xff"], id="prompt-invalid-byte"),
-    pytest.param([b"--prompt", b"\xff", b"--no-cache", b"--stop", b"\xfe"], id="prompt-invalid-byte-no-cache"),
-    pytest.param([b"--prompt", b"\xff", b"--prompt", b"ab\xc3", b"--json"], id="prompts-invalid-json"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([b"--prompt", b"ab\xc3"], id="prompt-ends-mid-character"),
+        pytest.param([b"--prompt", b"\xff"], id="prompt-invalid-byte"),
+        pytest.param([b"--prompt", b"\xff", b"--no-cache", b"--stop", b"\xfe"], id="prompt-invalid-byte-no-cache"),
+        pytest.param([b"--prompt", b"\xff", b"--prompt", b"ab\xc3", b"--json"], id="prompts-invalid-json"),
+    ],
+)
 def test_prompt_that_is_not_utf8_generates_valid_utf8(run, args):
     """argv bytes that are not UTF-8 were a UnicodeEncodeError traceback; now they are the prompt's
     bytes, and the output is valid UTF-8 (undecodable bytes shown as U+FFFD)."""
@@ -209,11 +262,15 @@ def test_generator_api_refuses_bad_options_before_sampling(run):
     from blt.generation import Generator
 
     gen = Generator.load(str(run))
-    for opts, message in [({"temperature": float("nan")}, "temperature must be a finite number"),
-                          ({"temperature": 1e-45}, "temperature must be 0 (greedy) or >= 0.001"),
-                          ({"top_p": 2.0}, "top_p must be in (0, 1]"), ({"top_k": 0}, "top_k must be >= 1"),
-                          ({"max_bytes": -5}, "max_bytes must be >= 0"), ({"max_bytes": 2.5}, "max_bytes must be int"),
-                          ({"seed": -1}, "seed must be in [0, 2**32)")]:
+    for opts, message in [
+        ({"temperature": float("nan")}, "temperature must be a finite number"),
+        ({"temperature": 1e-45}, "temperature must be 0 (greedy) or >= 0.001"),
+        ({"top_p": 2.0}, "top_p must be in (0, 1]"),
+        ({"top_k": 0}, "top_k must be >= 1"),
+        ({"max_bytes": -5}, "max_bytes must be >= 0"),
+        ({"max_bytes": 2.5}, "max_bytes must be int"),
+        ({"seed": -1}, "seed must be in [0, 2**32)"),
+    ]:
         with pytest.raises(UserError, match=re.escape(message)):
             gen.stream(["a"], **opts)  # no iteration needed
     with pytest.raises(ValueError, match="prompt 0 holds"):
@@ -315,8 +372,12 @@ def test_a_reader_that_leaves_early_ends_the_command_quietly(run, tmp_path, args
     long.write_bytes(b"To be, or not to be, that is the question.\n" * 2800)  # its output overfills a pipe
     verb, *rest = [str(long) if a == "LONG" else a for a in args]
     with open(tmp_path / "stderr", "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "blt", verb, str(run), *rest], stdout=subprocess.PIPE,
-                                stderr=err, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "blt", verb, str(run), *rest],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         got = proc.stdout.read(read) if read else b""
         proc.stdout.close()  # the reader leaves (what head does after its bytes)
         code = proc.wait(timeout=300)

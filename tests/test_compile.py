@@ -19,9 +19,19 @@ slow = pytest.mark.slow
 
 
 def train(run, cache_dir, *extra, env=None) -> dict[int, float]:
-    out = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                  "patching.mode=static", *TINY_BLT, "training.steps=4", "checkpoint.every=2",
-                  "checkpoint.keep_last=5", *extra, env=env)
+    out = run_blt(
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "patching.mode=static",
+        *TINY_BLT,
+        "training.steps=4",
+        "checkpoint.every=2",
+        "checkpoint.keep_last=5",
+        *extra,
+        env=env,
+    )
     assert out.returncode == 0, out.stderr.decode()[-3000:]
     return {m["step"]: m["loss"] for m in read_metrics(run) if "loss" in m}
 
@@ -48,8 +58,13 @@ def test_compiled_training_matches_eager_and_resumes_exactly(tmp_path, cache_dir
 def test_the_gpu_script_dry_run_runs_every_part(tmp_path):
     """bench/gpu.py --dry-run: the GPU script's every part on CPU at toy sizes, so it cannot rot
     between the rare GPU runs; only what cannot run on a CPU (FlexAttention's backward) is skipped."""
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gpu.py"), "--dry-run", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
     rows = [r for part in report["parts"].values() for r in part]

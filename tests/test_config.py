@@ -5,9 +5,9 @@ import typing
 
 import pytest
 
-from blt.config import ConfigError, Config, OptimizerConfig, check_config, config_to_dict, dump_config, load_config
-from blt.typed import OptionError, PosFloat, PosInt, Range, check_option
+from blt.config import Config, ConfigError, OptimizerConfig, check_config, config_to_dict, dump_config, load_config
 from blt.errors import UserError
+from blt.typed import OptionError, PosFloat, PosInt, Range, check_option
 
 
 def test_precedence_defaults_yaml_cli(tmp_path):
@@ -22,19 +22,23 @@ def test_precedence_defaults_yaml_cli(tmp_path):
 
 
 def test_numbers_lists_and_null_from_the_command_line():
-    cfg = load_config(None, ["optimizer.lr=3e-4", "model.hash_ngram_sizes=[3,5]", "training.max_minutes=null",
-                             "patching.mode=static"])
+    cfg = load_config(
+        None, ["optimizer.lr=3e-4", "model.hash_ngram_sizes=[3,5]", "training.max_minutes=null", "patching.mode=static"]
+    )
     assert cfg.optimizer.lr == 3e-4 and cfg.model.hash_ngram_sizes == [3, 5]
     assert cfg.training.max_minutes is None
 
 
-@pytest.mark.parametrize("override,words", [
-    ("training.stepz=3", ["unknown config key 'training.stepz'", "did you mean 'training.steps'"]),
-    ("training.steps=3.5", ["training.steps", "int"]),
-    ("patching.mode=entropie", ["patching.mode", "'entropy'"]),
-    ("model.encoder.dim=30", ["model.encoder.dim", "heads"]),
-    ("nonsense", ["key=value"]),
-])
+@pytest.mark.parametrize(
+    "override,words",
+    [
+        ("training.stepz=3", ["unknown config key 'training.stepz'", "did you mean 'training.steps'"]),
+        ("training.steps=3.5", ["training.steps", "int"]),
+        ("patching.mode=entropie", ["patching.mode", "'entropy'"]),
+        ("model.encoder.dim=30", ["model.encoder.dim", "heads"]),
+        ("nonsense", ["key=value"]),
+    ],
+)
 def test_errors_are_one_line_and_name_the_key(override, words):
     with pytest.raises(ConfigError) as e:
         load_config(None, [override, "patching.mode=static"] if "patching.mode" not in override else [override])
@@ -108,17 +112,22 @@ def test_every_float_refuses_nan_and_infinity(key, value):
     assert key in str(e.value) and "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("override,message", [
-    ("optimizer.lr=0", "config key 'optimizer.lr' must be > 0, got 0.0"),
-    ("eval.max_bytes=0", "config key 'eval.max_bytes' must be >= 1 or null, got 0"),
-    ("optimizer.betas=[0.9,1]", "config key 'optimizer.betas[1]' must be in [0, 1), got 1.0"),
-    ("schedule.min_lr_ratio=1.5", "config key 'schedule.min_lr_ratio' must be in [0, 1], got 1.5"),
-    ("data.seed=4294967296", "config key 'data.seed' must be in [0, 2**32), got 4294967296"),
-    ("training.steps=1e3", "config key 'training.steps' must be int, got '1e3'"),
-    ("training.steps=" + "9" * 30, "config key 'training.steps' must be a 64-bit integer, got " + "9" * 30),
-    ("model.global_model.sparse.global_block_end_indices=[0]",
-     "config key 'model.global_model.sparse.global_block_end_indices[0]' must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optimizer.lr=0", "config key 'optimizer.lr' must be > 0, got 0.0"),
+        ("eval.max_bytes=0", "config key 'eval.max_bytes' must be >= 1 or null, got 0"),
+        ("optimizer.betas=[0.9,1]", "config key 'optimizer.betas[1]' must be in [0, 1), got 1.0"),
+        ("schedule.min_lr_ratio=1.5", "config key 'schedule.min_lr_ratio' must be in [0, 1], got 1.5"),
+        ("data.seed=4294967296", "config key 'data.seed' must be in [0, 2**32), got 4294967296"),
+        ("training.steps=1e3", "config key 'training.steps' must be int, got '1e3'"),
+        ("training.steps=" + "9" * 30, "config key 'training.steps' must be a 64-bit integer, got " + "9" * 30),
+        (
+            "model.global_model.sparse.global_block_end_indices=[0]",
+            "config key 'model.global_model.sparse.global_block_end_indices[0]' must be >= 1, got 0",
+        ),
+    ],
+)
 def test_range_errors_name_the_key_the_allowed_values_and_the_value(override, message):
     with pytest.raises(ConfigError) as e:
         load_config(None, ["patching.mode=static", override])
@@ -126,10 +135,24 @@ def test_range_errors_name_the_key_the_allowed_values_and_the_value(override, me
 
 
 def test_edges_of_each_range_are_accepted():
-    cfg = load_config(None, ["patching.mode=static", "optimizer.grad_clip=0", "optimizer.weight_decay=0",
-                             "optimizer.betas=[0,0.999]", "schedule.min_lr_ratio=1", "schedule.warmup_steps=0",
-                             "eval.every=0", "eval.max_bytes=1", "training.steps=0", "data.seq_len=2",
-                             "model.dropout=0", "model.hash_buckets=0", "model.global_model.layers=0"])
+    cfg = load_config(
+        None,
+        [
+            "patching.mode=static",
+            "optimizer.grad_clip=0",
+            "optimizer.weight_decay=0",
+            "optimizer.betas=[0,0.999]",
+            "schedule.min_lr_ratio=1",
+            "schedule.warmup_steps=0",
+            "eval.every=0",
+            "eval.max_bytes=1",
+            "training.steps=0",
+            "data.seq_len=2",
+            "model.dropout=0",
+            "model.hash_buckets=0",
+            "model.global_model.layers=0",
+        ],
+    )
     assert cfg.optimizer.grad_clip == 0 and cfg.eval.max_bytes == 1 and cfg.model.global_model.layers == 0
 
 
@@ -140,12 +163,24 @@ def test_check_config_checks_the_ranges_of_a_config_built_in_python():
 
 def test_sparse_pattern_settings_that_do_not_fit_together():
     with pytest.raises(ConfigError, match="must be <= num_local_blocks"):
-        load_config(None, ["patching.mode=static", "model.global_model.sparse.pattern=fixed",
-                           "model.global_model.sparse.num_global_blocks=5"])
+        load_config(
+            None,
+            [
+                "patching.mode=static",
+                "model.global_model.sparse.pattern=fixed",
+                "model.global_model.sparse.num_global_blocks=5",
+            ],
+        )
     with pytest.raises(ConfigError, match="each end > its start"):
-        load_config(None, ["patching.mode=static", "model.global_model.sparse.pattern=longformer",
-                           "model.global_model.sparse.global_block_indices=[0,4]",
-                           "model.global_model.sparse.global_block_end_indices=[2]"])
+        load_config(
+            None,
+            [
+                "patching.mode=static",
+                "model.global_model.sparse.pattern=longformer",
+                "model.global_model.sparse.global_block_indices=[0,4]",
+                "model.global_model.sparse.global_block_end_indices=[2]",
+            ],
+        )
 
 
 def test_check_option_spells_the_option_as_python_or_the_command_line_does():

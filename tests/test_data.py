@@ -10,7 +10,17 @@ import torch
 
 from blt.config import DataConfig
 from blt.data import (
-    BOS_ID, EOS_ID, OFFSET, PAD_ID, BUNDLED_DIR, DataError, decode, encode, encode_files, eval_windows, prepare_data,
+    BOS_ID,
+    BUNDLED_DIR,
+    EOS_ID,
+    OFFSET,
+    PAD_ID,
+    DataError,
+    decode,
+    encode,
+    encode_files,
+    eval_windows,
+    prepare_data,
 )
 
 
@@ -23,7 +33,7 @@ def packed_docs(tokens) -> list[bytes]:
     arr = np.asarray(tokens)
     starts, ends = np.flatnonzero(arr == BOS_ID), np.flatnonzero(arr == EOS_ID)
     assert len(starts) == len(ends)
-    return [decode(arr[s + 1: e]) for s, e in zip(starts, ends)]
+    return [decode(arr[s + 1 : e]) for s, e in zip(starts, ends)]
 
 
 def train_docs(corpus) -> list[bytes]:
@@ -32,7 +42,8 @@ def train_docs(corpus) -> list[bytes]:
 
 
 def val_docs(corpus) -> list[bytes]:
-    return packed_docs(np.concatenate([t[0:len(t)] for _, t in corpus.val_tokens()]))
+    return packed_docs(np.concatenate([t[0 : len(t)] for _, t in corpus.val_tokens()]))
+
 
 # ----------------------------------------------------------------------------- tokens
 
@@ -71,12 +82,16 @@ def test_text_jsonl_parquet_token_counts(tmp_path):
     val_text = "held out text"
     (tmp_path / "val.txt").write_text(val_text)
 
-    cfg = DataConfig(train=[str(tmp_path / "doc*.txt"), str(tmp_path / "*.json*"), str(tmp_path / "rows.parquet")],
-                     val=[str(tmp_path / "val.txt")], cache_dir=str(tmp_path / "cache"))
+    cfg = DataConfig(
+        train=[str(tmp_path / "doc*.txt"), str(tmp_path / "*.json*"), str(tmp_path / "rows.parquet")],
+        val=[str(tmp_path / "val.txt")],
+        cache_dir=str(tmp_path / "cache"),
+    )
     data = prepare_data(cfg, log=quiet)
     # files in sorted path order, rows in file order; the empty row is dropped
-    expected = [b"in an array"] + docs_txt + [b"zipped", b"zstd", b"alpha", "βeta 🙂".encode(), b"gamma",
-                                              b"delta delta"]
+    expected = (
+        [b"in an array"] + docs_txt + [b"zipped", b"zstd", b"alpha", "βeta 🙂".encode(), b"gamma", b"delta delta"]
+    )
     assert data.sources[0].data.totals("train") == (sum(len(d) + 2 for d in expected), len(expected))
     assert train_docs(data) == expected
     assert val_docs(data) == [val_text.encode()]
@@ -110,8 +125,13 @@ def test_val_split_is_by_document_and_deterministic(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": d}) + "\n" for d in docs))
 
     def split(seed, cache):
-        cfg = DataConfig(train=[str(tmp_path / "d.jsonl")], text_field="body", val_fraction=0.1, seed=seed,
-                         cache_dir=str(tmp_path / cache))
+        cfg = DataConfig(
+            train=[str(tmp_path / "d.jsonl")],
+            text_field="body",
+            val_fraction=0.1,
+            seed=seed,
+            cache_dir=str(tmp_path / cache),
+        )
         data = prepare_data(cfg, log=quiet)
         return train_docs(data), val_docs(data)
 
@@ -199,8 +219,11 @@ def test_errors_name_the_file(tmp_path):
     (tmp_path / "broken.jsonl.gz").write_bytes(b"not gzip")
     one_line_error(cfg(tmp_path / "broken.jsonl.gz"), "broken.jsonl.gz", "not valid gz")
     (tmp_path / "empty_val.txt").write_bytes(b"")
-    one_line_error(DataConfig(train=[str(ok)], val=[str(tmp_path / "empty_val.txt")], cache_dir=str(tmp_path / "cache")),
-                   "empty_val.txt", "data.val")
+    one_line_error(
+        DataConfig(train=[str(ok)], val=[str(tmp_path / "empty_val.txt")], cache_dir=str(tmp_path / "cache")),
+        "empty_val.txt",
+        "data.val",
+    )
     for d in (tmp_path / "cache" / "data").iterdir():  # failed builds leave nothing; the good one is complete
         assert (d / "manifest.json").is_file() and not list(d.rglob(".*tmp*"))
 
@@ -222,7 +245,7 @@ def test_eval_windows_cover_each_target_once(n, max_tokens):
         assert batch.shape[1] == seq_len + 1 and batch.shape[0] <= batch_size
         for row in batch.numpy():
             real = row[1:][row[1:] != PAD_ID]
-            assert (row[1:][len(real):] == PAD_ID).all()  # padding only at the right end
+            assert (row[1:][len(real) :] == PAD_ID).all()  # padding only at the right end
             targets.extend(real.tolist())
-    assert targets == tokens[1: 1 + expected].tolist()
+    assert targets == tokens[1 : 1 + expected].tolist()
     assert list(eval_windows(tokens[:1], seq_len, batch_size)) == []

@@ -19,6 +19,7 @@ import torch
 from blt.artifacts.checkpoints import checkpoint_config
 from blt.model import build_model
 from blt.train.distributed import free_port
+
 from badinput import kill_midway
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
@@ -28,15 +29,31 @@ slow = pytest.mark.slow
 
 def dist_args(run: Path, cache_dir: Path, entropy_run: Path, *extra) -> list[str]:
     """The tiny BLT with entropy patching; 2 sequences per process, so 2 processes = one with 4."""
-    return [f"run_dir={run}", f"data.cache_dir={cache_dir}", f"patching.entropy_model={entropy_run}", *TINY_BLT,
-            "training.batch_size=2", "training.steps=8", "checkpoint.every=4", "logging.data_trace=true",
-            "model.hash_sparse_grad=false", *extra]
+    return [
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        f"patching.entropy_model={entropy_run}",
+        *TINY_BLT,
+        "training.batch_size=2",
+        "training.steps=8",
+        "checkpoint.every=4",
+        "logging.data_trace=true",
+        "model.hash_sparse_grad=false",
+        *extra,
+    ]
 
 
-def launch(script: str, args: list[str], env: dict | None = None, timeout: float = 300,
-           wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:
-    env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(ROOT), **(env or {})}
+def launch(
+    script: str, args: list[str], env: dict | None = None, timeout: float = 300, wait: bool = True
+) -> subprocess.CompletedProcess | subprocess.Popen:
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        **(env or {}),
+    }
     cmd = ["bash", str(ROOT / "launch" / script), str(CONFIGS / "tiny.yaml"), *map(str, args)]
     if not wait:
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
@@ -60,22 +77,38 @@ def final_val(run: Path) -> float:
 def single(tmp_path_factory, cache_dir, entropy_run) -> Path:
     """The reference: one process with the global batch (4 sequences)."""
     run = tmp_path_factory.mktemp("single") / "run"
-    out = subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"),
-                          *dist_args(run, cache_dir, entropy_run, "training.batch_size=4")],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            *dist_args(run, cache_dir, entropy_run, "training.batch_size=4"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     return run
 
 
 # stage -> the launcher that runs it, so every launcher trains for real once
-LAUNCHERS = {0: ("torchrun.sh", {}), 1: ("deepspeed.sh", {}), 2: ("torchrun.sh", {}),
-             3: ("accelerate.sh", {"ACCEL_CONFIG": str(ROOT / "launch" / "accelerate" / "zero3.yaml")})}
+LAUNCHERS = {
+    0: ("torchrun.sh", {}),
+    1: ("deepspeed.sh", {}),
+    2: ("torchrun.sh", {}),
+    3: ("accelerate.sh", {"ACCEL_CONFIG": str(ROOT / "launch" / "accelerate" / "zero3.yaml")}),
+}
 _runs: dict[int, Path] = {}
 
 
 @pytest.fixture(scope="module")
 def zero_run(tmp_path_factory, cache_dir, entropy_run):
     """zero_run(stage) -> a finished 2-process run dir (each stage trained once per module)."""
+
     def get(stage: int) -> Path:
         if stage not in _runs:
             script, env = LAUNCHERS[stage]
@@ -86,6 +119,7 @@ def zero_run(tmp_path_factory, cache_dir, entropy_run):
             assert done.returncode == 0, done.stderr[-3000:]
             _runs[stage] = run
         return _runs[stage]
+
     return get
 
 
@@ -112,8 +146,9 @@ def test_zero_stage_matches_single_process(stage, zero_run, single):
 def test_compiled_blocks_under_zero3_match_single_process(single, tmp_path, cache_dir, entropy_run):
     """training.compile with ZeRO-3's gathered weights: the same curve as one eager process."""
     run = tmp_path / "compiled"
-    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=3",
-                                           "training.compile=true"))
+    done = launch(
+        "torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=3", "training.compile=true")
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = losses(single), losses(run)
     assert sorted(got) == sorted(ref)
@@ -127,9 +162,20 @@ def test_learned_patching_under_zero3_matches_single_process(tmp_path, cache_dir
     processes follow one process's curve, ratio loss and mean patch size included."""
     learned = ["patching.mode=learned", "patching.target_patch_size=4.0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    out = subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"),
-                          *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *learned)],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *learned),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     done = launch("torchrun.sh", dist_args(two, cache_dir, entropy_run, "distributed.zero_stage=3", *learned))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -194,16 +240,32 @@ def test_export_of_a_zero3_checkpoint_gives_the_same_bpb_without_deepspeed(zero_
     assert code == 0, err
     assert not list((tmp_path / "export").rglob("*.pt"))  # safetensors only
     hide = "import sys; sys.modules['deepspeed'] = None; from blt.cli import main; sys.exit(main(sys.argv[1:]))"
-    done = subprocess.run([sys.executable, "-c", hide, "eval", str(tmp_path / "export"), "--max-bytes", "2048"],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", hide, "eval", str(tmp_path / "export"), "--max-bytes", "2048"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["bpb"] == pytest.approx(final_val(run), abs=1e-5)
 
 
 def train_one_process(run: Path, cache_dir: Path, entropy_run: Path, *extra) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"),
-                           *dist_args(run, cache_dir, entropy_run, "training.batch_size=4", *extra)],
-                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            *dist_args(run, cache_dir, entropy_run, "training.batch_size=4", *extra),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
 
 
 def windows_per_step(run: Path, ranks: int) -> dict[int, list[int]]:
@@ -237,8 +299,13 @@ def resume_on_two(run: Path, source: Path, cache_dir: Path, entropy_run: Path, s
 
 def universal_step(step_dir: Path) -> float:
     """The Adam step count in a checkpoint's universal form (made by `blt consolidate --universal`)."""
-    out = subprocess.run([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
-                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     udir = Path(json.loads(out.stdout)["universal"])
     return {float(torch.load(f, weights_only=True)) for f in udir.glob("zero/*/step.pt")}.pop()
@@ -261,9 +328,16 @@ def test_zero2_checkpoint_resumes_on_one_process_then_on_zero3(zero_run, single,
     assert {float(s["step"]) for s in optimizer["state"].values()} == {8.0}
 
     three = tmp_path / "zero3"
-    resume_on_two(three, one / "checkpoints" / "step_00000006", cache_dir, entropy_run,
-                  "as deepspeed ZeRO-3 with 2 processes; the same global batch",
-                  "distributed.zero_stage=3", "training.batch_size=1", "training.grad_accum=2")
+    resume_on_two(
+        three,
+        one / "checkpoints" / "step_00000006",
+        cache_dir,
+        entropy_run,
+        "as deepspeed ZeRO-3 with 2 processes; the same global batch",
+        "distributed.zero_stage=3",
+        "training.batch_size=1",
+        "training.grad_accum=2",
+    )
     assert_continues(three, single, 7, 2)
     assert universal_step(three / "checkpoints" / "step_00000008") == 8.0
 
@@ -273,16 +347,20 @@ def test_zero3_checkpoint_resumes_on_zero1(zero_run, single, tmp_path, cache_dir
     run = tmp_path / "zero1"
     shutil.copytree(zero_run(3), tmp_path / "zero3")
     source = tmp_path / "zero3" / "checkpoints" / "step_00000004"
-    resume_on_two(run, source, cache_dir, entropy_run,
-                  "resuming a checkpoint of deepspeed ZeRO-3 with 2 processes as deepspeed ZeRO-1",
-                  "distributed.zero_stage=1")
+    resume_on_two(
+        run,
+        source,
+        cache_dir,
+        entropy_run,
+        "resuming a checkpoint of deepspeed ZeRO-3 with 2 processes as deepspeed ZeRO-1",
+        "distributed.zero_stage=1",
+    )
     assert_continues(run, single, 5, 2)
     assert universal_step(run / "checkpoints" / "step_00000008") == 8.0
 
 
 @slow
-def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, single, tmp_path, cache_dir,
-                                                                 entropy_run):
+def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, single, tmp_path, cache_dir, entropy_run):
     """kill -9 during the universal conversion: the checkpoint is as it was, nothing half-written is
     read, and the next resume on another layout converts again and continues exactly."""
     run = tmp_path / "copy"
@@ -293,8 +371,12 @@ def test_a_conversion_killed_midway_leaves_the_checkpoint_usable(zero_run, singl
     partial = forms / "step_00000004.tmp"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # the conversion takes well under a second: killed once it has written something
-    kill_midway(["consolidate", step_dir, "--universal"], lambda: partial.is_dir() and any(partial.rglob("*.pt")),
-                forms, env=env)
+    kill_midway(
+        ["consolidate", step_dir, "--universal"],
+        lambda: partial.is_dir() and any(partial.rglob("*.pt")),
+        forms,
+        env=env,
+    )
     assert partial.is_dir() and not (forms / "step_00000004").exists()
     assert {p.name: p.stat().st_size for p in step_dir.iterdir()} == before
 
@@ -317,8 +399,16 @@ def test_two_conversions_at_once_take_turns(zero_run, single, tmp_path, cache_di
         run = tmp_path / f"round_{round_}"
         shutil.copytree(zero_run(2), run)
         step_dir = run / "checkpoints" / "step_00000004"
-        jobs = [subprocess.Popen([sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+        jobs = [
+            subprocess.Popen(
+                [sys.executable, "-m", "blt", "consolidate", str(step_dir), "--universal"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=env,
+            )
+            for _ in range(2)
+        ]
         done = [(job.wait(timeout=300), *job.communicate()) for job in jobs]
         assert [code for code, _, _ in done] == [0, 0], [err for _, _, err in done]
         assert sum("converted step_00000004" in err for _, _, err in done) == 1
@@ -326,11 +416,21 @@ def test_two_conversions_at_once_take_turns(zero_run, single, tmp_path, cache_di
         cfg = checkpoint_config(step_dir)
         names = [n for n, _ in build_model(cfg.model, cfg.patching).named_parameters()]
         want = {f"zero/{n}/{k}.pt" for n in names for k in ("fp32", "exp_avg", "exp_avg_sq", "step")}
-        want |= {"zero/optimizer_state.pt", "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt",
-                 "blt.json"}
+        want |= {
+            "zero/optimizer_state.pt",
+            "mp_rank_00_model_states.pt",
+            "zero_pp_rank_0_mp_rank_00_model_states.pt",
+            "blt.json",
+        }
         assert {str(p.relative_to(udir)) for p in udir.rglob("*") if p.is_file()} == want
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
-            "latest", "step_00000004", "step_00000008", "universal", "zero_to_fp32.py", "zero_to_torch.py"]
+            "latest",
+            "step_00000004",
+            "step_00000008",
+            "universal",
+            "zero_to_fp32.py",
+            "zero_to_torch.py",
+        ]
 
     one = tmp_path / "one_process"
     done = train_one_process(one, cache_dir, entropy_run, f"checkpoint.resume={step_dir}")
@@ -344,9 +444,15 @@ def test_two_node_job_on_one_machine(zero_run, tmp_path, cache_dir, entropy_run)
     """Two launcher invocations, --nnodes 2, node ranks 0 and 1, one process each, localhost rendezvous."""
     run = tmp_path / "two_nodes"
     port = str(free_port())
-    nodes = [launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=2"),
-                    {"NNODES": "2", "NODE_RANK": str(r), "NGPU": "1", "MASTER_PORT": port}, wait=False)
-             for r in (0, 1)]
+    nodes = [
+        launch(
+            "torchrun.sh",
+            dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=2"),
+            {"NNODES": "2", "NODE_RANK": str(r), "NGPU": "1", "MASTER_PORT": port},
+            wait=False,
+        )
+        for r in (0, 1)
+    ]
     results = [p.communicate(timeout=300) for p in nodes]
     for p, (_, err) in zip(nodes, results):
         assert p.returncode == 0, err[-3000:]
@@ -377,8 +483,13 @@ def _worker_pid(run: Path, rank: int) -> int | None:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"blt" in cmd and f"run_dir={run}".encode() in cmd and f"RANK={rank}".encode() in env \
-                and b"train" in cmd and b"torch.distributed.run" not in cmd:
+        if (
+            b"blt" in cmd
+            and f"run_dir={run}".encode() in cmd
+            and f"RANK={rank}".encode() in env
+            and b"train" in cmd
+            and b"torch.distributed.run" not in cmd
+        ):
             return int(proc.name)
     return None
 
@@ -388,8 +499,13 @@ def test_killed_rank_fails_fast_and_resume_replays_the_exact_stream(tmp_path, ca
     """kill -9 one rank: the job ends with a clear error within seconds; rerunning resumes from the last
     complete checkpoint, and the bytes every rank trained on equal an uninterrupted run's."""
     # long enough (~4 s) that the kill lands mid-run even on a loaded machine
-    slower = ["data.seq_len=256", "training.steps=80", "checkpoint.every=10", "model.dropout=0.1",
-              "distributed.timeout_minutes=2"]
+    slower = [
+        "data.seq_len=256",
+        "training.steps=80",
+        "checkpoint.every=10",
+        "model.dropout=0.1",
+        "distributed.timeout_minutes=2",
+    ]
     ref = tmp_path / "uninterrupted"
     done = launch("torchrun.sh", dist_args(ref, cache_dir, entropy_run, *slower))
     assert done.returncode == 0, done.stderr[-3000:]
@@ -420,20 +536,28 @@ def test_killed_rank_fails_fast_and_resume_replays_the_exact_stream(tmp_path, ca
     assert losses(run) == losses(ref)
 
 
-@pytest.mark.parametrize("script,env", [
-    ("torchrun.sh", {"NNODES": "8", "NGPU": "8"}),
-    ("slurm.sbatch", {"NNODES": "8", "NGPU": "8"}),
-    ("deepspeed.sh", {"HOSTFILE": str(ROOT / "launch" / "hostfile.example")}),
-    ("accelerate.sh", {"NNODES": "8", "NGPU": "8", "ACCEL_CONFIG": str(ROOT / "launch/accelerate/zero3.yaml")}),
-])
+@pytest.mark.parametrize(
+    "script,env",
+    [
+        ("torchrun.sh", {"NNODES": "8", "NGPU": "8"}),
+        ("slurm.sbatch", {"NNODES": "8", "NGPU": "8"}),
+        ("deepspeed.sh", {"HOSTFILE": str(ROOT / "launch" / "hostfile.example")}),
+        ("accelerate.sh", {"NNODES": "8", "NGPU": "8", "ACCEL_CONFIG": str(ROOT / "launch/accelerate/zero3.yaml")}),
+    ],
+)
 def test_launcher_dry_run_plans_the_8b_preset_on_64_gpus(script, env):
     env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "DRY_RUN": "1", **env}
-    out = subprocess.run(["bash", str(ROOT / "launch" / script), str(CONFIGS / "blt_8b.yaml")],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        ["bash", str(ROOT / "launch" / script), str(CONFIGS / "blt_8b.yaml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "world size 64 = 8 node(s) x 8 process(es); bf16" in text
-    ds = json.loads(text[text.index("{"): text.rindex("}") + 1])
+    ds = json.loads(text[text.index("{") : text.rindex("}") + 1])
     assert ds["train_batch_size"] == 64 * ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"]
     assert ds["bf16"]["enabled"]
     rows = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit() and ln.strip().split()[0] in "0123"]
@@ -468,15 +592,24 @@ def test_preempted_job_checkpoints_on_every_rank_and_resumes(tmp_path, cache_dir
 
 
 @slow
-def test_zero3_with_offload_accumulation_and_recompute_matches_single_process(single, tmp_path, cache_dir,
-                                                                              entropy_run):
+def test_zero3_with_offload_accumulation_and_recompute_matches_single_process(single, tmp_path, cache_dir, entropy_run):
     """The memory-saving options change where numbers live, not what they are: ZeRO-3 with optimizer
     and parameter offload, 2 micro-batches of 1 per step and activation checkpointing."""
     run = tmp_path / "options"
-    done = launch("torchrun.sh", dist_args(run, cache_dir, entropy_run, "distributed.zero_stage=3",
-                                           "distributed.offload_optimizer=cpu", "distributed.offload_params=cpu",
-                                           "training.batch_size=1", "training.grad_accum=2",
-                                           "training.activation_checkpointing=true"))
+    done = launch(
+        "torchrun.sh",
+        dist_args(
+            run,
+            cache_dir,
+            entropy_run,
+            "distributed.zero_stage=3",
+            "distributed.offload_optimizer=cpu",
+            "distributed.offload_params=cpu",
+            "training.batch_size=1",
+            "training.grad_accum=2",
+            "training.activation_checkpointing=true",
+        ),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = losses(single), losses(run)
     for step in ref:

@@ -13,6 +13,7 @@ from blt.model import build_model
 from blt.train.deepspeed_engine import deepspeed_config
 from blt.train.distributed import Dist, choose_engine
 from blt.train.plan import count_params, make_plan
+
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 
@@ -29,8 +30,14 @@ def test_engine_choice_follows_the_launcher():
 
 
 def test_deepspeed_config_is_derived_from_the_training_config():
-    cfg = tiny("training.batch_size=3", "training.grad_accum=5", "optimizer.grad_clip=0.5",
-               "distributed.zero_stage=3", "distributed.offload_optimizer=cpu", "distributed.offload_params=cpu")
+    cfg = tiny(
+        "training.batch_size=3",
+        "training.grad_accum=5",
+        "optimizer.grad_clip=0.5",
+        "distributed.zero_stage=3",
+        "distributed.offload_optimizer=cpu",
+        "distributed.offload_params=cpu",
+    )
     ds = deepspeed_config(cfg, world_size=16, dtype="bf16", gpu=True)
     assert ds["train_batch_size"] == 3 * 5 * 16
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (3, 5)
@@ -39,19 +46,30 @@ def test_deepspeed_config_is_derived_from_the_training_config():
     assert z["stage"] == 3 and z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("distributed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3"),
-    ("distributed.offload_params=cpu", "offload_params needs distributed.zero_stage=3"),
-    ("distributed.engine=fsdp", "distributed.engine"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("distributed.zero_stage=4", "zero_stage must be 0, 1, 2 or 3"),
+        ("distributed.offload_params=cpu", "offload_params needs distributed.zero_stage=3"),
+        ("distributed.engine=fsdp", "distributed.engine"),
+    ],
+)
 def test_bad_distributed_settings_are_one_line_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         tiny(bad)
 
 
 def test_fp16_without_deepspeed_is_refused(tmp_path, capsys):
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'r'}", *TINY_BLT,
-                           "patching.mode=static", "training.dtype=fp16", "training.steps=1")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={tmp_path / 'r'}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "training.dtype=fp16",
+        "training.steps=1",
+    )
     assert code == 2 and "fp16" in err and "deepspeed" in err and "Traceback" not in err
 
 
@@ -67,8 +85,9 @@ def test_plan_counts_parameters_without_allocating_them():
 
 
 def test_plan_cli(capsys):
-    code, out, err = run_cli(capsys, "plan", CONFIGS / "blt_1b.yaml", "--nodes", 2, "--procs-per-node", 8,
-                             "training.grad_accum=4")
+    code, out, err = run_cli(
+        capsys, "plan", CONFIGS / "blt_1b.yaml", "--nodes", 2, "--procs-per-node", 8, "training.grad_accum=4"
+    )
     assert code == 0, err
     assert "world size 16" in out and '"gradient_accumulation_steps": 4' in out
     code, _, err = run_cli(capsys, "plan", CONFIGS / "blt_1b.yaml", "--nodes", 0)
@@ -79,9 +98,18 @@ def test_activation_checkpointing_trains_identically(tmp_path, capsys, cache_dir
     runs = {}
     for flag in ("false", "true"):
         run = tmp_path / flag
-        code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                               *TINY_BLT, "patching.mode=static", "model.dropout=0.1", "training.steps=3",
-                               f"training.activation_checkpointing={flag}")
+        code, _, err = run_cli(
+            capsys,
+            "train",
+            CONFIGS / "tiny.yaml",
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            *TINY_BLT,
+            "patching.mode=static",
+            "model.dropout=0.1",
+            "training.steps=3",
+            f"training.activation_checkpointing={flag}",
+        )
         assert code == 0, err
         runs[flag] = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert runs["true"] == pytest.approx(runs["false"], abs=1e-6)
@@ -108,8 +136,16 @@ def test_sharded_evaluation_equals_one_process():
 
 def test_consolidate_refuses_a_single_process_checkpoint(tmp_path, capsys, cache_dir):
     run = tmp_path / "r"
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                           *TINY_BLT, "patching.mode=static", "training.steps=1")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "training.steps=1",
+    )
     assert code == 0, err
     code, _, err = run_cli(capsys, "consolidate", run)
     assert code == 2 and "no ZeRO shards" in err

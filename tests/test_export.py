@@ -20,18 +20,32 @@ from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 ROOT = CONFIGS.parent
 # a child Python in which `import deepspeed` fails, as on a machine without it
-NO_DEEPSPEED = ("import sys; sys.modules['deepspeed'] = None; from blt.cli import main; "
-                "sys.exit(main(sys.argv[1:]))")
+NO_DEEPSPEED = "import sys; sys.modules['deepspeed'] = None; from blt.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
 def without_deepspeed(*args, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", NO_DEEPSPEED, *map(str, args)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300, cwd=cwd)
+    return subprocess.run(
+        [sys.executable, "-c", NO_DEEPSPEED, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+        cwd=cwd,
+    )
 
 
 def train(capsys, run: Path, cache_dir: Path, entropy_run: Path, *extra) -> float:
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                           f"patching.entropy_model={entropy_run}", *TINY_BLT, "training.steps=6", *extra)
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        f"patching.entropy_model={entropy_run}",
+        *TINY_BLT,
+        "training.steps=6",
+        *extra,
+    )
     assert code == 0, err
     return [m for m in read_metrics(run) if "val_bpb" in m][-1]["val_bpb"]
 
@@ -39,10 +53,24 @@ def train(capsys, run: Path, cache_dir: Path, entropy_run: Path, *extra) -> floa
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache_dir, entropy_run):
     run = tmp_path_factory.mktemp("export") / "run"
-    code = subprocess.run([sys.executable, "-m", "blt", "train", str(CONFIGS / "tiny.yaml"), f"run_dir={run}",
-                           f"data.cache_dir={cache_dir}", f"patching.entropy_model={entropy_run}", *TINY_BLT,
-                           "training.steps=6"], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    code = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            f"patching.entropy_model={entropy_run}",
+            *TINY_BLT,
+            "training.steps=6",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
     assert code.returncode == 0, code.stderr
     return run
 
@@ -53,10 +81,20 @@ def test_export_reloads_to_the_same_bpb_and_text_without_deepspeed(trained, tmp_
     assert code == 0, err
     assert json.loads(stdout)["step"] == 6
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert names == ["README.md", "config.yaml", "entropy_model/README.md", "entropy_model/config.yaml",
-                     "entropy_model/export.json", "entropy_model/model.safetensors", "export.json", "model.safetensors"]
-    assert "patching:\n" in (out / "config.yaml").read_text() and "entropy_model: entropy_model" in (
-        out / "config.yaml").read_text()
+    assert names == [
+        "README.md",
+        "config.yaml",
+        "entropy_model/README.md",
+        "entropy_model/config.yaml",
+        "entropy_model/export.json",
+        "entropy_model/model.safetensors",
+        "export.json",
+        "model.safetensors",
+    ]
+    assert (
+        "patching:\n" in (out / "config.yaml").read_text()
+        and "entropy_model: entropy_model" in (out / "config.yaml").read_text()
+    )
     card = (out / "README.md").read_text()
     assert "validation bits per byte" in card and "training steps: 6" in card
     moved = tmp_path / "elsewhere" / "model"  # self-contained: its entropy model travels with it
@@ -76,9 +114,11 @@ def test_export_reloads_to_the_same_bpb_and_text_without_deepspeed(trained, tmp_
 def test_export_refuses_bad_input_with_one_line(trained, tmp_path, capsys):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("keep me")
-    for args, words in [((trained, tmp_path / "full"), "not empty"),
-                        ((tmp_path / "missing", tmp_path / "o1"), "not found"),
-                        ((trained, tmp_path / "o2", "--format", "hf"), "model.hf_compat")]:
+    for args, words in [
+        ((trained, tmp_path / "full"), "not empty"),
+        ((tmp_path / "missing", tmp_path / "o1"), "not found"),
+        ((trained, tmp_path / "o2", "--format", "hf"), "model.hf_compat"),
+    ]:
         code, _, err = run_cli(capsys, "export", *args)
         assert code == 2 and words in err and err.count("\n") == 1, err
     assert (tmp_path / "full" / "x").read_text() == "keep me"
@@ -97,8 +137,8 @@ def test_hf_export_loads_in_transformers_and_imports_back(tmp_path, capsys, cach
     # readable by whoever may read the dir's other files (safetensors alone would write 0600)
     assert (tmp_path / "hf" / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask()
     hf = transformers.BltForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
-    from blt.hf import hf_patch_lengths
     from blt.artifacts import build_patcher, load_model
+    from blt.hf import hf_patch_lengths
 
     loaded = load_model(run, patcher=False)
     model, cfg = loaded.model, loaded.cfg
@@ -118,11 +158,22 @@ def test_hf_export_loads_in_transformers_and_imports_back(tmp_path, capsys, cach
     assert bpb["imported"] == pytest.approx(bpb["run"], abs=1e-5)
     # fine-tune the import with its own config.yaml: step 0 starts from its weights
     ft = tmp_path / "ft"
-    code, _, err = run_cli(capsys, "train", tmp_path / "imported" / "config.yaml", f"run_dir={ft}",
-                           f"training.init_from={tmp_path / 'imported'}", f"data.cache_dir={cache_dir}",
-                           "training.steps=2", "training.batch_size=2", "eval.every=0", "eval.max_bytes=2048",
-                           "logging.progress=false", "logging.images=false", "logging.samples=0",
-                           "patching.entropy_cache=false")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        tmp_path / "imported" / "config.yaml",
+        f"run_dir={ft}",
+        f"training.init_from={tmp_path / 'imported'}",
+        f"data.cache_dir={cache_dir}",
+        "training.steps=2",
+        "training.batch_size=2",
+        "eval.every=0",
+        "eval.max_bytes=2048",
+        "logging.progress=false",
+        "logging.images=false",
+        "logging.samples=0",
+        "patching.entropy_cache=false",
+    )
     assert code == 0, err
     first = next(m for m in read_metrics(ft) if "loss" in m)
     scratch = next(m for m in read_metrics(run) if "loss" in m)
@@ -136,21 +187,37 @@ def small_hf_dir(path: Path) -> Path:
     from blt.model import build_model
 
     local = {"dim": 32, "layers": 1, "heads": 2, "window": 16}
-    cfg = config_from_dict({"model": {"encoder": local, "decoder": local, "global_model": {"dim": 48, "layers": 1,
-                                      "heads": 2}, "cross_attn_heads": 2, "hash_buckets": 64, "hf_compat": True},
-                            "patching": {"mode": "static", "split_first_byte": True}, "data": {"seq_len": 64}})
+    cfg = config_from_dict(
+        {
+            "model": {
+                "encoder": local,
+                "decoder": local,
+                "global_model": {"dim": 48, "layers": 1, "heads": 2},
+                "cross_attn_heads": 2,
+                "hash_buckets": 64,
+                "hf_compat": True,
+            },
+            "patching": {"mode": "static", "split_first_byte": True},
+            "data": {"seq_len": 64},
+        }
+    )
     write_hf(path, cfg, build_model(cfg.model).state_dict())
     return path
 
 
 def test_export_to_a_bad_target_is_one_line_and_leaves_nothing(trained, tmp_path):
     (tmp_path / "some_file.txt").write_text("keep me")
-    for out, words in [("/proc/x", "cannot write"), ("some_file.txt", "is a file"),
-                       ("some_file.txt/sub", "is a file"), ("model.safetensors", "directory")]:
+    for out, words in [
+        ("/proc/x", "cannot write"),
+        ("some_file.txt", "is a file"),
+        ("some_file.txt/sub", "is a file"),
+        ("model.safetensors", "directory"),
+    ]:
         assert_user_error(["export", trained, out], watch=[tmp_path, trained], cwd=tmp_path, contains=words)
     # a failure after the models are loaded (HF needs hf_compat) leaves neither the dir nor its parents
-    assert_user_error(["export", trained, "new/hf", "--format", "hf"], watch=[tmp_path], cwd=tmp_path,
-                      contains="model.hf_compat")
+    assert_user_error(
+        ["export", trained, "new/hf", "--format", "hf"], watch=[tmp_path], cwd=tmp_path, contains="model.hf_compat"
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["some_file.txt"]
 
 
@@ -181,12 +248,13 @@ def test_import_hf_of_a_bad_config_json_is_one_line(tmp_path):
     good = small_hf_dir(tmp_path / "good")
     config = json.loads((good / "config.json").read_text())
     enc = config["encoder_config"]
-    cases = [(b"{not json", "not readable JSON"),
-             (json.dumps({"model_type": "llama", "hidden_size": 32}).encode(), "model_type"),
-             # a missing key takes HF's default (500002 hash buckets), which the weights do not fit
-             (json.dumps({k: v for k, v in config.items() if k != "encoder_hash_byte_group_vocab"}).encode(),
-              "do not fit"),
-             (json.dumps({**config, "encoder_config": {**enc, "hidden_size": "32"}}).encode(), "hidden_size")]
+    cases = [
+        (b"{not json", "not readable JSON"),
+        (json.dumps({"model_type": "llama", "hidden_size": 32}).encode(), "model_type"),
+        # a missing key takes HF's default (500002 hash buckets), which the weights do not fit
+        (json.dumps({k: v for k, v in config.items() if k != "encoder_hash_byte_group_vocab"}).encode(), "do not fit"),
+        (json.dumps({**config, "encoder_config": {**enc, "hidden_size": "32"}}).encode(), "hidden_size"),
+    ]
     for i, (text, words) in enumerate(cases):  # more: test_hf.py::test_read_errors_of_bad_fields
         bad = tmp_path / f"bad{i}"
         shutil.copytree(good, bad)
@@ -201,6 +269,9 @@ def test_dashboard_on_an_address_it_cannot_bind_is_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        for args, words in [(["--host", "10.255.255.1"], "--host"), (["--port", "70000"], "--port"),
-                            (["--port", port], "pick another --port")]:
+        for args, words in [
+            (["--host", "10.255.255.1"], "--host"),
+            (["--port", "70000"], "--port"),
+            (["--port", port], "pick another --port"),
+        ]:
             assert_user_error(["dashboard", tmp_path, *args], watch=[tmp_path], contains=words)

@@ -9,37 +9,62 @@ import pytest
 import torch
 
 from blt.config import config_from_dict
-from blt.patching import Patcher
 from blt.generation import Generator, stream_text
-from blt.model import build_model
 from blt.generation.incremental import IncrementalBLT
-from blt.patching import patch_ids_from_starts, patch_starts
+from blt.model import build_model
+from blt.patching import Patcher, patch_ids_from_starts, patch_starts
 
 # random tiny models; a large init spreads the logits so that greedy choices are clear-cut
-BLT = {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
-       "global_model": {"dim": 64, "layers": 2, "heads": 2},
-       "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
-       "cross_attn_k": 2, "cross_attn_heads": 2, "hash_ngram_sizes": [3, 4], "hash_buckets": 64, "init_std": 0.3}
+BLT = {
+    "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
+    "global_model": {"dim": 64, "layers": 2, "heads": 2},
+    "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
+    "cross_attn_k": 2,
+    "cross_attn_heads": 2,
+    "hash_ngram_sizes": [3, 4],
+    "hash_buckets": 64,
+    "init_std": 0.3,
+}
 # prompts that end mid-patch and in the middle of a UTF-8 character (the first byte of "é")
 PROMPTS = [b"h\xc3", "The cat sat on", "", "d"]
 
 
 def make(mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_layers: bool = False) -> Generator:
     torch.manual_seed(seed)
-    lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2},
-                                                 "init_std": 0.3}}).model).eval()
-    cfg = config_from_dict({"model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
-                            "patching": {"mode": mode, "patch_size": 3, "max_patch_length": 6,
-                                         "threshold": None if mode == "learned" else 4.0,
-                                         "split_first_byte": hf, "entropy_model": "unused"}})
+    lm = build_model(
+        config_from_dict(
+            {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
+        ).model
+    ).eval()
+    cfg = config_from_dict(
+        {
+            "model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
+            "patching": {
+                "mode": mode,
+                "patch_size": 3,
+                "max_patch_length": 6,
+                "threshold": None if mode == "learned" else 4.0,
+                "split_first_byte": hf,
+                "entropy_model": "unused",
+            },
+        }
+    )
     model = build_model(cfg.model, cfg.patching).eval()
     return Generator(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context)
 
 
-@pytest.mark.parametrize("mode,hf,all_layers", [("static", False, False), ("space", False, False),
-                                                ("entropy", False, False), ("static", True, False),
-                                                ("entropy", True, True), ("learned", False, False),
-                                                ("learned", False, True)])
+@pytest.mark.parametrize(
+    "mode,hf,all_layers",
+    [
+        ("static", False, False),
+        ("space", False, False),
+        ("entropy", False, False),
+        ("static", True, False),
+        ("entropy", True, True),
+        ("learned", False, False),
+        ("learned", False, True),
+    ],
+)
 def test_cached_greedy_equals_uncached_byte_for_byte(mode, hf, all_layers):
     gen = make(mode, hf, all_layers=all_layers)
     cached = gen.generate(PROMPTS, max_bytes=48, temperature=0)
@@ -105,15 +130,20 @@ def test_generation_past_the_context_and_long_prompts():
 
 def test_byte_lm_cached_equals_uncached():
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
-                                      "init_std": 0.3}, "patching": {"mode": "static", "patch_size": 1}})
+    cfg = config_from_dict(
+        {
+            "model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 8}, "init_std": 0.3},
+            "patching": {"mode": "static", "patch_size": 1},
+        }
+    )
     gen = Generator(build_model(cfg.model), Patcher(cfg.patching), 64)
-    assert gen.generate(PROMPTS, max_bytes=30, temperature=0) == gen.generate(PROMPTS, max_bytes=30, temperature=0,
-                                                                              cache=False)
+    assert gen.generate(PROMPTS, max_bytes=30, temperature=0) == gen.generate(
+        PROMPTS, max_bytes=30, temperature=0, cache=False
+    )
 
 
 def test_streamed_text_is_always_whole_utf8_characters():
-    data = "héllo wörld ✓ 🙂".encode() + b"\xff" + "!".encode()
+    data = "héllo wörld ✓ 🙂".encode() + b"\xff" + b"!"
     pieces: list[str] = []
     assert stream_text(iter(data), pieces.append) == data
     assert all(p.encode("utf-8") for p in pieces)  # every write is valid on its own
@@ -124,17 +154,33 @@ def test_streamed_text_is_always_whole_utf8_characters():
 def test_cached_generation_with_sparse_attention_patterns():
     """Length-independent sparse patterns (local, strided, longformer) give the same bytes cached."""
     torch.manual_seed(0)
-    sparse = {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": None,
-                          "sparse": {"pattern": "strided", "block": 4, "dilation": 2, "num_sliding_window_blocks": 4}},
-              "global_model": {"dim": 64, "layers": 2, "heads": 2,
-                               "sparse": {"pattern": "local", "block": 4, "window": 6}},
-              "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": None,
-                          "sparse": {"pattern": "longformer", "block": 8, "num_sliding_window_blocks": 3,
-                                     "global_block_indices": [0]}}}
+    sparse = {
+        "encoder": {
+            "dim": 32,
+            "layers": 1,
+            "heads": 2,
+            "window": None,
+            "sparse": {"pattern": "strided", "block": 4, "dilation": 2, "num_sliding_window_blocks": 4},
+        },
+        "global_model": {"dim": 64, "layers": 2, "heads": 2, "sparse": {"pattern": "local", "block": 4, "window": 6}},
+        "decoder": {
+            "dim": 32,
+            "layers": 2,
+            "heads": 2,
+            "window": None,
+            "sparse": {
+                "pattern": "longformer",
+                "block": 8,
+                "num_sliding_window_blocks": 3,
+                "global_block_indices": [0],
+            },
+        },
+    }
     cfg = config_from_dict({"model": {**BLT, **sparse}, "patching": {"mode": "static", "patch_size": 3}})
     gen = Generator(build_model(cfg.model).eval(), Patcher(cfg.patching), 96)
-    assert gen.generate(PROMPTS, max_bytes=40, temperature=0) == gen.generate(PROMPTS, max_bytes=40, temperature=0,
-                                                                              cache=False)
+    assert gen.generate(PROMPTS, max_bytes=40, temperature=0) == gen.generate(
+        PROMPTS, max_bytes=40, temperature=0, cache=False
+    )
 
 
 def test_sampling_draws_each_id_with_its_filtered_probability():
@@ -184,10 +230,15 @@ def test_compiled_generation_equals_eager(mode, hf):
 
 def test_compiled_byte_lm_equals_eager():
     torch.manual_seed(0)
-    cfg = config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
-                                      "init_std": 0.3}, "patching": {"mode": "static", "patch_size": 1}})
+    cfg = config_from_dict(
+        {
+            "model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 8}, "init_std": 0.3},
+            "patching": {"mode": "static", "patch_size": 1},
+        }
+    )
     eager = Generator(build_model(cfg.model), Patcher(cfg.patching), 64)
     compiled = Generator(eager.model, eager.patcher, 64, compile=True)
-    assert compiled.generate(PROMPTS, max_bytes=30, temperature=0) == eager.generate(PROMPTS, max_bytes=30,
-                                                                                     temperature=0)
+    assert compiled.generate(PROMPTS, max_bytes=30, temperature=0) == eager.generate(
+        PROMPTS, max_bytes=30, temperature=0
+    )
     assert compiled.stats["compiled_steps"] > 0

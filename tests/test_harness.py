@@ -14,43 +14,82 @@ import pytest
 import torch
 from lm_eval.api.instance import Instance
 
-from badinput import assert_user_error, run_blt
-from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
-
 from blt.artifacts import load_model
 from blt.config import config_from_dict
 from blt.data import BUNDLED_DIR
 from blt.generation import Generator
 from blt.harness.lm import BltLM
-from blt.harness.run import (TASKS_DIR, TaskError, blt_task_names, check_fewshot, find_tasks, flat_metrics,
-                              load_tasks, run_tasks)
+from blt.harness.run import (
+    TASKS_DIR,
+    TaskError,
+    blt_task_names,
+    check_fewshot,
+    find_tasks,
+    flat_metrics,
+    load_tasks,
+    run_tasks,
+)
 from blt.harness.scoring import BatchTooLargeError, Scorer, continuation_pieces
 from blt.model import build_model
 from blt.patching import Patcher
 from blt.tokens import BOS_ID, EOS_ID, OFFSET
 
+from badinput import assert_user_error, run_blt
+from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
+
 COLOURS = TASKS_DIR / "data" / "colours_train.jsonl"
-FACTS = {json.loads(ln)["object"]: json.loads(ln)["colour"]
-         for ln in (TASKS_DIR / "data" / "colours_test.jsonl").read_text().splitlines()}
+FACTS = {
+    json.loads(ln)["object"]: json.loads(ln)["colour"]
+    for ln in (TASKS_DIR / "data" / "colours_test.jsonl").read_text().splitlines()
+}
 # random tiny models (as tests/test_generate.py); a large init spreads the logits, so greedy choices are clear-cut
-BLT = {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
-       "global_model": {"dim": 64, "layers": 2, "heads": 2},
-       "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
-       "cross_attn_k": 2, "cross_attn_heads": 2, "hash_ngram_sizes": [3, 4], "hash_buckets": 64, "init_std": 0.3}
-MODES = [("static", False), ("space", False), ("entropy", False), ("static", True), ("entropy", True),
-         ("learned", False)]
-REQUESTS = [(b"The cat sat on", b" the mat"), (b"", b"hello"), (b"ab", b"c"), (b"x" * 70, b" y z"),
-            ("caf\u00e9 ".encode(), "cr\u00e8me".encode())]
+BLT = {
+    "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
+    "global_model": {"dim": 64, "layers": 2, "heads": 2},
+    "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
+    "cross_attn_k": 2,
+    "cross_attn_heads": 2,
+    "hash_ngram_sizes": [3, 4],
+    "hash_buckets": 64,
+    "init_std": 0.3,
+}
+MODES = [
+    ("static", False),
+    ("space", False),
+    ("entropy", False),
+    ("static", True),
+    ("entropy", True),
+    ("learned", False),
+]
+REQUESTS = [
+    (b"The cat sat on", b" the mat"),
+    (b"", b"hello"),
+    (b"ab", b"c"),
+    (b"x" * 70, b" y z"),
+    ("caf\u00e9 ".encode(), "cr\u00e8me".encode()),
+]
 
 
 def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: int = 96) -> Scorer:
     torch.manual_seed(0)
-    lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2},
-                                                 "init_std": 0.3}}).model).eval()
-    cfg = config_from_dict({"model": {**BLT, "hf_compat": hf},
-                            "patching": {"mode": mode, "patch_size": 3, "max_patch_length": 6,
-                                         "threshold": None if mode == "learned" else 4.0,
-                                         "split_first_byte": hf, "entropy_model": "unused"}})
+    lm = build_model(
+        config_from_dict(
+            {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
+        ).model
+    ).eval()
+    cfg = config_from_dict(
+        {
+            "model": {**BLT, "hf_compat": hf},
+            "patching": {
+                "mode": mode,
+                "patch_size": 3,
+                "max_patch_length": 6,
+                "threshold": None if mode == "learned" else 4.0,
+                "split_first_byte": hf,
+                "entropy_model": "unused",
+            },
+        }
+    )
     model = build_model(cfg.model, cfg.patching).eval()
     return Scorer(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context, batch_size)
 
@@ -63,7 +102,7 @@ def close(value: float):
 
 def full_forward(scorer: Scorer, context: bytes, continuation: bytes) -> tuple[float, bool]:
     """The reference: the whole text in one unpadded forward, its last `context` bytes if longer."""
-    ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in context + continuation]])[:, -scorer.context:]
+    ids = torch.tensor([[BOS_ID] + [b + OFFSET for b in context + continuation]])[:, -scorer.context :]
     with torch.no_grad():
         logits = scorer.patcher.forward(scorer.model, ids)[0][0].float()  # (T, V)
     logp = torch.log_softmax(logits, -1)
@@ -86,9 +125,21 @@ def colours_run(tmp_path_factory, cache_dir):
     from blt.cli import main
 
     run = tmp_path_factory.mktemp("colours") / "run"
-    code = main(["train", str(CONFIGS / "tiny.yaml"), f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                 "patching.mode=static", *TINY_BLT, "training.steps=300", f"data.train=[{COLOURS}]",
-                 f"data.val=[{COLOURS}]", "eval.tasks=[blt_colours]", "eval.tasks_every=150"])
+    code = main(
+        [
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            "patching.mode=static",
+            *TINY_BLT,
+            "training.steps=300",
+            f"data.train=[{COLOURS}]",
+            f"data.val=[{COLOURS}]",
+            "eval.tasks=[blt_colours]",
+            "eval.tasks_every=150",
+        ]
+    )
     assert code == 0
     return run
 
@@ -109,7 +160,7 @@ def test_loglikelihood_is_the_full_forward_sum_and_greedy_its_argmax(mode, hf):
         assert is_greedy == ref_greedy, (ctx, cont)
     if not hf:  # an HF-compatible byte reads the patch its next byte closes: scoring reads that next
         assert got[-2][1] and got[-1][1]  # byte's start, as training does; generation cannot, as in HF
-    assert not all(g for _, g in got[:len(REQUESTS)])
+    assert not all(g for _, g in got[: len(REQUESTS)])
 
 
 @pytest.mark.parametrize("mode", ["static", "space", "entropy", "learned"])
@@ -117,8 +168,12 @@ def test_a_shared_context_is_encoded_once_with_the_full_forward_numbers(mode):
     scorer = random_scorer(mode, batch_size=2)  # 2 contexts per cached state: several states, ragged
     contexts = [b"The cat sat on", b"x" * 40, "caf\u00e9 cr".encode(), b"abcd"]
     greedy = Generator(scorer.model, scorer.patcher, scorer.context).generate(contexts, max_bytes=4, temperature=0)
-    choices = [[b" the mat, then", b" a", "\u00e9t\u00e9".encode()], [b" y z", b"q", b"hello there"],
-               ["\u00e8me".encode(), b"ux"], [b"e", b"\xe2\x82\xac"]]
+    choices = [
+        [b" the mat, then", b" a", "\u00e9t\u00e9".encode()],
+        [b" y z", b"q", b"hello there"],
+        ["\u00e8me".encode(), b"ux"],
+        [b"e", b"\xe2\x82\xac"],
+    ]
     requests = [(c, k) for c, ks, g in zip(contexts, choices, greedy) for k in [*ks, g]]
     requests += [(b"ab", b"c"), (b"", b"hi"), (b"ab", b"long continuation")]  # not shared: one, or too long
     got = scorer.loglikelihood(requests)
@@ -138,8 +193,9 @@ def test_a_shared_context_is_encoded_once_with_the_full_forward_numbers(mode):
 def test_batch_size_does_not_change_the_numbers():
     one, many = random_scorer("entropy", batch_size=1), random_scorer("entropy", batch_size=16)
     docs = [b"To be, or not to be: that is the question." * 4, b"short", "\u00e9t\u00e9".encode()]
-    assert [v for v, _ in one.loglikelihood(REQUESTS)] == pytest.approx([v for v, _ in many.loglikelihood(REQUESTS)],
-                                                                          abs=1e-5)
+    assert [v for v, _ in one.loglikelihood(REQUESTS)] == pytest.approx(
+        [v for v, _ in many.loglikelihood(REQUESTS)], abs=1e-5
+    )
     assert one.rolling(docs) == pytest.approx(many.rolling(docs), abs=1e-5)
     assert one.forwards > many.forwards
 
@@ -159,7 +215,9 @@ def test_rolling_bits_per_byte_equal_blt_eval(colours_run, tmp_path, capsys):
     code, out, _ = run_cli(capsys, "eval", colours_run, "--data", tmp_path / "play.txt")
     assert code == 0
     lm = BltLM(pretrained=str(colours_run), batch_size=5)
-    assert lm.scorer.share_context and not BltLM(pretrained=str(colours_run), share_context="false").scorer.share_context
+    assert (
+        lm.scorer.share_context and not BltLM(pretrained=str(colours_run), share_context="false").scorer.share_context
+    )
     (logp,) = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(text.decode(),)]))
     assert -logp / len(text) / math.log(2) == pytest.approx(json.loads(out)["bpb"], abs=1e-5)
 
@@ -185,8 +243,9 @@ def test_learnable_task_above_chance_after_training_and_at_chance_at_random_init
     import blt.harness.lm  # noqa: F401 - registers "blt", as `python -m blt.harness` does
 
     tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-    res = lm_eval.simple_evaluate(model="blt", model_args=f"pretrained={colours_run}", batch_size=16,
-                                  tasks=["blt_colours"], task_manager=tm)
+    res = lm_eval.simple_evaluate(
+        model="blt", model_args=f"pretrained={colours_run}", batch_size=16, tasks=["blt_colours"], task_manager=tm
+    )
     assert res["results"]["blt_colours"]["acc,none"] >= 0.8  # chance: 0.25
     loaded = load_model(colours_run)
     torch.manual_seed(0)
@@ -199,10 +258,12 @@ def test_learnable_task_above_chance_after_training_and_at_chance_at_random_init
 def test_generate_until_stops_at_stop_strings_and_at_the_byte_limit(colours_run):
     lm = BltLM(pretrained=str(colours_run), batch_size=2)
     colour = FACTS["apple"]
-    args = [("the apple is ", {"until": ["."], "max_gen_toks": 20}),  # stops before "."
-            ("the apple is ", {"until": [colour[2:]]}),  # stops inside the word
-            ("the apple is ", {"until": [], "max_gen_toks": 3}),  # the byte limit
-            ("the zebra is ", {"until": ["\n", "."], "max_gen_toks": 20})]
+    args = [
+        ("the apple is ", {"until": ["."], "max_gen_toks": 20}),  # stops before "."
+        ("the apple is ", {"until": [colour[2:]]}),  # stops inside the word
+        ("the apple is ", {"until": [], "max_gen_toks": 3}),  # the byte limit
+        ("the zebra is ", {"until": ["\n", "."], "max_gen_toks": 20}),
+    ]
     out = lm.generate_until(instances("generate_until", args))
     assert out == [colour, colour[:2], colour[:3], FACTS["zebra"]]
     lm.scorer.cached = False  # ZeRO-3's path: uncached, one forward per byte in step with the ranks
@@ -211,8 +272,19 @@ def test_generate_until_stops_at_stop_strings_and_at_the_byte_limit(colours_run)
 
 def test_blt_lm_eval_command(colours_run, tmp_path, capsys):
     (tmp_path / "results.json").write_text("an earlier run's results")  # --output replaces the file it names
-    code, out, err = run_cli(capsys, "lm-eval", colours_run, "--tasks", "blt_colours,blt_colours_gen", "--limit", 8,
-                             "--batch-size", 4, "--output", tmp_path / "results.json")
+    code, out, err = run_cli(
+        capsys,
+        "lm-eval",
+        colours_run,
+        "--tasks",
+        "blt_colours,blt_colours_gen",
+        "--limit",
+        8,
+        "--batch-size",
+        4,
+        "--output",
+        tmp_path / "results.json",
+    )
     assert code == 0, err
     line = json.loads(out)
     assert line["tasks"]["blt_colours"]["acc"] >= 0.75 and line["tasks"]["blt_colours_gen"]["exact_match"] >= 0.75
@@ -228,9 +300,15 @@ def test_a_standard_task_reads_a_local_copy_of_its_data(colours_run, tmp_path, c
 
     data = tmp_path / "arc_easy"
     data.mkdir()
-    rows = [{"id": str(i), "question": f"What colour is the {o}?", "answerKey": "B",
-             "choices": {"text": ["red", FACTS[o], "green", "black"], "label": ["A", "B", "C", "D"]}}
-            for i, o in enumerate(["apple", "zebra", "harp"])]
+    rows = [
+        {
+            "id": str(i),
+            "question": f"What colour is the {o}?",
+            "answerKey": "B",
+            "choices": {"text": ["red", FACTS[o], "green", "black"], "label": ["A", "B", "C", "D"]},
+        }
+        for i, o in enumerate(["apple", "zebra", "harp"])
+    ]
     for split in ("train", "validation", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = tmp_path / "my_tasks"
@@ -238,7 +316,8 @@ def test_a_standard_task_reads_a_local_copy_of_its_data(colours_run, tmp_path, c
     standard = f"{lm_eval.__path__[0]}/tasks/arc/arc_easy.yaml"
     (tasks / "arc_easy_local.yaml").write_text(
         f"include: {standard}\ntask: arc_easy_local\ndataset_path: json\ndataset_name: null\ndataset_kwargs:\n"
-        f"  data_files:\n" + "".join(f"    {s}: {data}/{s}.jsonl\n" for s in ("train", "validation", "test")))
+        f"  data_files:\n" + "".join(f"    {s}: {data}/{s}.jsonl\n" for s in ("train", "validation", "test"))
+    )
     code, out, err = run_cli(capsys, "lm-eval", colours_run, "--tasks", "arc_easy_local", "--include-path", tasks)
     assert code == 0, err
     assert set(json.loads(out)["tasks"]["arc_easy_local"]) == {"acc", "acc_norm"}
@@ -259,13 +338,19 @@ def test_shipped_tasks_load_offline_and_their_data_is_what_make_tasks_writes():
     from blt.harness import make_tasks
 
     for name, rows in make_tasks.build().items():
-        assert (make_tasks.DATA / name).read_text(encoding="utf-8").splitlines() == \
-            [json.dumps(r, ensure_ascii=False) for r in rows], f"run python -m blt.harness.make_tasks ({name})"
+        assert (make_tasks.DATA / name).read_text(encoding="utf-8").splitlines() == [
+            json.dumps(r, ensure_ascii=False) for r in rows
+        ], f"run python -m blt.harness.make_tasks ({name})"
     loaded = load_tasks(find_tasks(blt_task_names()))
     sizes = {t.task_name: len(t.eval_docs) for t in loaded}
-    assert sizes == {"blt_colours": 40, "blt_colours_gen": 40, "blt_shakespeare_bpb": 2,
-                     "blt_shakespeare_next_line": 200, "blt_shakespeare_speaker": 200,
-                     "blt_shakespeare_word_order": 192}
+    assert sizes == {
+        "blt_colours": 40,
+        "blt_colours_gen": 40,
+        "blt_shakespeare_bpb": 2,
+        "blt_shakespeare_next_line": 200,
+        "blt_shakespeare_speaker": 200,
+        "blt_shakespeare_word_order": 192,
+    }
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -278,10 +363,12 @@ def code_tasks(where: Path) -> Path:
     (where / "utils.py").write_text(
         "import sys\nprint('utils.py imported', file=sys.stderr, flush=True)\n\n\ndef docs(**metadata):\n"
         "    import datasets\n\n    rows = [{'q': f'the {o} is', 'label': i % 2} for i, o in enumerate('abcde')]\n"
-        "    return datasets.DatasetDict({'test': datasets.Dataset.from_list(rows)})\n")
+        "    return datasets.DatasetDict({'test': datasets.Dataset.from_list(rows)})\n"
+    )
     (where / "code_task.yaml").write_text(
         "task: code_task\ncustom_dataset: !function utils.docs\noutput_type: multiple_choice\ntest_split: test\n"
-        "fewshot_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: [blue, gold]\ndoc_to_target: label\n")
+        "fewshot_split: test\ndoc_to_text: '{{q}}'\ndoc_to_choice: [blue, gold]\ndoc_to_target: label\n"
+    )
     return where
 
 
@@ -333,14 +420,18 @@ def test_lm_eval_missing_names_the_extra(monkeypatch, colours_run, capsys):
 def test_bad_inputs_are_one_line(colours_run, tmp_path):
     net = tmp_path / "net_tasks"
     net.mkdir()
-    (net / "hub_task.yaml").write_text("task: hub_task\ndataset_path: someone/some_dataset\noutput_type: "
-                                       "multiple_choice\ntest_split: test\ndoc_to_text: q\ndoc_to_choice: c\n"
-                                       "doc_to_target: 0\n")
+    (net / "hub_task.yaml").write_text(
+        "task: hub_task\ndataset_path: someone/some_dataset\noutput_type: "
+        "multiple_choice\ntest_split: test\ndoc_to_text: q\ndoc_to_choice: c\n"
+        "doc_to_target: 0\n"
+    )
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
-    rows = [(["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
-            (["--tasks", "hub_task", "--include-path", net], "needs data from the network"),
-            (["--tasks", "blt_colours", "--limit", "0"], "--limit must be >= 1, got 0")]
+    rows = [
+        (["--tasks", "no_such_task"], "unknown task 'no_such_task'"),
+        (["--tasks", "hub_task", "--include-path", net], "needs data from the network"),
+        (["--tasks", "blt_colours", "--limit", "0"], "--limit must be >= 1, got 0"),
+    ]
     for extra, says in rows:
         assert_user_error(["lm-eval", colours_run, *extra], watch=[colours_run], contains=says)
     assert_user_error(["lm-eval", tmp_path / "not_a_model", "--tasks", "blt_colours"], contains="no checkpoint")
@@ -355,19 +446,26 @@ def test_bad_lm_eval_inputs_are_one_line_before_any_evaluation(colours_run, tmp_
     (tmp_path / "not_a_model").mkdir()
     (tmp_path / "not_a_model" / "notes.txt").write_text("hello")
     (tmp_path / "results.json").mkdir()
-    rows = [(["--output", tmp_path / "results.json"], f"--output '{tmp_path / 'results.json'}' is a directory"),
-            (["--output", tmp_path / "nope" / "x.json"], f"the directory '{tmp_path / 'nope'}' does not exist"),
-            (["--output", "/sys/x.json"], "cannot write in '/sys'"),
-            (["--output", tmp_path / "not_a_model" / "notes.txt" / "x.json"], "notes.txt' is not a directory")]
+    rows = [
+        (["--output", tmp_path / "results.json"], f"--output '{tmp_path / 'results.json'}' is a directory"),
+        (["--output", tmp_path / "nope" / "x.json"], f"the directory '{tmp_path / 'nope'}' does not exist"),
+        (["--output", "/sys/x.json"], "cannot write in '/sys'"),
+        (["--output", tmp_path / "not_a_model" / "notes.txt" / "x.json"], "notes.txt' is not a directory"),
+    ]
     for extra, says in rows:
-        assert_user_error(["lm-eval", tmp_path / "not_a_model", "--tasks", "blt_colours", *extra], watch=[tmp_path],
-                          contains=says)
-    assert_user_error(["lm-eval", colours_run, "--tasks", "blt_colours", "--num-fewshot", 1000],
-                      watch=[colours_run], contains="--num-fewshot 1000 asks task 'blt_colours' for more few-shot "
-                                                    "examples than it has (320)")
-    assert_user_error(["lm-eval", colours_run, "--tasks", "broken_task", "--include-path", bad, "--output",
-                       tmp_path / "r.json"], watch=[tmp_path],
-                      contains=f"task 'broken_task' cannot be read: '{bad / 'broken.yaml'}' line 3: ")
+        assert_user_error(
+            ["lm-eval", tmp_path / "not_a_model", "--tasks", "blt_colours", *extra], watch=[tmp_path], contains=says
+        )
+    assert_user_error(
+        ["lm-eval", colours_run, "--tasks", "blt_colours", "--num-fewshot", 1000],
+        watch=[colours_run],
+        contains="--num-fewshot 1000 asks task 'blt_colours' for more few-shot examples than it has (320)",
+    )
+    assert_user_error(
+        ["lm-eval", colours_run, "--tasks", "broken_task", "--include-path", bad, "--output", tmp_path / "r.json"],
+        watch=[tmp_path],
+        contains=f"task 'broken_task' cannot be read: '{bad / 'broken.yaml'}' line 3: ",
+    )
 
 
 @pytest.mark.slow
@@ -376,11 +474,24 @@ def test_tasks_during_a_zero3_job_are_shared_by_the_ranks_and_logged_once(tmp_pa
     from test_distributed import launch
 
     run = tmp_path / "run"
-    done = launch("torchrun.sh", [f"run_dir={run}", f"data.cache_dir={cache_dir}", "patching.mode=static", *TINY_BLT,
-                                  "training.batch_size=2", "training.steps=4", "model.hash_sparse_grad=false",
-                                  "distributed.zero_stage=3", f"data.train=[{COLOURS}]", f"data.val=[{COLOURS}]",
-                                  "eval.tasks=[blt_colours,blt_colours_gen]", "eval.tasks_limit=1",
-                                  "eval.tasks_every=2"])
+    done = launch(
+        "torchrun.sh",
+        [
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            "patching.mode=static",
+            *TINY_BLT,
+            "training.batch_size=2",
+            "training.steps=4",
+            "model.hash_sparse_grad=false",
+            "distributed.zero_stage=3",
+            f"data.train=[{COLOURS}]",
+            f"data.val=[{COLOURS}]",
+            "eval.tasks=[blt_colours,blt_colours_gen]",
+            "eval.tasks_limit=1",
+            "eval.tasks_every=2",
+        ],
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     logged = [m for m in read_metrics(run) if any(k.startswith("eval/") for k in m)]
     assert [m["step"] for m in logged] == [2, 4]  # rank 0 only: one line per run of the tasks

@@ -9,7 +9,6 @@ import torch
 
 from blt.config import Config, check_config, config_from_dict
 from blt.data import OFFSET, VOCAB_SIZE
-from blt.patching import Patcher
 from blt.hf import (
     HFFormatError,
     check_hf_expressible,
@@ -19,6 +18,7 @@ from blt.hf import (
 )
 from blt.model import build_model
 from blt.model.hash_embed import ngram_hash
+from blt.patching import Patcher
 
 transformers = pytest.importorskip("transformers")
 TOL = 1e-4
@@ -30,19 +30,47 @@ def merged(base: dict, extra: dict) -> dict:
 
 def blt_cfg(mode: str = "static", global_dim: int = 48, change: dict | None = None, **model) -> Config:
     local = {"dim": 32, "layers": 1, "heads": 2, "window": 16}
-    return config_from_dict(merged({
-        "model": {"encoder": local, "decoder": local, "global_model": {"dim": global_dim, "layers": 2, "heads": 2},
-                  "cross_attn_k": 2, "cross_attn_heads": 2, "hash_ngram_sizes": [3, 4], "hash_buckets": 64,
-                  "hf_compat": True, "init_std": 0.1, **model},
-        "patching": {"mode": mode, "patch_size": 3, "split_first_byte": True, "max_patch_length": 6,
-                     "entropy_model": "unused" if mode == "entropy" else None},
-        "data": {"seq_len": 64},
-    }, change or {}))
+    return config_from_dict(
+        merged(
+            {
+                "model": {
+                    "encoder": local,
+                    "decoder": local,
+                    "global_model": {"dim": global_dim, "layers": 2, "heads": 2},
+                    "cross_attn_k": 2,
+                    "cross_attn_heads": 2,
+                    "hash_ngram_sizes": [3, 4],
+                    "hash_buckets": 64,
+                    "hf_compat": True,
+                    "init_std": 0.1,
+                    **model,
+                },
+                "patching": {
+                    "mode": mode,
+                    "patch_size": 3,
+                    "split_first_byte": True,
+                    "max_patch_length": 6,
+                    "entropy_model": "unused" if mode == "entropy" else None,
+                },
+                "data": {"seq_len": 64},
+            },
+            change or {},
+        )
+    )
 
 
 def entropy_cfg() -> Config:
-    return config_from_dict({"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 16},
-                                       "init_std": 0.3, "rope_theta": 500.0, "tie_embeddings": True}})
+    return config_from_dict(
+        {
+            "model": {
+                "arch": "byte_lm",
+                "lm": {"dim": 32, "layers": 2, "heads": 2, "window": 16},
+                "init_std": 0.3,
+                "rope_theta": 500.0,
+                "tie_embeddings": True,
+            }
+        }
+    )
 
 
 def perturbed(model, seed: int):
@@ -77,8 +105,12 @@ def check_hf_own_patching(hf, lm, threshold: float, ids, pid, ours) -> None:
     window exceeds the threshold: HF then closes the last patch (an empty patch follows), and the
     last byte reads its own patch; ours never counts the window's last byte as a patch end."""
     T = ids.shape[1]
-    _, lengths, _ = hf.model.patcher(ids, patch_size=hf.config.patch_size, threshold=hf.config.patching_threshold,
-                                      max_patch_length=hf.config.max_patch_length)
+    _, lengths, _ = hf.model.patcher(
+        ids,
+        patch_size=hf.config.patch_size,
+        threshold=hf.config.patching_threshold,
+        max_patch_length=hf.config.max_patch_length,
+    )
     assert torch.equal(hf.model._patch_ids_from_lengths(lengths, T), pid)
     out = hf_logits(hf, ids)
     assert (out[:, :-1] - ours[:, :-1]).abs().max() <= TOL
@@ -121,18 +153,37 @@ def test_ours_to_hf_same_logits(tmp_path, mode, all_layers):
 
 def hf_model(global_dim: int, patcher: bool, seed: int = 0, all_layers: bool = False):
     torch.manual_seed(seed)
-    local = dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=96,
-                 cross_attn_all_layers=False, hidden_size_global=global_dim, rms_norm_eps=1e-5,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1000.0})
+    local = dict(
+        hidden_size=32,
+        num_attention_heads=2,
+        num_hidden_layers=1,
+        intermediate_size=96,
+        cross_attn_all_layers=False,
+        hidden_size_global=global_dim,
+        rms_norm_eps=1e-5,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+    )
     config = transformers.BltConfig(  # all_layers: decoder cross-attention before every layer, as in BLT-1B
-        encoder_config=local, decoder_config={**local, "num_hidden_layers": 2, "cross_attn_all_layers": all_layers},
-        global_config=dict(hidden_size=global_dim, num_attention_heads=4, num_hidden_layers=2, intermediate_size=128,
-                           rope_parameters={"rope_type": "default", "rope_theta": 1000.0}),
-        patcher_config=dict(hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64,
-                            sliding_window=8),
-        patch_in_forward=patcher, patching_threshold=3.0, max_patch_length=5, local_attention_window_len=12,
-        encoder_hash_byte_group_size=[2, 3, 5], encoder_hash_byte_group_vocab=50,
-        encoder_hash_byte_group_nb_functions=2)
+        encoder_config=local,
+        decoder_config={**local, "num_hidden_layers": 2, "cross_attn_all_layers": all_layers},
+        global_config=dict(
+            hidden_size=global_dim,
+            num_attention_heads=4,
+            num_hidden_layers=2,
+            intermediate_size=128,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
+        ),
+        patcher_config=dict(
+            hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, sliding_window=8
+        ),
+        patch_in_forward=patcher,
+        patching_threshold=3.0,
+        max_patch_length=5,
+        local_attention_window_len=12,
+        encoder_hash_byte_group_size=[2, 3, 5],
+        encoder_hash_byte_group_vocab=50,
+        encoder_hash_byte_group_nb_functions=2,
+    )
     hf = transformers.BltForCausalLM(config)
     with torch.no_grad():
         for p in hf.parameters():
@@ -231,15 +282,18 @@ def test_identity_projection(tmp_path):
     assert "model.global_transformer.token_embedding_projection.weight" not in load_hf(tmp_path).state_dict()
 
 
-@pytest.mark.parametrize("change,key", [
-    ({"model": {"hf_compat": False}}, "model.hf_compat"),
-    ({"model": {"global_model": {"sparse": {"pattern": "local"}}}}, "model.global_model.sparse.pattern"),
-    ({"model": {"decoder": {"window": 8}}}, "model.decoder.window"),
-    ({"model": {"global_model": {"window": 8}}}, "model.global_model.window"),
-    ({"model": {"cross_attn_heads": 4}}, "model.cross_attn_heads"),
-    ({"model": {"arch": "byte_lm"}}, "model.arch"),
-    ({"patching": {"threshold_mode": "monotonic", "mode": "entropy"}}, "patching.threshold_mode"),
-])
+@pytest.mark.parametrize(
+    "change,key",
+    [
+        ({"model": {"hf_compat": False}}, "model.hf_compat"),
+        ({"model": {"global_model": {"sparse": {"pattern": "local"}}}}, "model.global_model.sparse.pattern"),
+        ({"model": {"decoder": {"window": 8}}}, "model.decoder.window"),
+        ({"model": {"global_model": {"window": 8}}}, "model.global_model.window"),
+        ({"model": {"cross_attn_heads": 4}}, "model.cross_attn_heads"),
+        ({"model": {"arch": "byte_lm"}}, "model.arch"),
+        ({"patching": {"threshold_mode": "monotonic", "mode": "entropy"}}, "patching.threshold_mode"),
+    ],
+)
 def test_unexpressible_configs_name_the_key(change, key):
     cfg = blt_cfg(change=change)
     with pytest.raises(HFFormatError) as e:
@@ -252,11 +306,12 @@ def test_read_errors(tmp_path):
         read_hf(tmp_path)
     hf_model(48, False).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for edit, key in [({"model_type": "llama"}, "model_type"),
-                      ({"encoder_config": {**config["encoder_config"], "cross_attn_all_layers": True}},
-                       "cross_attn_all_layers"),
-                      ({"encoder_config": {**config["encoder_config"], "num_key_value_heads": 1}}, "num_key_value_heads"),
-                      ({"decoder_config": {**config["decoder_config"], "hidden_size": 64}}, "hidden_size")]:
+    for edit, key in [
+        ({"model_type": "llama"}, "model_type"),
+        ({"encoder_config": {**config["encoder_config"], "cross_attn_all_layers": True}}, "cross_attn_all_layers"),
+        ({"encoder_config": {**config["encoder_config"], "num_key_value_heads": 1}}, "num_key_value_heads"),
+        ({"decoder_config": {**config["decoder_config"], "hidden_size": 64}}, "hidden_size"),
+    ]:
         (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
         with pytest.raises(HFFormatError, match=key) as e:
             read_hf(tmp_path)
@@ -267,19 +322,22 @@ def test_read_errors(tmp_path):
         read_hf(tmp_path)
 
 
-@pytest.mark.parametrize("edit,key", [
-    (lambda c: b"\xff\xfe\x00 binary", "config.json"),
-    (lambda c: [1, 2], "not an object"),
-    (lambda c: {**c, "global_config": [48]}, "global_config"),
-    (lambda c: {**c, "cross_attn_k": 0}, "cross_attn_k"),
-    (lambda c: {**c, "cross_attn_k": 1.5}, "cross_attn_k"),
-    (lambda c: {**c, "patch_in_forward": "yes"}, "patch_in_forward"),
-    (lambda c: {**c, "encoder_hash_byte_group_size": ["3"]}, "encoder_hash_byte_group_size"),
-    (lambda c: {**c, "encoder_config": {**c["encoder_config"], "hidden_size": 0}}, "hidden_size"),
-    (lambda c: {**c, "encoder_config": {**c["encoder_config"], "rope_parameters": "default"}}, "rope_parameters"),
-    (lambda c: {**c, "global_config": {**c["global_config"], "num_hidden_layers": -1}}, "num_hidden_layers"),
-    (lambda c: {**c, "local_attention_window_len": -4}, "config.json"),  # our own check, worded for config.json
-])
+@pytest.mark.parametrize(
+    "edit,key",
+    [
+        (lambda c: b"\xff\xfe\x00 binary", "config.json"),
+        (lambda c: [1, 2], "not an object"),
+        (lambda c: {**c, "global_config": [48]}, "global_config"),
+        (lambda c: {**c, "cross_attn_k": 0}, "cross_attn_k"),
+        (lambda c: {**c, "cross_attn_k": 1.5}, "cross_attn_k"),
+        (lambda c: {**c, "patch_in_forward": "yes"}, "patch_in_forward"),
+        (lambda c: {**c, "encoder_hash_byte_group_size": ["3"]}, "encoder_hash_byte_group_size"),
+        (lambda c: {**c, "encoder_config": {**c["encoder_config"], "hidden_size": 0}}, "hidden_size"),
+        (lambda c: {**c, "encoder_config": {**c["encoder_config"], "rope_parameters": "default"}}, "rope_parameters"),
+        (lambda c: {**c, "global_config": {**c["global_config"], "num_hidden_layers": -1}}, "num_hidden_layers"),
+        (lambda c: {**c, "local_attention_window_len": -4}, "config.json"),  # our own check, worded for config.json
+    ],
+)
 def test_read_errors_of_bad_fields(tmp_path, edit, key):
     """A config.json field of the wrong type or value is a one-line HFFormatError naming it."""
     hf_model(48, False).save_pretrained(tmp_path)

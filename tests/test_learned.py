@@ -18,20 +18,30 @@ from blt.generation import Generator
 from blt.model import build_model
 from blt.patching import Patcher, ratio_loss
 from blt.tokens import encode
+
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
-TEXT = (b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
-        b"To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. ") * 6
+TEXT = (
+    b"The quick brown fox jumps over the lazy dog. A stitch in time saves nine. "
+    b"To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer. "
+) * 6
 
 
 def small_config(**patching):
-    return config_from_dict({
-        "model": {"encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 32},
-                  "global_model": {"dim": 48, "layers": 2, "heads": 2},
-                  "decoder": {"dim": 32, "layers": 1, "heads": 2, "window": 32},
-                  "cross_attn_heads": 2, "hash_buckets": 256, "hash_ngram_sizes": [3, 4]},
-        "patching": {"mode": "learned", "target_patch_size": 4.0, "max_patch_length": 12, **patching},
-        "data": {"seq_len": 96}})
+    return config_from_dict(
+        {
+            "model": {
+                "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 32},
+                "global_model": {"dim": 48, "layers": 2, "heads": 2},
+                "decoder": {"dim": 32, "layers": 1, "heads": 2, "window": 32},
+                "cross_attn_heads": 2,
+                "hash_buckets": 256,
+                "hash_ngram_sizes": [3, 4],
+            },
+            "patching": {"mode": "learned", "target_patch_size": 4.0, "max_patch_length": 12, **patching},
+            "data": {"seq_len": 96},
+        }
+    )
 
 
 def batches(n: int, T: int = 96, B: int = 4, seed: int = 0):
@@ -136,8 +146,15 @@ def test_cached_generation_equals_uncached_also_from_mid_patch_prompts(trained):
 
 def test_export_carries_the_router_and_hf_export_refuses(tmp_path, capsys, cache_dir):
     run = tmp_path / "run"
-    code, out, err = run_cli(capsys, "train", CONFIGS / "tiny_learned.yaml", f"run_dir={run}",
-                             f"data.cache_dir={cache_dir}", *TINY_BLT, "training.steps=4")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny_learned.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "training.steps=4",
+    )
     assert code == 0, err
     records = [m for m in read_metrics(run) if "loss" in m]
     assert all({"ratio_loss", "boundary_rate", "router_prob", "avg_patch_size"} <= set(m) for m in records)
@@ -156,8 +173,7 @@ def test_export_carries_the_router_and_hf_export_refuses(tmp_path, capsys, cache
     assert code == 0, err
     patches = json.loads(out)["patches"]
     assert "".join(p["text"] for p in patches) == "To be, or not to be"
-    assert all(len(p["probabilities"]) == p["bytes"] and all(0 <= q <= 1 for q in p["probabilities"])
-               for p in patches)
+    assert all(len(p["probabilities"]) == p["bytes"] and all(0 <= q <= 1 for q in p["probabilities"]) for p in patches)
     # a patch starts where the router says so (p >= 0.5) or where the one before reached max_patch_length
     for before, p in zip(patches[1:], patches[2:]):
         assert p["probabilities"][0] >= 0.5 or before["bytes"] == 12
@@ -169,8 +185,15 @@ def test_export_carries_the_router_and_hf_export_refuses(tmp_path, capsys, cache
 
 def test_exact_resume_with_learned_patching(tmp_path, capsys, cache_dir):
     full, split = tmp_path / "full", tmp_path / "split"
-    common = ["train", CONFIGS / "tiny_learned.yaml", f"data.cache_dir={cache_dir}", *TINY_BLT,
-              "training.steps=8", "checkpoint.every=4", "schedule.warmup_steps=3"]
+    common = [
+        "train",
+        CONFIGS / "tiny_learned.yaml",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "training.steps=8",
+        "checkpoint.every=4",
+        "schedule.warmup_steps=3",
+    ]
     assert run_cli(capsys, *common, f"run_dir={full}")[0] == 0
     assert run_cli(capsys, *common, f"run_dir={split}", "training.steps=4")[0] == 0
     code, out, err = run_cli(capsys, *common, f"run_dir={split}")
@@ -182,11 +205,14 @@ def test_exact_resume_with_learned_patching(tmp_path, capsys, cache_dir):
             assert a[s][key] == b[s][key], f"step {s} {key}: {a[s][key]} != {b[s][key]}"
 
 
-@pytest.mark.parametrize("override, words", [
-    (["model.hf_compat=true", "patching.split_first_byte=true"], ["hf_compat", "learned"]),
-    (["patching.threshold=1.5"], ["patching.threshold", "learned"]),
-    (["patching.target_patch_size=1"], ["target_patch_size", "> 1"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        (["model.hf_compat=true", "patching.split_first_byte=true"], ["hf_compat", "learned"]),
+        (["patching.threshold=1.5"], ["patching.threshold", "learned"]),
+        (["patching.target_patch_size=1"], ["target_patch_size", "> 1"]),
+    ],
+)
 def test_combinations_that_cannot_work_are_refused_in_one_line(tmp_path, capsys, override, words):
     code, out, err = run_cli(capsys, "train", CONFIGS / "tiny_learned.yaml", f"run_dir={tmp_path / 'r'}", *override)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -227,8 +253,9 @@ def peak_run(args: list, tmp_path) -> tuple[int, str, str, float]:
 
     out, err = tmp_path / "out", tmp_path / "err"
     with open(out, "wb") as o, open(err, "wb") as e:
-        proc = subprocess.Popen([sys.executable, *map(str, args)], stdout=o, stderr=e,
-                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.Popen(
+            [sys.executable, *map(str, args)], stdout=o, stderr=e, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     return proc.returncode, out.read_text(), err.read_text(errors="replace"), usage.ru_maxrss / 1e6  # KB on Linux
@@ -236,9 +263,14 @@ def peak_run(args: list, tmp_path) -> tuple[int, str, str, float]:
 
 def test_smoothing_memory_is_linear_in_patches(tmp_path):
     """40,000 patches (a 160 KB row): one (P, P) float64 matrix would be 12.8 GB."""
-    code, out, err, gb = peak_run(["-c", "import torch; from blt.model.router import smooth_patches; "
-                                   "print(smooth_patches(torch.randn(1, 40000, 8), torch.rand(1, 40000)).shape)"],
-                                  tmp_path)
+    code, out, err, gb = peak_run(
+        [
+            "-c",
+            "import torch; from blt.model.router import smooth_patches; "
+            "print(smooth_patches(torch.randn(1, 40000, 8), torch.rand(1, 40000)).shape)",
+        ],
+        tmp_path,
+    )
     assert code == 0 and "40000" in out, err
     assert gb < 1.5, f"peak memory {gb:.2f} GB"
 
@@ -249,8 +281,14 @@ def learned_run(tmp_path_factory, cache_dir):
     from badinput import run_blt
 
     run = tmp_path_factory.mktemp("learned") / "run"
-    proc = run_blt("train", CONFIGS / "tiny_learned.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                   *TINY_BLT, "training.steps=1")
+    proc = run_blt(
+        "train",
+        CONFIGS / "tiny_learned.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "training.steps=1",
+    )
     assert proc.returncode == 0, proc.stderr.decode()
     return run
 
@@ -261,8 +299,9 @@ def test_blt_patch_reads_a_long_file_in_windows_with_bounded_memory(learned_run,
     bounded memory; the first window is patched as that text alone is."""
     text = (TEXT * 120)[:120_000]
     (tmp_path / "long.txt").write_bytes(text)
-    code, out, err, gb = peak_run(["-m", "blt", "patch", learned_run, "--file", tmp_path / "long.txt", "--json"],
-                                  tmp_path)
+    code, out, err, gb = peak_run(
+        ["-m", "blt", "patch", learned_run, "--file", tmp_path / "long.txt", "--json"], tmp_path
+    )
     assert code == 0, err
     assert gb < 1.5, f"peak memory {gb:.2f} GB"
     found = json.loads(out)

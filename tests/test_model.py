@@ -6,7 +6,6 @@ import torch
 
 from blt.config import ModelConfig, PatchingConfig, TransformerConfig
 from blt.data import OFFSET, VOCAB_SIZE, encode
-from blt.patching import Patcher
 from blt.model import BLT, ByteLM
 from blt.model.attention import (
     decoder_mask,
@@ -16,6 +15,7 @@ from blt.model.attention import (
     previous_patch_attention,
 )
 from blt.model.hash_embed import PRIMES, HashNgramEmbedding, ngram_hash
+from blt.patching import Patcher
 
 
 def tiny_model_cfg(**kw) -> ModelConfig:
@@ -54,13 +54,21 @@ def make_patcher(mode: str, split_first_byte: bool = False) -> Patcher:
     return Patcher(PatchingConfig(mode=mode, patch_size=3, max_patch_length=6, split_first_byte=split_first_byte))
 
 
-@pytest.mark.parametrize("mode,hf", [("static", False), ("space", False), ("entropy", False),
-                                     ("static", True), ("entropy", True)])
+@pytest.mark.parametrize(
+    "mode,hf", [("static", False), ("space", False), ("entropy", False), ("static", True), ("entropy", True)]
+)
 def test_changing_byte_t_never_changes_logits_before_t(mode, hf):
     """Also for model.hf_compat (HF's decoder rule, decoder cross-attention in every layer)."""
     torch.manual_seed(0)
-    extra = dict(hf_compat=True, cross_attn_all_layers_decoder=True,
-                 decoder=TransformerConfig(dim=32, layers=2, heads=2, window=8)) if hf else {}
+    extra = (
+        dict(
+            hf_compat=True,
+            cross_attn_all_layers_decoder=True,
+            decoder=TransformerConfig(dim=32, layers=2, heads=2, window=8),
+        )
+        if hf
+        else {}
+    )
     model = BLT(tiny_model_cfg(**extra)).eval()
     patcher = make_patcher(mode, split_first_byte=hf)
     x = text_ids("To be, or not to be: that is the question. Whether 'tis nobler", 48)
@@ -202,16 +210,17 @@ def test_sliding_window_attention_equals_dense_reference(T, window):
         ref = dense_attention(q, k, v, mask)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         w = torch.randn_like(out)
-        for a, b in zip(torch.autograd.grad((out * w).sum(), (q, k, v)),
-                        torch.autograd.grad((ref * w).sum(), (q, k, v))):
+        for a, b in zip(
+            torch.autograd.grad((out * w).sum(), (q, k, v)), torch.autograd.grad((ref * w).sum(), (q, k, v))
+        ):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_sparse_hash_gradients_train_like_dense():
     """hash_sparse_grad changes how the tables are updated (lazy SparseAdam), not the model: same
     logits, same gradient norm, and one step moves the loss the same way."""
-    from blt.train.optim import build_optimizer, clip_grad_norm
     from blt.config import OptimizerConfig
+    from blt.train.optim import build_optimizer, clip_grad_norm
 
     x = random_ids(2, 24, seed=4)
     ids = torch.arange(24).div(3, rounding_mode="floor").expand(2, 24)

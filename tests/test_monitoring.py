@@ -17,17 +17,34 @@ from blt.config import load_config
 from blt.model.flops import flops_report
 from blt.monitor.wandb_sink import resolve_mode
 from blt.train.distributed import free_port
+
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 WANDB = str(Path(sys.executable).parent / "wandb")
-LOGGING_ON = ["logging.wandb.mode=offline", "logging.tensorboard=true", "logging.images=true",
-              "logging.samples=1", "logging.sample_bytes=16", "logging.every=1", "eval.every=2",
-              "patching.mode=learned", "logging.wandb.tags=[test,tiny]", "logging.wandb.group=monitoring"]
+LOGGING_ON = [
+    "logging.wandb.mode=offline",
+    "logging.tensorboard=true",
+    "logging.images=true",
+    "logging.samples=1",
+    "logging.sample_bytes=16",
+    "logging.every=1",
+    "eval.every=2",
+    "patching.mode=learned",
+    "logging.wandb.tags=[test,tiny]",
+    "logging.wandb.group=monitoring",
+]
 
 
 def train_args(run: Path, cache_dir: Path, *extra) -> list:
-    return ["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}", *TINY_BLT,
-            *LOGGING_ON, *extra]
+    return [
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        *LOGGING_ON,
+        *extra,
+    ]
 
 
 def wandb_runs(run: Path) -> list[Path]:
@@ -35,8 +52,12 @@ def wandb_runs(run: Path) -> list[Path]:
 
 
 def inspect(run_dir: Path, summary: bool) -> list[dict]:
-    out = subprocess.run([WANDB, "leet", "inspect", *(["--summary"] if summary else []), "--json", str(run_dir)],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [WANDB, "leet", "inspect", *(["--summary"] if summary else []), "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     if summary:
         return [json.loads(out.stdout)]
@@ -46,7 +67,9 @@ def inspect(run_dir: Path, summary: bool) -> list[dict]:
 @pytest.fixture(scope="module")
 def logged_run(tmp_path_factory, cache_dir) -> Path:
     run = tmp_path_factory.mktemp("monitored") / "run"
-    code = __import__("blt.cli", fromlist=["main"]).main([str(a) for a in train_args(run, cache_dir, "training.steps=4")])
+    code = __import__("blt.cli", fromlist=["main"]).main(
+        [str(a) for a in train_args(run, cache_dir, "training.steps=4")]
+    )
     assert code == 0
     return run
 
@@ -59,15 +82,28 @@ def test_offline_wandb_run_holds_metrics_config_image_and_samples(logged_run):
     config = summary["config"]
     assert config["model"]["global_model"]["dim"] == 48 and config["training"]["steps"] == 4
     s = summary["summary"]
-    for key in ("train/loss", "train/bpb", "train/bytes_per_s", "train/mfu", "train/time_fwd_bwd_s",
-                "train/peak_mem_gb", "val/bpb", "train/avg_patch_size", "train/ratio_loss", "train/boundary_rate"):
+    for key in (
+        "train/loss",
+        "train/bpb",
+        "train/bytes_per_s",
+        "train/mfu",
+        "train/time_fwd_bwd_s",
+        "train/peak_mem_gb",
+        "val/bpb",
+        "train/avg_patch_size",
+        "train/ratio_loss",
+        "train/boundary_rate",
+    ):
         assert key in s, key
     assert s["val/patches"]["_type"] == "image-file" and s["val/patches"]["width"] > 100
     assert s["val/samples"]["_type"] == "table-file" and s["val/samples"]["nrows"] == 1
     assert s["train/patch_size"]["_type"] == "histogram"
     # every logged step is in the history, with the numbers metrics.jsonl holds
-    history = {r["history"]["step"]["num"]: r["history"]["item"] for r in inspect(wb, summary=False)
-               if r.get("type") == "history"}
+    history = {
+        r["history"]["step"]["num"]: r["history"]["item"]
+        for r in inspect(wb, summary=False)
+        if r.get("type") == "history"
+    }
     losses = {m["step"]: m["loss"] for m in read_metrics(logged_run) if "loss" in m}
     assert {step: history[step]["train/loss"] for step in losses} == pytest.approx(losses)
     run_record = next(r["run"] for r in inspect(wb, summary=False) if r.get("type") == "run")
@@ -137,9 +173,13 @@ def test_wandb_auto_mode_goes_offline_without_waiting(monkeypatch, tmp_path):
 
 def test_dashboard_serves_the_scalars_on_localhost(logged_run):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "blt", "dashboard", str(logged_run), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blt", "dashboard", str(logged_run), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)},
+    )
     try:
         url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=.&tag=train/loss"
         deadline, data = time.time() + 60, None
@@ -168,8 +208,16 @@ def test_only_rank_zero_logs_in_a_two_process_run(tmp_path, cache_dir):
     from test_distributed import launch
 
     run = tmp_path / "two"
-    args = [f"run_dir={run}", f"data.cache_dir={cache_dir}", *TINY_BLT, *LOGGING_ON, "training.batch_size=2",
-            "training.steps=4", "model.hash_sparse_grad=false", "distributed.zero_stage=3"]
+    args = [
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        *LOGGING_ON,
+        "training.batch_size=2",
+        "training.steps=4",
+        "model.hash_sparse_grad=false",
+        "distributed.zero_stage=3",
+    ]
     done = launch("torchrun.sh", args)
     assert done.returncode == 0, done.stderr[-3000:]
     assert len(wandb_runs(run)) == 1

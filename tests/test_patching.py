@@ -106,8 +106,14 @@ def test_streaming_starts_equal_patch_starts(mode, threshold_mode, max_len, spli
     """Generation decides starts byte by byte; it must cut exactly where whole-sequence patching does."""
     from blt.patching import StreamingStarts
 
-    cfg = PatchingConfig(mode=mode, patch_size=3, threshold=1.0 if threshold_mode == "global" else 0.1,
-                         threshold_mode=threshold_mode, max_patch_length=max_len, split_first_byte=split_first)
+    cfg = PatchingConfig(
+        mode=mode,
+        patch_size=3,
+        threshold=1.0 if threshold_mode == "global" else 0.1,
+        threshold_mode=threshold_mode,
+        max_patch_length=max_len,
+        split_first_byte=split_first,
+    )
     g = torch.Generator().manual_seed(0)
     toks = torch.randint(4, 260, (3, 50), generator=g)
     toks[:, 0], toks[1, 20], toks[:, 5:8] = 1, 1, 32 + 4  # BOS, a BOS inside, spaces

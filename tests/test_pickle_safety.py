@@ -53,9 +53,13 @@ def evil(static_run, tmp_path) -> tuple[Path, Path]:
 def test_the_payload_is_live(evil):
     """The planted file really runs code when unpickled the way DeepSpeed's own loader does."""
     run, marker = evil
-    code = ("import torch, sys; torch.load(sys.argv[1], weights_only=False)")
-    subprocess.run([sys.executable, "-c", code, str(run / "checkpoints/step_00000002/mp_rank_00_model_states.pt")],
-                   capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    code = "import torch, sys; torch.load(sys.argv[1], weights_only=False)"
+    subprocess.run(
+        [sys.executable, "-c", code, str(run / "checkpoints/step_00000002/mp_rank_00_model_states.pt")],
+        capture_output=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert marker.exists()
 
 
@@ -73,8 +77,16 @@ def test_loaders_refuse_a_malicious_zero_shard(evil, tmp_path, verb):
 def test_training_refuses_a_malicious_source_model(evil, tmp_path, cache_dir, key):
     run, marker = evil
     mode = ["patching.mode=entropy"] if key == "patching.entropy_model" else ["patching.mode=static"]
-    out = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'new'}", f"data.cache_dir={cache_dir}",
-                  *TINY_BLT, *mode, "training.steps=1", f"{key}={run}")
+    out = run_blt(
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={tmp_path / 'new'}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        *mode,
+        "training.steps=1",
+        f"{key}={run}",
+    )
     err = out.stderr.decode()
     assert out.returncode == 2, err
     assert "Traceback" not in err and "was not loaded" in err.splitlines()[-1], err
@@ -87,8 +99,15 @@ def test_resume_refuses_a_malicious_local_checkpoint(static_run, tmp_path, cache
     shutil.copytree(static_run, run)
     marker = tmp_path / "PAYLOAD_RAN"
     plant(run / "checkpoints" / "step_00000002" / name, marker, wrap=lambda p: {"state": p})
-    out = run_blt("train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                  "patching.mode=static", *TINY_BLT, "training.steps=4")
+    out = run_blt(
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "patching.mode=static",
+        *TINY_BLT,
+        "training.steps=4",
+    )
     err = out.stderr.decode()
     assert out.returncode == 2, err
     assert "Traceback" not in err and name in err.splitlines()[-1] and "was not loaded" in err, err
@@ -101,14 +120,25 @@ def test_deepspeed_resume_refuses_a_malicious_shard(tmp_path, cache_dir):
     from blt.train.distributed import free_port
 
     run = tmp_path / "run"
-    args = [f"run_dir={run}", f"data.cache_dir={cache_dir}", "patching.mode=static", *TINY_BLT,
-            "training.batch_size=2", "model.hash_sparse_grad=false", "distributed.zero_stage=2"]
+    args = [
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "patching.mode=static",
+        *TINY_BLT,
+        "training.batch_size=2",
+        "model.hash_sparse_grad=false",
+        "distributed.zero_stage=2",
+    ]
     env = {**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
     def launch(*extra):
-        return subprocess.run(["bash", str(ROOT / "launch" / "torchrun.sh"), str(CONFIGS / "tiny.yaml"), *args,
-                               *extra], capture_output=True, text=True, timeout=300,
-                              env={**env, "MASTER_PORT": str(free_port())})
+        return subprocess.run(
+            ["bash", str(ROOT / "launch" / "torchrun.sh"), str(CONFIGS / "tiny.yaml"), *args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**env, "MASTER_PORT": str(free_port())},
+        )
 
     first = launch("training.steps=2")
     assert first.returncode == 0, first.stderr

@@ -17,11 +17,12 @@ import numpy as np
 import pytest
 import torch
 
-from badinput import assert_user_error, kill_midway
 from blt.config import ConfigError, load_config
 from blt.data import DataError, Source, StreamLoader
 from blt.data.prepare import prepare
 from blt.data.shards import Prepared, dir_lock
+
+from badinput import assert_user_error, kill_midway
 from conftest import CONFIGS, ROOT, TINY_BLT, read_metrics, run_cli
 
 slow = pytest.mark.slow
@@ -41,8 +42,7 @@ def make_corpus(root: Path, files: int, size: int, seed: int = 0) -> Path:
     for i in range(files):
         picks = rng.integers(0, len(words), size // 3)
         (root / f"doc_{i:04d}.txt").write_bytes(b" ".join(words[j] for j in picks)[:size] + b"\n")
-    (root / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * (i % 7 + 1)}) + "\n"
-                                             for i in range(50)))
+    (root / "rows.jsonl").write_text("".join(json.dumps({"text": f"row {i} " * (i % 7 + 1)}) + "\n" for i in range(50)))
     return root
 
 
@@ -53,8 +53,13 @@ def snapshot(out: Path) -> dict[str, bytes]:
 
 
 def cli_prepare(*args, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "blt", "prepare", *map(str, args)], capture_output=True, text=True,
-                          env=ENV, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "blt", "prepare", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=timeout,
+    )
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -68,8 +73,9 @@ def test_workers_parts_and_reruns_give_the_same_shards(tmp_path, capsys):
     assert snapshot(tmp_path / "two") == snapshot(tmp_path / "one")  # byte for byte, whatever the workers
 
     for k in (1, 2):  # two machines, each its part; the last to finish writes the one manifest
-        code, out, err = run_cli(capsys, "prepare", src, "--out", tmp_path / "parts", "--shard-mb", 0.02,
-                                 "--part", f"{k}/2")
+        code, out, err = run_cli(
+            capsys, "prepare", src, "--out", tmp_path / "parts", "--shard-mb", 0.02, "--part", f"{k}/2"
+        )
         assert code == 0, err
         if k == 1:
             assert "manifest is written when all 2 parts are" in err
@@ -124,8 +130,14 @@ def test_prepare_never_removes_a_file_it_did_not_write(tmp_path):
     src = make_corpus(tmp_path / "src", 12, 3000)
     out = tmp_path / "out"
     first = prepare([str(src)], out, shard_mb=0.01, log=quiet)
-    mine = {"README.md": b"my notes", "shards/.hidden": b"h", "shards/notes.txt": b"n", "shards/sub/x.jsonl": b"{}",
-            "shards/.keep.tmp-1": b"t", "shards/0123456789abcdef0123.txt": b"not a shard's name"}
+    mine = {
+        "README.md": b"my notes",
+        "shards/.hidden": b"h",
+        "shards/notes.txt": b"n",
+        "shards/sub/x.jsonl": b"{}",
+        "shards/.keep.tmp-1": b"t",
+        "shards/0123456789abcdef0123.txt": b"not a shard's name",
+    }
     for name, data in mine.items():
         (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_bytes(data)
@@ -138,8 +150,10 @@ def test_prepare_never_removes_a_file_it_did_not_write(tmp_path):
     assert ids == {s["id"] for s in second["shards"]}  # the stale shard's files are gone
 
     (out / "inside.txt").write_text("text inside the prepared directory")
-    for args, contains in [((out / "inside.txt", "--out", out), "lies inside --out"),  # refused, nothing moved
-                           ((src, "--out", src / "prepared"), "lies inside the source")]:
+    for args, contains in [
+        ((out / "inside.txt", "--out", out), "lies inside --out"),  # refused, nothing moved
+        ((src, "--out", src / "prepared"), "lies inside the source"),
+    ]:
         assert_user_error(["prepare", *args], watch=[tmp_path], contains=contains)
 
     empty = tmp_path / "e.txt"  # a failed first run leaves nothing in a new directory, and a user's empty
@@ -182,8 +196,16 @@ def test_two_prepares_started_together_on_a_new_out(tmp_path):
     prepare([str(src)], tmp_path / "reference", shard_mb=0.01, log=quiet)
     rounds, base = 12, tmp_path / "race"
     base.mkdir()
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(src), str(base), str(rounds), str(i)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for i in range(2)]
+    racers = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACER, str(src), str(base), str(rounds), str(i)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=ENV,
+        )
+        for i in range(2)
+    ]
     try:
         for r in range(rounds):
             deadline = time.monotonic() + 120
@@ -213,15 +235,21 @@ def test_kill_9_midway_then_rerun_finishes_the_same_shards(tmp_path):
     clean = tmp_path / "clean"
     prepare([str(src)], clean, shard_mb=0.1, log=quiet)
     out = tmp_path / "out"
-    kill_midway(["prepare", src, "--out", out, "--shard-mb", 0.1],
-                lambda: len(list((out / "shards").glob("*.json"))) >= 3, out, env=ENV)
+    kill_midway(
+        ["prepare", src, "--out", out, "--shard-mb", 0.1],
+        lambda: len(list((out / "shards").glob("*.json"))) >= 3,
+        out,
+        env=ENV,
+    )
     assert not (out / "manifest.json").exists()
     with pytest.raises(DataError, match="no manifest.json"):  # nothing half-done is read
         Prepared.open(out)
     logs: list[str] = []
     prepare([str(src)], out, shard_mb=0.1, log=logs.append)
     done = len(list((clean / "shards").glob("*.json")))
-    assert "shards to build" in logs[0] and f" of {done} shards" in logs[0] and not logs[0].startswith(f"prepare: {done} ")
+    assert (
+        "shards to build" in logs[0] and f" of {done} shards" in logs[0] and not logs[0].startswith(f"prepare: {done} ")
+    )
     assert snapshot(out) == snapshot(clean)
 
 
@@ -230,8 +258,15 @@ def test_damaged_shards_and_manifests_are_named_in_one_line(tmp_path, cache_dir)
     out = tmp_path / "out"
     manifest = prepare([str(src)], out, log=quiet)  # one shard: the first batch reads it
     first = manifest["shards"][0]["id"]
-    run_args = ["train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'run'}", *TINY_BLT, "patching.mode=static",
-                "training.steps=1", f"data.sources=[{{name: web, path: [{out}]}}]"]
+    run_args = [
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={tmp_path / 'run'}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "training.steps=1",
+        f"data.sources=[{{name: web, path: [{out}]}}]",
+    ]
 
     shard = out / "shards" / f"{first}.train.bin"
     good = shard.read_bytes()
@@ -240,8 +275,9 @@ def test_damaged_shards_and_manifests_are_named_in_one_line(tmp_path, cache_dir)
     with pytest.raises(DataError, match=f"{first}.train.bin' does not match its checksum"):
         Prepared.open(out).tokens(0, "train")
     # found when the first batch reads the shard, after the start line
-    line = assert_user_error(run_args, contains=f"{first}.train.bin' does not match its checksum",
-                             progress=("data: ", "blt: "))
+    line = assert_user_error(
+        run_args, contains=f"{first}.train.bin' does not match its checksum", progress=("data: ", "blt: ")
+    )
     assert f"delete '{out / 'shards' / first}.json' and rerun `blt prepare`" in line
     (out / "shards" / f"{first}.json").unlink()  # as the message says: the rerun builds the shard again
     prepare([str(src)], out, log=quiet)
@@ -280,8 +316,11 @@ def test_a_reader_checks_each_block_it_touches(tmp_path):
     data = Prepared.open(out)
     first = data.read(0, "train", 0, 1000)  # block 0 only
     assert len(first) == 1000
-    with pytest.raises(DataError, match=rf"{shard.id}.train.bin' does not match its checksum \(corrupted at bytes "
-                                        rf"{BLOCK:,}-"):
+    with pytest.raises(
+        DataError,
+        match=rf"{shard.id}.train.bin' does not match its checksum \(corrupted at bytes "
+        rf"{BLOCK:,}-",
+    ):
         data.read(0, "train", BLOCK // 2 - 5, BLOCK // 2 + 5)  # ids that span blocks 0 and 1
 
 
@@ -303,8 +342,9 @@ def test_bad_sources_and_weights(tmp_path):
     from blt.data import prepare_data
 
     with pytest.raises(DataError, match=r"data.sources\[1\] \(b\): '.*empty.txt' holds no text"):
-        prepare_data(config(f"[{{name: a, path: [{src}]}}, {{name: b, path: [{tmp_path / 'empty.txt'}]}}]").data,
-                     log=quiet)
+        prepare_data(
+            config(f"[{{name: a, path: [{src}]}}, {{name: b, path: [{tmp_path / 'empty.txt'}]}}]").data, log=quiet
+        )
     with pytest.raises(DataError, match=r"data.sources\[0\] \(a\): '.*nowhere' matches no file"):
         prepare_data(config(f"[{{name: a, path: [{tmp_path / 'nowhere'}]}}]").data, log=quiet)
     assert config(f"[{{name: a, path: {src}}}]").data.sources[0].path == [str(src)]  # one path: a list of one
@@ -322,7 +362,7 @@ def test_validation_ids_read_lazily_across_shards(three):
         assert np.array_equal(ids[a:b], full[a:b])
     rest = ids[1000:]  # an open slice is a view, not a copy
     assert len(rest) == len(full) - 1000 and np.array_equal(rest[5:900], full[1005:1900])
-    assert np.array_equal(data.split_tokens("val", 700)[0:10**9], full[:700])
+    assert np.array_equal(data.split_tokens("val", 700)[0 : 10**9], full[:700])
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -339,6 +379,7 @@ def prepared(tmp_path_factory) -> tuple[Path, Path]:
 
 def edited(change):
     """A case: a copy of the prepared directory whose manifest `change` edits (a dict, or the new text)."""
+
     def make(tmp: Path, src: Path, good: Path) -> Path:
         out = tmp / "edited"
         shutil.copytree(good, out)
@@ -346,16 +387,19 @@ def edited(change):
         text = change(manifest)
         (out / "manifest.json").write_text(text if isinstance(text, str) else json.dumps(manifest))
         return out
+
     return make
 
 
 def files_in(*names):
     """A case: a directory of a user's files (none of them written by blt)."""
+
     def make(tmp: Path, src: Path, good: Path) -> Path:
         for name in names:
             (tmp / "mine" / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / "mine" / name).write_text(json.dumps({"text": f"my file {name}"}) + "\n")
         return tmp / "mine"
+
     return make
 
 
@@ -373,53 +417,132 @@ def new_dir(tmp: Path, src: Path, good: Path) -> Path:
 TRAIN = ["train", CONFIGS / "tiny.yaml", *TINY_BLT, "training.steps=1"]
 # (make the case's directory D, the command with {D}, {SRC} and {GOOD} in it, part of the one-line message)
 BAD_PREPARED = [
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--seed", "-1"], "--seed must be in [0, 2**32), got -1",
-                 id="seed-negative"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "nan"],
-                 "--shard-mb must be a finite number, got nan", id="shard_mb-nan"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "inf"],
-                 "--shard-mb must be a finite number, got inf", id="shard_mb-inf"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "0"], "--shard-mb must be > 0, got 0.0",
-                 id="shard_mb-0"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "-1"], "--shard-mb must be > 0, got -1.0",
-                 id="shard_mb-negative"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--workers", "0"], "--workers must be >= 1, got 0",
-                 id="workers-0"),
-    pytest.param(new_dir, ["prepare", "{SRC}", "--out", "{D}", "--workers", "-1"], "--workers must be >= 1, got -1",
-                 id="workers-negative"),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--seed", "-1"],
+        "--seed must be in [0, 2**32), got -1",
+        id="seed-negative",
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "nan"],
+        "--shard-mb must be a finite number, got nan",
+        id="shard_mb-nan",
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "inf"],
+        "--shard-mb must be a finite number, got inf",
+        id="shard_mb-inf",
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "0"],
+        "--shard-mb must be > 0, got 0.0",
+        id="shard_mb-0",
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--shard-mb", "-1"],
+        "--shard-mb must be > 0, got -1.0",
+        id="shard_mb-negative",
+    ),
+    pytest.param(
+        new_dir, ["prepare", "{SRC}", "--out", "{D}", "--workers", "0"], "--workers must be >= 1, got 0", id="workers-0"
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{SRC}", "--out", "{D}", "--workers", "-1"],
+        "--workers must be >= 1, got -1",
+        id="workers-negative",
+    ),
     # --out: only a new or empty directory, or one blt prepare made; a bad manifest leaves no .lock or shards/
-    pytest.param(edited(lambda m: "{not json"), ["prepare", "{SRC}", "--out", "{D}"],
-                 "manifest.json' cannot be read (JSONDecodeError)", id="manifest-not-json"),
-    pytest.param(edited(lambda m: "[1, 2]"), ["prepare", "{SRC}", "--out", "{D}"],
-                 "manifest.json' is not a manifest of `blt prepare` ([1, 2] (a list))", id="manifest-a-list"),
-    pytest.param(edited(lambda m: '{"name": "my project"}'), ["prepare", "{SRC}", "--out", "{D}"],
-                 "is not a manifest of `blt prepare`", id="manifest-foreign-object"),
-    pytest.param(edited(lambda m: m.update(format="2")), ["prepare", "{SRC}", "--out", "{D}"],
-                 "prepared in data format '2' (a string), but this blt reads format 2", id="prepare-format-string"),
-    pytest.param(files_in("notes.txt"), ["prepare", "{SRC}", "--out", "{D}"],
-                 "holds files but is not a prepared directory", id="out-of-user-files"),
-    pytest.param(files_in("shards/a.jsonl", "shards/b.jsonl", "shards/.hidden"), ["prepare", "{D}/shards", "--out",
-                 "{D}"], "lies inside --out", id="source-inside-out"),
-    pytest.param(files_in("a.txt"), ["prepare", "{D}", "--out", "{D}"], "--out '{D}' is the source",
-                 id="out-is-source"),
-    pytest.param(files_in("a.txt"), ["prepare", "{D}", "--out", "{D}/prepared"], "lies inside the source",
-                 id="out-inside-source"),
-    pytest.param(new_dir, ["prepare", "{GOOD}", "--out", "{D}"], "is a prepared directory (from `blt prepare`), not "
-                 "input files", id="source-is-prepared"),
+    pytest.param(
+        edited(lambda m: "{not json"),
+        ["prepare", "{SRC}", "--out", "{D}"],
+        "manifest.json' cannot be read (JSONDecodeError)",
+        id="manifest-not-json",
+    ),
+    pytest.param(
+        edited(lambda m: "[1, 2]"),
+        ["prepare", "{SRC}", "--out", "{D}"],
+        "manifest.json' is not a manifest of `blt prepare` ([1, 2] (a list))",
+        id="manifest-a-list",
+    ),
+    pytest.param(
+        edited(lambda m: '{"name": "my project"}'),
+        ["prepare", "{SRC}", "--out", "{D}"],
+        "is not a manifest of `blt prepare`",
+        id="manifest-foreign-object",
+    ),
+    pytest.param(
+        edited(lambda m: m.update(format="2")),
+        ["prepare", "{SRC}", "--out", "{D}"],
+        "prepared in data format '2' (a string), but this blt reads format 2",
+        id="prepare-format-string",
+    ),
+    pytest.param(
+        files_in("notes.txt"),
+        ["prepare", "{SRC}", "--out", "{D}"],
+        "holds files but is not a prepared directory",
+        id="out-of-user-files",
+    ),
+    pytest.param(
+        files_in("shards/a.jsonl", "shards/b.jsonl", "shards/.hidden"),
+        ["prepare", "{D}/shards", "--out", "{D}"],
+        "lies inside --out",
+        id="source-inside-out",
+    ),
+    pytest.param(
+        files_in("a.txt"), ["prepare", "{D}", "--out", "{D}"], "--out '{D}' is the source", id="out-is-source"
+    ),
+    pytest.param(
+        files_in("a.txt"), ["prepare", "{D}", "--out", "{D}/prepared"], "lies inside the source", id="out-inside-source"
+    ),
+    pytest.param(
+        new_dir,
+        ["prepare", "{GOOD}", "--out", "{D}"],
+        "is a prepared directory (from `blt prepare`), not input files",
+        id="source-is-prepared",
+    ),
     # a hand-edited manifest, found when the data is opened (before the model is built)
-    pytest.param(edited(lambda m: m.pop("shards")), [*TRAIN, "data.train=[{D}]"], "'shards' is not a list",
-                 id="manifest-without-shards"),
-    pytest.param(edited(lambda m: m["shards"][0]["train"].update(tokens="abc")), [*TRAIN, "data.train=[{D}]"],
-                 "shards[0] train 'tokens' is 'abc' (a string), not a count", id="manifest-tokens-string"),
-    pytest.param(edited(lambda m: m["shards"][0]["train"].update(blocks=[])), [*TRAIN, "data.train=[{D}]"],
-                 "shards[0] train 'blocks' is [] (a list), not 1 checksum(s)", id="manifest-blocks-empty"),
-    pytest.param(edited(lambda m: m.update(format="2")), [*TRAIN, "data.train=[{D}]"],
-                 "format '2' (a string), but this blt reads format 2", id="train-format-string"),
+    pytest.param(
+        edited(lambda m: m.pop("shards")),
+        [*TRAIN, "data.train=[{D}]"],
+        "'shards' is not a list",
+        id="manifest-without-shards",
+    ),
+    pytest.param(
+        edited(lambda m: m["shards"][0]["train"].update(tokens="abc")),
+        [*TRAIN, "data.train=[{D}]"],
+        "shards[0] train 'tokens' is 'abc' (a string), not a count",
+        id="manifest-tokens-string",
+    ),
+    pytest.param(
+        edited(lambda m: m["shards"][0]["train"].update(blocks=[])),
+        [*TRAIN, "data.train=[{D}]"],
+        "shards[0] train 'blocks' is [] (a list), not 1 checksum(s)",
+        id="manifest-blocks-empty",
+    ),
+    pytest.param(
+        edited(lambda m: m.update(format="2")),
+        [*TRAIN, "data.train=[{D}]"],
+        "format '2' (a string), but this blt reads format 2",
+        id="train-format-string",
+    ),
     # a prepared directory where files are expected: say so, not "set data.text_field"
-    pytest.param(new_dir, [*TRAIN, "data.sources=[{name: a, path: [{GOOD}, {SRC}/rows.jsonl]}]"],
-                 "data.sources[0] (a): '{GOOD}' is a prepared directory", id="sources-mix-prepared-and-file"),
-    pytest.param(unfinished, [*TRAIN, "data.train=[{D}]"], "is the output of a `blt prepare` that did not finish",
-                 id="train-on-unfinished-prepare"),
+    pytest.param(
+        new_dir,
+        [*TRAIN, "data.sources=[{name: a, path: [{GOOD}, {SRC}/rows.jsonl]}]"],
+        "data.sources[0] (a): '{GOOD}' is a prepared directory",
+        id="sources-mix-prepared-and-file",
+    ),
+    pytest.param(
+        unfinished,
+        [*TRAIN, "data.train=[{D}]"],
+        "is the output of a `blt prepare` that did not finish",
+        id="train-on-unfinished-prepare",
+    ),
 ]
 
 
@@ -432,8 +555,9 @@ def test_bad_prepare_inputs_fail_in_one_line(make, args, contains, prepared, tmp
         return functools.reduce(lambda t, kv: t.replace(*kv), fill.items(), str(a))
 
     extra = [f"run_dir={tmp_path / 'run'}", f"data.cache_dir={cache_dir}"] if args[0] == "train" else []
-    line = assert_user_error([*map(text, args), *extra], watch=[tmp_path, good], contains=text(contains),
-                             progress=("data: ",))
+    line = assert_user_error(
+        [*map(text, args), *extra], watch=[tmp_path, good], contains=text(contains), progress=("data: ",)
+    )
     assert "text_field" not in line
 
 
@@ -516,8 +640,17 @@ def test_prefetch_reads_the_same_stream(three):
 def test_training_on_a_mixture_logs_bytes_and_validation_per_source(three, tmp_path, capsys):
     sources = ", ".join(f"{{name: {n}, path: [{p.root}], weight: {w}}}" for n, p, w in zip("abc", three, (5, 3, 2)))
     run = tmp_path / "run"
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", *TINY_BLT, "patching.mode=static",
-                           "training.steps=5", f"data.sources=[{sources}]", "logging.data_trace=true")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "training.steps=5",
+        f"data.sources=[{sources}]",
+        "logging.data_trace=true",
+    )
     assert code == 0, err
     metrics = read_metrics(run)
     last = [m for m in metrics if "data/bytes/a" in m][-1]
@@ -535,8 +668,9 @@ def test_training_on_a_mixture_logs_bytes_and_validation_per_source(three, tmp_p
 def test_prepared_entropies_equal_the_ones_computed_per_batch(tmp_path, entropy_run, capsys):
     src = make_corpus(tmp_path / "src", 8, 3000)
     out = tmp_path / "out"
-    code, stdout, err = run_cli(capsys, "prepare", src, "--out", out, "--shard-mb", 0.01,
-                                "--entropy-model", entropy_run, "--seq-len", 64)
+    code, stdout, err = run_cli(
+        capsys, "prepare", src, "--out", out, "--shard-mb", 0.01, "--entropy-model", entropy_run, "--seq-len", 64
+    )
     assert code == 0, err
     report = json.loads(stdout)
     assert report["entropy_bytes_computed"] == report["train_bytes"]
@@ -557,8 +691,16 @@ def test_prepared_entropies_equal_the_ones_computed_per_batch(tmp_path, entropy_
     code, _, err = run_cli(capsys, "prepare", "--out", out, "--entropy-model", entropy_run, "--seq-len", 64)
     assert code == 0 and "0 of" in err  # a rerun skips finished shards
 
-    run_args = ["train", CONFIGS / "tiny.yaml", f"run_dir={tmp_path / 'run'}", *TINY_BLT, "data.seq_len=32",
-                f"patching.entropy_model={entropy_run}", "training.steps=1", f"data.sources=[{{name: a, path: [{out}]}}]"]
+    run_args = [
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={tmp_path / 'run'}",
+        *TINY_BLT,
+        "data.seq_len=32",
+        f"patching.entropy_model={entropy_run}",
+        "training.steps=1",
+        f"data.sources=[{{name: a, path: [{out}]}}]",
+    ]
     assert_user_error(run_args, contains="data.seq_len=64, not by patching.entropy_model", progress=("data: ",))
 
 
@@ -571,9 +713,30 @@ def test_entropies_on_two_ranks_equal_one_rank(tmp_path, entropy_run):
     assert done.returncode == 0, done.stderr
     from blt.train.distributed import free_port
 
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                          str(free_port()), "-m", "blt", "prepare", "--out", str(tmp_path / "two"), "--entropy-model",
-                          str(entropy_run), "--seq-len", "64"], capture_output=True, text=True, env=ENV, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-port",
+            str(free_port()),
+            "-m",
+            "blt",
+            "prepare",
+            "--out",
+            str(tmp_path / "two"),
+            "--entropy-model",
+            str(entropy_run),
+            "--seq-len",
+            "64",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     ones = sorted((tmp_path / "one" / "entropies").rglob("*.f16"))
     twos = sorted((tmp_path / "two" / "entropies").rglob("*.f16"))

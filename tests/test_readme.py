@@ -1,6 +1,6 @@
 """Every command in README.md's code blocks runs as written, in README order, in a scratch
-directory holding the repo's configs/, launch/ and bundled corpus (blt/data/shakespeare/), with `blt` and `python` on PATH: the README
-cannot drift from the code.
+directory holding the repo's configs/, launch/ and bundled corpus (blt/data/shakespeare/), with
+`blt` and `python` on PATH: the README cannot drift from the code.
 
 Shell blocks (bash, sh, console, unlabelled) are cut into commands: comments dropped, `\\` lines
 joined, `&&` chains split. A `$ ` line is run and must print the lines shown under it; every other
@@ -39,8 +39,9 @@ NOT_HERE = {  # command, as README.md writes it -> why it cannot run in a test
     "NNODES=2 NODE_RANK=1 MASTER_ADDR=node0 launch/torchrun.sh configs/blt_1b.yaml": "two nodes, the 1B GPU preset",
     "HOSTFILE=launch/hostfile.example launch/deepspeed.sh configs/blt_8b.yaml": "ssh to a hostfile's hosts, 8B preset",
     "sbatch --nodes 8 launch/slurm.sbatch configs/blt_8b.yaml": "a SLURM cluster",
-    "ACCEL_CONFIG=launch/accelerate/zero3.yaml launch/accelerate.sh configs/blt_1b.yaml":
-        "the 1B GPU preset (CUDA, bf16, and its entropy model runs/entropy_100m, which no command trains)",
+    "ACCEL_CONFIG=launch/accelerate/zero3.yaml launch/accelerate.sh configs/blt_1b.yaml": (
+        "the 1B GPU preset (CUDA, bf16, and its entropy model runs/entropy_100m, which no command trains)"
+    ),
 }
 NOT_COMMANDS = {  # first line of a shell block that is not commands -> what it is
     "blt train CONFIG [key=value ...]": "the command-line synopsis: words in capitals are placeholders",
@@ -140,16 +141,22 @@ def scratch_dir(tmp: Path) -> tuple[Path, dict]:
         (bin_dir / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {run}"$@"\n')
         (bin_dir / name).chmod(0o755)
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}  # W&B auto: offline, no key
-    env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.update(
+        PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}",
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+    )
     return tmp, env
 
 
 def serve_and_stop(command: str, cwd: Path, env: dict, clients: list[str] = ()) -> None:
     """Run a server command: it must print a URL that answers; the Python `clients` run against it;
     then Ctrl-C stops it (exit 130)."""
-    proc = subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        ["bash", "-c", f"exec {command}"], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         line = proc.stdout.readline()  # the server prints its URL once it listens
         url = re.search(r"http://\S+", line)
@@ -235,8 +242,9 @@ def test_readme_commands_run_as_written(tmp_path, cache_dir):
             serve_and_stop(code, scratch, env, clients)
             continue
         command = code if kind == "console" else shrunk(code, scratch, cache_dir)
-        proc = subprocess.run(["bash", "-c", command], cwd=scratch, env=env, capture_output=True, text=True,
-                              timeout=600)
+        proc = subprocess.run(
+            ["bash", "-c", command], cwd=scratch, env=env, capture_output=True, text=True, timeout=600
+        )
         said = f"`{command}` -> rc {proc.returncode}\nstdout:\n{proc.stdout[-2000:]}\nstderr:\n{proc.stderr[-3000:]}"
         if kind == "console":  # the README shows what it prints: an error line means exit 2
             assert (proc.stdout + proc.stderr).splitlines() == shown, said

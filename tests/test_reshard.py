@@ -13,6 +13,7 @@ from blt.artifacts.files import load_pt
 from blt.model import build_model
 from blt.train.optim import Optimizers, build_optimizer
 from blt.train.reshard import load_universal, universal_checkpoint, universal_dir
+
 from badinput import assert_user_error
 from conftest import CONFIGS, TINY_BLT, run_cli
 
@@ -86,10 +87,21 @@ def test_resuming_with_another_model_config_is_refused_in_one_line(static_run, t
     """Layouts can change between a checkpoint and its resume; the model cannot."""
     run = tmp_path / "run"
     shutil.copytree(static_run, run)
-    line = assert_user_error(["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                              "patching.mode=static", *TINY_BLT, "training.steps=4", "model.decoder.layers=2"],
-                             watch=[run], contains="another model config (model.decoder.layers: 1 in the checkpoint, "
-                                                   "2 in the config)", progress=("data: ",))
+    line = assert_user_error(
+        [
+            "train",
+            CONFIGS / "tiny.yaml",
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            "patching.mode=static",
+            *TINY_BLT,
+            "training.steps=4",
+            "model.decoder.layers=2",
+        ],
+        watch=[run],
+        contains="another model config (model.decoder.layers: 1 in the checkpoint, 2 in the config)",
+        progress=("data: ",),
+    )
     assert "blt train: error:" in line
 
 

@@ -17,14 +17,15 @@ import httpx
 import openai
 import pytest
 
-from badinput import ROOT, assert_user_error
-from conftest import CONFIGS, TINY_BLT
 from blt.artifacts import load_model
+from blt.cli import main
 from blt.generation import Generator
 from blt.serve.app import create_app
 from blt.serve.batcher import Batcher
 from blt.serve.protocol import CHAT_STOP, ChatMessage, Limits, render_chat
-from blt.cli import main
+
+from badinput import ROOT, assert_user_error
+from conftest import CONFIGS, TINY_BLT
 
 
 def free_port() -> int:
@@ -36,8 +37,9 @@ def free_port() -> int:
 class Served:
     """uvicorn in a thread of this process, serving `path` on 127.0.0.1."""
 
-    def __init__(self, path: Path, max_batch: int = 16, max_queue: int = 256, max_tokens: int = 4096,
-                 api_key: str | None = None):
+    def __init__(
+        self, path: Path, max_batch: int = 16, max_queue: int = 256, max_tokens: int = 4096, api_key: str | None = None
+    ):
         import uvicorn
 
         loaded = load_model(path)
@@ -75,9 +77,21 @@ class Served:
 def model_run(tmp_path_factory, cache_dir, entropy_run) -> Path:
     """A tiny entropy-patched BLT trained 30 steps (so greedy text is not one repeated byte)."""
     run = tmp_path_factory.mktemp("serve") / "run"
-    assert main(["train", str(CONFIGS / "tiny.yaml"), f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                 f"patching.entropy_model={entropy_run}", *TINY_BLT, "training.steps=30",
-                 "optimizer.lr=3e-3"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                str(CONFIGS / "tiny.yaml"),
+                f"run_dir={run}",
+                f"data.cache_dir={cache_dir}",
+                f"patching.entropy_model={entropy_run}",
+                *TINY_BLT,
+                "training.steps=30",
+                "optimizer.lr=3e-3",
+            ]
+        )
+        == 0
+    )
     return run
 
 
@@ -99,8 +113,26 @@ def test_openai_client_gets_the_generators_text(served, model_run, capsys):
         chunks = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=60, stream=True, **opts)
         assert "".join(c.choices[0].text for c in chunks) == want
     # the same text as the command line prints for the same settings
-    assert main(["generate", str(model_run), "--prompt", "ROMEO.", "--max-bytes", "60",
-                 "--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(model_run),
+                "--prompt",
+                "ROMEO.",
+                "--max-bytes",
+                "60",
+                "--temperature",
+                "0.9",
+                "--top-p",
+                "0.95",
+                "--seed",
+                "7",
+                "--json",
+            ]
+        )
+        == 0
+    )
     line = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert line["text"] == served.alone("ROMEO.", max_bytes=60, temperature=0.9, top_p=0.95, seed=7)
     assert client.models.list().data[0].id == "tiny"
@@ -115,12 +147,16 @@ def test_concurrent_clients_share_batched_steps(served):
     def ask(i: int) -> None:
         client = served.client()
         if i % 2:
-            chunks = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8,
-                                               seed=i, stream=True)
+            chunks = client.completions.create(
+                model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8, seed=i, stream=True
+            )
             got[i] = "".join(c.choices[0].text for c in chunks)
         else:
-            got[i] = client.completions.create(model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8,
-                                               seed=i).choices[0].text
+            got[i] = (
+                client.completions.create(model="tiny", prompt=prompts[i], max_tokens=80, temperature=0.8, seed=i)
+                .choices[0]
+                .text
+            )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -142,12 +178,12 @@ def test_stop_strings_n_and_odd_prompts(served):
     got = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=200, temperature=0.8, seed=1, stop=stop)
     assert got.choices[0].text == want and got.choices[0].finish_reason == "stop"
     assert "\n" not in want and "e " not in want and len(want) < 200
-    streamed = client.completions.create(model="tiny", prompt="ROMEO.", max_tokens=200, temperature=0.8, seed=1,
-                                         stop=stop, stream=True)
+    streamed = client.completions.create(
+        model="tiny", prompt="ROMEO.", max_tokens=200, temperature=0.8, seed=1, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in streamed) == want
     # n choices: choice j samples with seed + j; several prompts keep their order
-    got = client.completions.create(model="tiny", prompt=["KING", "QUEEN"], max_tokens=30, temperature=1.0,
-                                    seed=5, n=3)
+    got = client.completions.create(model="tiny", prompt=["KING", "QUEEN"], max_tokens=30, temperature=1.0, seed=5, n=3)
     assert [c.index for c in got.choices] == list(range(6))
     want = [served.alone(p, max_bytes=30, temperature=1.0, seed=5 + j) for p in ("KING", "QUEEN") for j in range(3)]
     assert [c.text for c in got.choices] == want
@@ -169,28 +205,37 @@ def test_chat_renders_the_documented_template(served):
     got = served.client().chat.completions.create(model="tiny", messages=messages, max_tokens=50, temperature=0)
     want = served.alone(prompt, stop=[CHAT_STOP], max_bytes=50, temperature=0.0)
     assert got.choices[0].message.content == want and got.choices[0].message.role == "assistant"
-    chunks = served.client().chat.completions.create(model="tiny", messages=messages, max_tokens=50, temperature=0,
-                                                     stream=True, stream_options={"include_usage": True})
+    chunks = served.client().chat.completions.create(
+        model="tiny",
+        messages=messages,
+        max_tokens=50,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
     assert chunks[-1].usage.completion_tokens >= len(want.encode("utf-8", errors="replace")) - 3 * want.count("\ufffd")
 
 
-@pytest.mark.parametrize("body, field", [
-    ('{"model": "tiny", "prompt": "x", "max_tokens": "many"}', "max_tokens"),
-    ('{"model": "tiny", "prompt": "x", "max_tokens": 5000}', "max_tokens"),
-    ('{"model": "tiny", "prompt": "x", "top_p": 1.5}', "top_p"),
-    ('{"model": "tiny", "prompt": "x", "temperature": -1}', "temperature"),
-    ('{"model": "tiny", "prompt": "x", "temperature": 1e-45}', "temperature"),  # logits / T overflow float32
-    ('{"model": "tiny", "prompt": "x", "n": 0}', "n"),
-    ('{"model": "tiny", "prompt": [72, 300]}', "prompt"),
-    ('{"model": "tiny", "prompt": "x", "stop": [""]}', "stop"),
-    ('{"model": "tiny", "prompt": "x", "logprobs": 3}', "logprobs"),
-    ('{"model": "tiny", "prompt": "x", "best_off": 3}', "best_off"),
-    ('{"prompt": "x"}', "model"),
-    ('{"model": "tiny", "prompt": "x",}', None),
-    ('[1, 2]', None),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ('{"model": "tiny", "prompt": "x", "max_tokens": "many"}', "max_tokens"),
+        ('{"model": "tiny", "prompt": "x", "max_tokens": 5000}', "max_tokens"),
+        ('{"model": "tiny", "prompt": "x", "top_p": 1.5}', "top_p"),
+        ('{"model": "tiny", "prompt": "x", "temperature": -1}', "temperature"),
+        ('{"model": "tiny", "prompt": "x", "temperature": 1e-45}', "temperature"),  # logits / T overflow float32
+        ('{"model": "tiny", "prompt": "x", "n": 0}', "n"),
+        ('{"model": "tiny", "prompt": [72, 300]}', "prompt"),
+        ('{"model": "tiny", "prompt": "x", "stop": [""]}', "stop"),
+        ('{"model": "tiny", "prompt": "x", "logprobs": 3}', "logprobs"),
+        ('{"model": "tiny", "prompt": "x", "best_off": 3}', "best_off"),
+        ('{"prompt": "x"}', "model"),
+        ('{"model": "tiny", "prompt": "x",}', None),
+        ("[1, 2]", None),
+    ],
+)
 def test_malformed_requests_are_400_naming_the_field(served, body, field):
     r = httpx.post(served.url + "/v1/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
@@ -202,14 +247,19 @@ def test_malformed_requests_are_400_naming_the_field(served, body, field):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
 
 
-@pytest.mark.parametrize("body, field", [
-    ({"max_completion_tokens": -1}, "max_completion_tokens"),  # the field the client sent, not max_tokens
-    ({"max_completion_tokens": 5000, "max_tokens": 5}, "max_completion_tokens"),
-    ({"max_tokens": -1}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"max_completion_tokens": -1}, "max_completion_tokens"),  # the field the client sent, not max_tokens
+        ({"max_completion_tokens": 5000, "max_tokens": 5}, "max_completion_tokens"),
+        ({"max_tokens": -1}, "max_tokens"),
+    ],
+)
 def test_a_chat_length_error_names_the_field_sent(served, body, field):
-    r = httpx.post(served.url + "/v1/chat/completions",
-                   json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body})
+    r = httpx.post(
+        served.url + "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **body},
+    )
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == field and err["message"].startswith(f"{field} must be")
@@ -222,8 +272,11 @@ def test_unknown_model_is_404(served):
 
 def test_disconnected_stream_frees_its_row(served):
     before = served.batcher.stats()["cancelled"]
-    with httpx.stream("POST", served.url + "/v1/completions", json={
-            "model": "tiny", "prompt": "x", "max_tokens": 4000, "temperature": 0, "stream": True}) as r:
+    with httpx.stream(
+        "POST",
+        served.url + "/v1/completions",
+        json={"model": "tiny", "prompt": "x", "max_tokens": 4000, "temperature": 0, "stream": True},
+    ) as r:
         lines = r.iter_lines()
         assert next(ln for ln in lines if ln.startswith("data:"))
     deadline = time.monotonic() + 10
@@ -245,8 +298,11 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
         for path in ("/v1/completions", "/v1/chat/completions"):  # the key is checked before the body is read
             bad = httpx.post(s.url + path, content=b'{"model": ', headers={"content-type": "application/json"})
             assert bad.status_code == 401 and bad.json()["error"]["type"] == "authentication_error", bad.text
-            keyed = httpx.post(s.url + path, content=b'{"model": ', headers={"authorization": "Bearer sesame",
-                                                                             "content-type": "application/json"})
+            keyed = httpx.post(
+                s.url + path,
+                content=b'{"model": ',
+                headers={"authorization": "Bearer sesame", "content-type": "application/json"},
+            )
             assert keyed.status_code == 400 and "not valid JSON" in keyed.json()["error"]["message"], keyed.text
         client = s.client("sesame")
         body = {"model": "tiny", "prompt": "ROMEO.", "max_tokens": 4000, "temperature": 0, "stream": True}
@@ -254,8 +310,9 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
         with httpx.stream("POST", s.url + "/v1/completions", json=body, headers=head) as first:
             lines = first.iter_lines()  # held: a dropped iterator closes the stream
             next(lines)  # running: the batch (1 row) is full
-            second = threading.Thread(target=lambda: httpx.post(s.url + "/v1/completions", json=body,
-                                                                headers=head, timeout=60))
+            second = threading.Thread(
+                target=lambda: httpx.post(s.url + "/v1/completions", json=body, headers=head, timeout=60)
+            )
             second.start()  # waits in the queue (1 place)
             deadline = time.monotonic() + 10
             while s.batcher.stats()["waiting"] < 1 and time.monotonic() < deadline:
@@ -280,11 +337,14 @@ def test_serve_needs_its_extra(monkeypatch, tmp_path):
         serve(str(tmp_path / "not_loaded"))  # refused before any model is looked for
 
 
-@pytest.mark.parametrize("args, contains", [
-    (["--max-batch", "0"], "--max-batch"),
-    (["--port", "70000"], "--port"),
-    (["--drain", "nan"], "--drain"),
-])
+@pytest.mark.parametrize(
+    "args, contains",
+    [
+        (["--max-batch", "0"], "--max-batch"),
+        (["--port", "70000"], "--port"),
+        (["--drain", "nan"], "--drain"),
+    ],
+)
 def test_bad_serve_options_are_one_line(model_run, args, contains):
     assert_user_error(["serve", model_run, *args], contains=contains)
 
@@ -294,9 +354,12 @@ def test_cli_server_stops_cleanly_on_ctrl_c(model_run):
     """The real `blt serve` process: a client streams, Ctrl-C comes, the stream ends and the process
     exits within the drain time plus a few seconds."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "blt", "serve", str(model_run), "--port", str(port),
-                             "--drain", "1"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blt", "serve", str(model_run), "--port", str(port), "--drain", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:

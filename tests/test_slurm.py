@@ -16,10 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
+from test_distributed import _last_step, dist_args, final_val, losses, trace
 
 from blt.train.distributed import free_port
+
 from conftest import CONFIGS
-from test_distributed import _last_step, dist_args, final_val, losses, trace
 
 ROOT = CONFIGS.parent
 CLUSTER = ROOT / "tests" / "slurm" / "cluster.sh"
@@ -29,15 +30,27 @@ pytestmark = pytest.mark.slow
 STEPS = 120  # both jobs; ~25 ms a step, so the requeued job is still training when the requeue lands
 # only the stop and the end save: a checkpoint every 4 steps (dist_args) would cost more than training
 TRAIN = [f"training.steps={STEPS}", "checkpoint.every=100000"]
-DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
-        "BOOT_FAIL", "DEADLINE"}
+DONE = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "PREEMPTED",
+    "BOOT_FAIL",
+    "DEADLINE",
+}
 
 
 @pytest.fixture(scope="module")
 def slurm() -> dict:
     """Starts the cluster for this module and always stops it; the environment for its commands."""
-    missing = [b for b in ("slurmctld", "slurmd", "munged", "sbatch")
-               if not shutil.which(b, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")]
+    missing = [
+        b
+        for b in ("slurmctld", "slurmd", "munged", "sbatch")
+        if not shutil.which(b, path=os.environ.get("PATH", "") + ":/usr/sbin:/sbin")
+    ]
     why = None
     if missing:
         why = f"SLURM is not installed ({', '.join(missing)} missing); run: bash tests/slurm/cluster.sh install"
@@ -62,19 +75,40 @@ def submit(slurm: dict, submit_dir: Path, args: list[str]) -> int:
     """sbatch launch/slurm.sbatch from submit_dir; the job id. The command line overrides the script's
     GPU-cluster header: one node, 2 CPUs and no GPUs (there are none), so launch/common.sh starts 2 CPU
     processes. The script's own header keeps the log of a requeued job (--open-mode=append)."""
-    env = {**slurm, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "BLT_ROOT": str(ROOT),
-           "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
-    out = subprocess.run(["sbatch", "--parsable", "--nodes=1", "--cpus-per-task=2", "--gpus-per-node=0",
-                          str(ROOT / "launch" / "slurm.sbatch"), str(CONFIGS / "tiny.yaml"),
-                          *args], capture_output=True, text=True, env=env, cwd=submit_dir, timeout=60)
+    env = {
+        **slurm,
+        "PYTHON": sys.executable,
+        "PYTHONPATH": str(ROOT),
+        "BLT_ROOT": str(ROOT),
+        "OMP_NUM_THREADS": "1",
+        "MASTER_PORT": str(free_port()),
+    }
+    out = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--cpus-per-task=2",
+            "--gpus-per-node=0",
+            str(ROOT / "launch" / "slurm.sbatch"),
+            str(CONFIGS / "tiny.yaml"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=submit_dir,
+        timeout=60,
+    )
     assert out.returncode == 0, out.stderr
     return int(out.stdout.strip().split(";")[0])
 
 
 def job(slurm: dict, job_id: int) -> dict[str, str]:
     """`scontrol show job` as a dict (JobState, Restarts, ExitCode, StdOut, ...)."""
-    out = subprocess.run(["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True,
-                         env=slurm, timeout=30)
+    out = subprocess.run(
+        ["scontrol", "-o", "show", "job", str(job_id)], capture_output=True, text=True, env=slurm, timeout=30
+    )
     assert out.returncode == 0, out.stderr
     return dict(re.findall(r"(\w+)=(\S*)", out.stdout))
 
@@ -116,8 +150,9 @@ def test_sbatch_trains_with_two_processes(reference):
     assert (run / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
 
 
-def test_requeued_job_checkpoints_resumes_and_matches_the_uninterrupted_job(slurm, reference, tmp_path,
-                                                                            cache_dir, entropy_run):
+def test_requeued_job_checkpoints_resumes_and_matches_the_uninterrupted_job(
+    slurm, reference, tmp_path, cache_dir, entropy_run
+):
     """`scontrol requeue` mid-run: SLURM's SIGTERM makes the ranks save, the job runs again (same id,
     Restarts=1), resumes from that checkpoint and ends with the reference job's losses at every step."""
     ref = reference[0]
@@ -127,8 +162,9 @@ def test_requeued_job_checkpoints_resumes_and_matches_the_uninterrupted_job(slur
     while time.time() < deadline and _last_step(run) < 3 and job(slurm, job_id)["JobState"] in ("PENDING", "RUNNING"):
         time.sleep(0.05)
     assert job(slurm, job_id)["JobState"] == "RUNNING" and 3 <= _last_step(run) < STEPS, "finished before the requeue"
-    requeue = subprocess.run(["scontrol", "requeue", str(job_id)], capture_output=True, text=True, env=slurm,
-                             timeout=30)
+    requeue = subprocess.run(
+        ["scontrol", "requeue", str(job_id)], capture_output=True, text=True, env=slurm, timeout=30
+    )
     assert requeue.returncode == 0, requeue.stderr
     info = wait_done(slurm, job_id, restarts=1)
     log = log_of(tmp_path, job_id)

@@ -7,9 +7,15 @@ import pytest
 import torch
 
 from blt.config import ConfigError, SparseAttentionConfig, TransformerConfig, load_config
-from blt.model.sparse_attention import (SparseBackendError, dense_sparse_attention, flex_sparse_attention,
-                                        gather_sparse_attention, sparse_attention)
+from blt.model.sparse_attention import (
+    SparseBackendError,
+    dense_sparse_attention,
+    flex_sparse_attention,
+    gather_sparse_attention,
+    sparse_attention,
+)
 from blt.model.sparse_patterns import PATTERNS, Pattern, custom_pattern
+
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 B16 = dict(block=16)
@@ -17,13 +23,16 @@ CASES = {
     "dense": dict(B16),
     "local": dict(B16, window=24),
     "strided": dict(B16, dilation=2, num_sliding_window_blocks=3),
-    "fixed": dict(B16, num_local_blocks=2, num_global_blocks=1, different_layout_per_head=True,
-                  num_different_global_patterns=2),
-    "bigbird": dict(B16, num_random_blocks=1, num_sliding_window_blocks=3, num_global_blocks=2,
-                    different_layout_per_head=True),
+    "fixed": dict(
+        B16, num_local_blocks=2, num_global_blocks=1, different_layout_per_head=True, num_different_global_patterns=2
+    ),
+    "bigbird": dict(
+        B16, num_random_blocks=1, num_sliding_window_blocks=3, num_global_blocks=2, different_layout_per_head=True
+    ),
     "longformer": dict(B16, num_sliding_window_blocks=3, global_block_indices=[0, 10]),
-    "variable": dict(B16, num_random_blocks=1, local_window_blocks=[2, 3], global_block_indices=[3],
-                     horizontal_global_attention=True),
+    "variable": dict(
+        B16, num_random_blocks=1, local_window_blocks=[2, 3], global_block_indices=[3], horizontal_global_attention=True
+    ),
     "block_causal": dict(B16),
 }
 
@@ -101,18 +110,40 @@ def test_fixed_layout_hand_checked():
 
 
 def test_longformer_layout_hand_checked():
-    p = Pattern(SparseAttentionConfig(pattern="longformer", block=4, attention="bidirectional",
-                                      num_sliding_window_blocks=3, global_block_indices=[2]), 1)
+    p = Pattern(
+        SparseAttentionConfig(
+            pattern="longformer",
+            block=4,
+            attention="bidirectional",
+            num_sliding_window_blocks=3,
+            global_block_indices=[2],
+        ),
+        1,
+    )
     assert as_rows(p.layout(6)[0]) == [[0, 1, 2], [0, 1, 2], [0, 1, 2, 3, 4, 5], [2, 3, 4], [2, 3, 4, 5], [2, 4, 5]]
-    ranges = Pattern(SparseAttentionConfig(pattern="longformer", block=4, attention="bidirectional",
-                                           num_sliding_window_blocks=1, global_block_indices=[1],
-                                           global_block_end_indices=[3]), 1)
+    ranges = Pattern(
+        SparseAttentionConfig(
+            pattern="longformer",
+            block=4,
+            attention="bidirectional",
+            num_sliding_window_blocks=1,
+            global_block_indices=[1],
+            global_block_end_indices=[3],
+        ),
+        1,
+    )
     assert as_rows(ranges.layout(5)[0])[4] == [1, 2, 4]
 
 
 def test_bigbird_layout_with_a_fixed_seed():
-    cfg = dict(pattern="bigbird", block=4, attention="bidirectional", num_sliding_window_blocks=3,
-               num_global_blocks=1, num_random_blocks=1)
+    cfg = dict(
+        pattern="bigbird",
+        block=4,
+        attention="bidirectional",
+        num_sliding_window_blocks=3,
+        num_global_blocks=1,
+        num_random_blocks=1,
+    )
     lay = Pattern(SparseAttentionConfig(**cfg, seed=0), 1).layout(8)[0]
     q, k = torch.arange(8)[:, None], torch.arange(8)[None, :]
     base = ((q - k).abs() <= 1) | (q == 0) | (k == 0)
@@ -126,8 +157,12 @@ def test_bigbird_layout_with_a_fixed_seed():
 
 
 def test_variable_and_strided_layouts_hand_checked():
-    var = Pattern(SparseAttentionConfig(pattern="variable", block=4, num_random_blocks=0, local_window_blocks=[1, 2],
-                                        global_block_indices=[0]), 1)
+    var = Pattern(
+        SparseAttentionConfig(
+            pattern="variable", block=4, num_random_blocks=0, local_window_blocks=[1, 2], global_block_indices=[0]
+        ),
+        1,
+    )
     assert as_rows(var.layout(5)[0]) == [[0], [0, 1], [0, 1, 2], [0, 3], [0, 3, 4]]
     strided = Pattern(SparseAttentionConfig(pattern="strided", block=4, dilation=2, num_sliding_window_blocks=2), 1)
     assert as_rows(strided.layout(6)[0]) == [[0], [1], [0, 2], [1, 3], [2, 4], [3, 5]]
@@ -146,29 +181,38 @@ def test_flex_cannot_train_on_cpu_and_says_so():
         sparse_attention(q, k, v, pattern("local"), backend="flex")
 
 
-@pytest.mark.parametrize("bad,message", [
-    ("model.global_model.sparse.attention=bidirectional", "causal attention"),
-    ("model.global_model.sparse.pattern=block_causal", "causal attention"),
-    ("model.encoder.sparse.pattern=local", "window=null"),
-    ("model.global_model.sparse.pattern=starry", "model.global_model.sparse.pattern"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        ("model.global_model.sparse.attention=bidirectional", "causal attention"),
+        ("model.global_model.sparse.pattern=block_causal", "causal attention"),
+        ("model.encoder.sparse.pattern=local", "window=null"),
+        ("model.global_model.sparse.pattern=starry", "model.global_model.sparse.pattern"),
+    ],
+)
 def test_sparse_config_errors(bad, message):
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIGS / "tiny.yaml", [bad])
 
 
 def test_blt_with_sparse_attention_everywhere_is_causal():
-    from blt.config import ModelConfig
-    from blt.patching import Patcher
-    from blt.config import PatchingConfig
+    from blt.config import ModelConfig, PatchingConfig
     from blt.model import BLT
+    from blt.patching import Patcher
 
     local = SparseAttentionConfig(pattern="local", block=8, window=16)
-    cfg = ModelConfig(encoder=TransformerConfig(dim=32, layers=1, heads=2, sparse=local),
-                      global_model=TransformerConfig(dim=48, layers=2, heads=2, sparse=SparseAttentionConfig(
-                          pattern="bigbird", block=4, num_global_blocks=1, num_random_blocks=1)),
-                      decoder=TransformerConfig(dim=32, layers=1, heads=2, sparse=local),
-                      cross_attn_heads=2, hash_buckets=64)
+    cfg = ModelConfig(
+        encoder=TransformerConfig(dim=32, layers=1, heads=2, sparse=local),
+        global_model=TransformerConfig(
+            dim=48,
+            layers=2,
+            heads=2,
+            sparse=SparseAttentionConfig(pattern="bigbird", block=4, num_global_blocks=1, num_random_blocks=1),
+        ),
+        decoder=TransformerConfig(dim=32, layers=1, heads=2, sparse=local),
+        cross_attn_heads=2,
+        hash_buckets=64,
+    )
     torch.manual_seed(0)
     model = BLT(cfg).eval()
     patcher = Patcher(PatchingConfig(mode="static", patch_size=3))
@@ -184,12 +228,25 @@ def test_blt_with_sparse_attention_everywhere_is_causal():
 def test_tiny_blt_trains_with_a_sparse_global_model(tmp_path, capsys, cache_dir):
     """16 KiB byte sequences on a CPU: a BigBird global model and local-window byte Transformers."""
     run = tmp_path / "sparse"
-    code, _, err = run_cli(capsys, "train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                           *TINY_BLT, "patching.mode=static", "data.seq_len=16384", "training.batch_size=1",
-                           "training.steps=4", "model.global_model.sparse.pattern=bigbird",
-                           "model.global_model.sparse.block=32", "model.encoder.window=null",
-                           "model.encoder.sparse.pattern=local", "model.encoder.sparse.window=64",
-                           "model.encoder.sparse.block=32", "eval.max_bytes=16384")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "data.seq_len=16384",
+        "training.batch_size=1",
+        "training.steps=4",
+        "model.global_model.sparse.pattern=bigbird",
+        "model.global_model.sparse.block=32",
+        "model.encoder.window=null",
+        "model.encoder.sparse.pattern=local",
+        "model.encoder.sparse.window=64",
+        "model.encoder.sparse.block=32",
+        "eval.max_bytes=16384",
+    )
     assert code == 0, err
     losses = [m["loss"] for m in read_metrics(run) if "loss" in m]
     assert len(losses) == 4 and losses[-1] < losses[0]

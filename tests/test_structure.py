@@ -105,15 +105,20 @@ def test_the_guard_sees_a_cycle_hidden_in_a_function(tmp_path):
 
 def test_the_model_is_single_device_pytorch():
     banned = ("deepspeed", "wandb", "accelerate", "torch.distributed", "blt.train", "blt.monitor")
-    found = [(m, t) for m, p in modules().items() if m.startswith("blt.model")
-             for t in imports(m, p) if t.startswith(banned)]
+    found = [
+        (m, t) for m, p in modules().items() if m.startswith("blt.model") for t in imports(m, p) if t.startswith(banned)
+    ]
     assert found == []
 
 
 def test_nothing_outside_the_trainer_imports_it():
     edges = graph()
-    outside = [(m, t) for m, ts in edges.items() for t in ts
-               if t.startswith("blt.train") and not m.startswith("blt.train") and m != "blt.cli"]
+    outside = [
+        (m, t)
+        for m, ts in edges.items()
+        for t in ts
+        if t.startswith("blt.train") and not m.startswith("blt.train") and m != "blt.cli"
+    ]
     assert outside == []
 
 

@@ -14,8 +14,15 @@ from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 
 
 def blt_args(run, cache_dir, entropy_run, *extra):
-    return ["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-            f"patching.entropy_model={entropy_run}", *TINY_BLT, *extra]
+    return [
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        f"patching.entropy_model={entropy_run}",
+        *TINY_BLT,
+        *extra,
+    ]
 
 
 def test_quick_start_train_eval_generate_patch(tmp_path, capsys, cache_dir, entropy_run):
@@ -38,12 +45,42 @@ def test_quick_start_train_eval_generate_patch(tmp_path, capsys, cache_dir, entr
     result = json.loads(out)
     assert result["bytes"] == len(held_out.read_bytes()) and 0 < result["bpb"] < 9
 
-    code, out, err = run_cli(capsys, "generate", run, "--prompt", "ROMEO.", "--max-bytes", "40", "--seed", "3",
-                             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95")
+    code, out, err = run_cli(
+        capsys,
+        "generate",
+        run,
+        "--prompt",
+        "ROMEO.",
+        "--max-bytes",
+        "40",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+    )
     assert code == 0, err
     assert out.startswith("ROMEO.") and len(out.encode()) > len("ROMEO.")
-    code, again, _ = run_cli(capsys, "generate", run, "--prompt", "ROMEO.", "--max-bytes", "40", "--seed", "3",
-                             "--temperature", "0.8", "--top-k", "50", "--top-p", "0.95")
+    code, again, _ = run_cli(
+        capsys,
+        "generate",
+        run,
+        "--prompt",
+        "ROMEO.",
+        "--max-bytes",
+        "40",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.8",
+        "--top-k",
+        "50",
+        "--top-p",
+        "0.95",
+    )
     assert again == out  # same seed, same bytes
 
     code, out, err = run_cli(capsys, "patch", run, "--text", "To be, or not to be", "--json")
@@ -56,8 +93,13 @@ def test_quick_start_train_eval_generate_patch(tmp_path, capsys, cache_dir, entr
 @pytest.mark.parametrize("sparse", [False, True])
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, cache_dir, entropy_run, sparse):
     full, split = tmp_path / "full", tmp_path / "split"
-    common = ["training.steps=8", "checkpoint.every=4", "schedule.warmup_steps=3", "model.dropout=0.1",
-              f"model.hash_sparse_grad={str(sparse).lower()}"]
+    common = [
+        "training.steps=8",
+        "checkpoint.every=4",
+        "schedule.warmup_steps=3",
+        "model.dropout=0.1",
+        f"model.hash_sparse_grad={str(sparse).lower()}",
+    ]
     assert run_cli(capsys, *blt_args(full, cache_dir, entropy_run, *common))[0] == 0
     # stop after 4 steps (as if killed after the step-4 checkpoint), then resume with the full config
     assert run_cli(capsys, *blt_args(split, cache_dir, entropy_run, *common, "training.steps=4"))[0] == 0
@@ -74,10 +116,22 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, capsys, cache_dir, en
 
 def test_byte_lm_baseline_trains(tmp_path, capsys, cache_dir):
     run = tmp_path / "baseline"
-    code, out, err = run_cli(capsys, "train", CONFIGS / "byte_baseline_tiny.yaml", f"run_dir={run}",
-                             f"data.cache_dir={cache_dir}", "training.steps=3", "model.lm.dim=32",
-                             "model.lm.heads=2", "model.lm.layers=1", "data.seq_len=64", "training.batch_size=4",
-                             "eval.max_bytes=1024", "logging.progress=false", "training.max_minutes=null")
+    code, out, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "byte_baseline_tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        "training.steps=3",
+        "model.lm.dim=32",
+        "model.lm.heads=2",
+        "model.lm.layers=1",
+        "data.seq_len=64",
+        "training.batch_size=4",
+        "eval.max_bytes=1024",
+        "logging.progress=false",
+        "training.max_minutes=null",
+    )
     assert code == 0, err
     assert json.loads(out.strip().splitlines()[-1])["step"] == 3
 
@@ -113,15 +167,29 @@ def test_missing_empty_and_binary_corpus(tmp_path, capsys, cache_dir):
     binary.write_bytes(bytes(range(256)) * 64)
     for path, word in ((tmp_path / "missing.txt", "missing.txt"), (empty, "empty.txt"), (binary, "blob.txt")):
         run = tmp_path / f"run_{path.stem}"
-        code, _, err = run_cli(capsys, "train", CONFIGS / "byte_baseline_tiny.yaml", f"run_dir={run}",
-                               f"data.train=[{path}]", f"data.cache_dir={cache_dir}", "logging.progress=false")
+        code, _, err = run_cli(
+            capsys,
+            "train",
+            CONFIGS / "byte_baseline_tiny.yaml",
+            f"run_dir={run}",
+            f"data.train=[{path}]",
+            f"data.cache_dir={cache_dir}",
+            "logging.progress=false",
+        )
         one_line_error(code, err, word)
 
 
 def test_checkpoint_that_does_not_match_the_config(tmp_path, capsys, cache_dir, entropy_run):
     # the entropy model is a byte_lm with lm.dim=32; ask for another size and resume from it
-    code, _, err = run_cli(capsys, "train", CONFIGS / "entropy_tiny.yaml", f"run_dir={entropy_run}",
-                           f"data.cache_dir={cache_dir}", "model.lm.dim=64", "logging.progress=false")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "entropy_tiny.yaml",
+        f"run_dir={entropy_run}",
+        f"data.cache_dir={cache_dir}",
+        "model.lm.dim=64",
+        "logging.progress=false",
+    )
     one_line_error(code, err, "model.lm", "trained with")
 
 
@@ -132,8 +200,15 @@ def test_unwritable_run_dir_and_no_overwrite(tmp_path, capsys, cache_dir, entrop
     one_line_error(code, err, "not writable")
     # a run with checkpoints is never overwritten by a fresh start
     before = {p: p.stat().st_mtime_ns for p in (entropy_run / "checkpoints").rglob("*") if p.is_file()}
-    code, _, err = run_cli(capsys, "train", CONFIGS / "entropy_tiny.yaml", f"run_dir={entropy_run}",
-                           f"data.cache_dir={cache_dir}", "checkpoint.resume=none", "logging.progress=false")
+    code, _, err = run_cli(
+        capsys,
+        "train",
+        CONFIGS / "entropy_tiny.yaml",
+        f"run_dir={entropy_run}",
+        f"data.cache_dir={cache_dir}",
+        "checkpoint.resume=none",
+        "logging.progress=false",
+    )
     one_line_error(code, err, "already holds checkpoints")
     after = {p: p.stat().st_mtime_ns for p in (entropy_run / "checkpoints").rglob("*") if p.is_file()}
     assert before == after
@@ -143,8 +218,13 @@ def test_console_script_runs(tmp_path):
     """The installed `blt` entry point (not just main()) answers."""
     exe = Path(sys.executable).with_name("blt")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "blt"]
-    out = subprocess.run([*cmd, "info", str(CONFIGS / "tiny.yaml")], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)}, timeout=120)
+    out = subprocess.run(
+        [*cmd, "info", str(CONFIGS / "tiny.yaml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(CONFIGS.parent)},
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
     assert info["params"] > 0 and 0 < info["global_share"] < 1
@@ -157,8 +237,17 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, cache_dir, ent
     import time
 
     run = tmp_path / "preempted"
-    args = [sys.executable, "-m", "blt", *map(str, blt_args(run, cache_dir, entropy_run, "training.steps=100000",
-                                                          "checkpoint.every=100000", "training.threads=1"))]
+    args = [
+        sys.executable,
+        "-m",
+        "blt",
+        *map(
+            str,
+            blt_args(
+                run, cache_dir, entropy_run, "training.steps=100000", "checkpoint.every=100000", "training.threads=1"
+            ),
+        ),
+    ]
     env = {**os.environ, "PYTHONPATH": str(CONFIGS.parent)}
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     metrics = run / "metrics.jsonl"

@@ -10,14 +10,23 @@ import stat
 
 import pytest
 
-from badinput import assert_user_error
 from blt.train.engine import LocalEngine
+
+from badinput import assert_user_error
 from conftest import CONFIGS, TINY_BLT, TINY_LM, read_metrics, run_cli
 
 
 def tiny(run, cache_dir, *extra):
-    return ["train", CONFIGS / "tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}", *TINY_BLT,
-            "patching.mode=static", "logging.tensorboard=false", *extra]
+    return [
+        "train",
+        CONFIGS / "tiny.yaml",
+        f"run_dir={run}",
+        f"data.cache_dir={cache_dir}",
+        *TINY_BLT,
+        "patching.mode=static",
+        "logging.tensorboard=false",
+        *extra,
+    ]
 
 
 def one_line(code, err, *words) -> str:
@@ -61,8 +70,9 @@ def test_divergence_saves_the_last_finite_step_and_points_before_it(tmp_path, ca
     # continue with a learning rate that blows the weights up: step 3's update makes step 4's loss nan
     diverge = tiny(run, cache_dir, *common, "training.steps=6", "optimizer.lr=1e6")
     code, _, err = run_cli(capsys, *diverge)
-    line = one_line(code, err, "at step 4", "lower optimizer.lr", f"checkpoint.resume={step_dir(run, 2)}",
-                    str(step_dir(run, 3)))
+    line = one_line(
+        code, err, "at step 4", "lower optimizer.lr", f"checkpoint.resume={step_dir(run, 2)}", str(step_dir(run, 3))
+    )
     state = json.loads((step_dir(run, 3) / "state.json").read_text())
     assert state["step"] == 3 and state["data"]["position"] == 3 * 4  # 3 batches of 4 windows: no more, no less
     model = load_model(step_dir(run, 3), patcher=False).model
@@ -72,14 +82,16 @@ def test_divergence_saves_the_last_finite_step_and_points_before_it(tmp_path, ca
     code, _, err = run_cli(capsys, *diverge)
     assert one_line(code, err) == line
     # what the message says to do: resume from before the divergence with a sane lr
-    code, _, err = run_cli(capsys, *tiny(run, cache_dir, *common, "training.steps=6",
-                                         f"checkpoint.resume={step_dir(run, 2)}"))
+    code, _, err = run_cli(
+        capsys, *tiny(run, cache_dir, *common, "training.steps=6", f"checkpoint.resume={step_dir(run, 2)}")
+    )
     assert code == 0, err
     assert train_steps(run) == [1, 2, 3, 4, 5, 6]
 
 
-def test_a_crash_mid_step_saves_the_step_before_and_the_rerun_continues_exactly(tmp_path, capsys, cache_dir,
-                                                                                monkeypatch):
+def test_a_crash_mid_step_saves_the_step_before_and_the_rerun_continues_exactly(
+    tmp_path, capsys, cache_dir, monkeypatch
+):
     full, crashed = tmp_path / "full", tmp_path / "crashed"
     common = ["training.steps=4", "checkpoint.every=100", "model.dropout=0.1"]
     assert run_cli(capsys, *tiny(full, cache_dir, *common))[0] == 0
@@ -119,8 +131,9 @@ def test_a_double_ctrl_c_then_resume_logs_every_step_once(tmp_path, capsys, cach
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    args = tiny(run, cache_dir, "training.steps=5", "checkpoint.every=2", "logging.tensorboard=true",
-                "logging.data_trace=true")
+    args = tiny(
+        run, cache_dir, "training.steps=5", "checkpoint.every=2", "logging.tensorboard=true", "logging.data_trace=true"
+    )
     fail_on_call(monkeypatch, 4, KeyboardInterrupt())  # the second Ctrl-C: stop at once, inside step 4
     assert run_cli(capsys, *args)[0] == 130
     assert train_steps(run) == [1, 2, 3]  # step 3 is logged, but only step 2 was saved
@@ -134,7 +147,8 @@ def test_a_double_ctrl_c_then_resume_logs_every_step_once(tmp_path, capsys, cach
     board.Reload()
     assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4, 5]
     assert [e.value for e in board.Scalars("train/loss")][2] == pytest.approx(
-        [m["loss"] for m in read_metrics(run) if "loss" in m][2])  # step 3 as the resumed run logged it
+        [m["loss"] for m in read_metrics(run) if "loss" in m][2]
+    )  # step 3 as the resumed run logged it
 
 
 # ----------------------------------------------------------------------------- never writing over others
@@ -143,8 +157,11 @@ def test_a_double_ctrl_c_then_resume_logs_every_step_once(tmp_path, capsys, cach
 def test_train_refuses_an_export_and_leaves_it_byte_identical(tmp_path, capsys, cache_dir, entropy_run):
     export = tmp_path / "export"
     assert run_cli(capsys, "export", entropy_run, export)[0] == 0
-    assert_user_error(["train", CONFIGS / "entropy_tiny.yaml", f"run_dir={export}", f"data.cache_dir={cache_dir}",
-                       *TINY_LM], watch=[export], contains="is an export")
+    assert_user_error(
+        ["train", CONFIGS / "entropy_tiny.yaml", f"run_dir={export}", f"data.cache_dir={cache_dir}", *TINY_LM],
+        watch=[export],
+        contains="is an export",
+    )
 
 
 def test_train_refuses_a_directory_of_other_files(tmp_path, cache_dir):
@@ -161,34 +178,66 @@ def test_train_refuses_a_run_that_stopped_before_its_first_checkpoint(tmp_path, 
     assert run_cli(capsys, *tiny(run, cache_dir, "training.steps=5", "checkpoint.every=100"))[0] == 130
     assert train_steps(run) == [1, 2] and not (run / "checkpoints").exists()
     for resume in ("auto", "none"):
-        assert_user_error(tiny(run, cache_dir, "training.steps=5", f"checkpoint.resume={resume}"), watch=[run],
-                          contains="stopped before its first checkpoint")
+        assert_user_error(
+            tiny(run, cache_dir, "training.steps=5", f"checkpoint.resume={resume}"),
+            watch=[run],
+            contains="stopped before its first checkpoint",
+        )
 
 
 # ----------------------------------------------------------------------------- messages and leftovers
 
 
 def test_a_resume_with_another_model_config_names_the_keys(cache_dir, entropy_run):
-    line = assert_user_error(["train", CONFIGS / "entropy_tiny.yaml", f"run_dir={entropy_run}",
-                              f"data.cache_dir={cache_dir}", *TINY_LM, "model.lm.dim=64", "model.lm.layers=2"],
-                             watch=[entropy_run], contains="model.lm.dim: 32 in the checkpoint, 64 in the config")
+    line = assert_user_error(
+        [
+            "train",
+            CONFIGS / "entropy_tiny.yaml",
+            f"run_dir={entropy_run}",
+            f"data.cache_dir={cache_dir}",
+            *TINY_LM,
+            "model.lm.dim=64",
+            "model.lm.layers=2",
+        ],
+        watch=[entropy_run],
+        contains="model.lm.dim: 32 in the checkpoint, 64 in the config",
+    )
     assert "model.lm.layers: 1 in the checkpoint, 2 in the config" in line and len(line) < 400
 
 
 def test_init_from_another_model_config_names_the_keys(tmp_path, cache_dir, entropy_run):
     run = tmp_path / "finetune"
-    assert_user_error(["train", CONFIGS / "entropy_tiny.yaml", f"run_dir={run}", f"data.cache_dir={cache_dir}",
-                       *TINY_LM, "model.lm.dim=64", f"training.init_from={entropy_run}"], watch=[tmp_path],
-                      contains="model.lm.dim: 32 in its config.yaml, 64 in this config", progress=("data: ",))
+    assert_user_error(
+        [
+            "train",
+            CONFIGS / "entropy_tiny.yaml",
+            f"run_dir={run}",
+            f"data.cache_dir={cache_dir}",
+            *TINY_LM,
+            "model.lm.dim=64",
+            f"training.init_from={entropy_run}",
+        ],
+        watch=[tmp_path],
+        contains="model.lm.dim: 32 in its config.yaml, 64 in this config",
+        progress=("data: ",),
+    )
     assert not run.exists()
 
 
-@pytest.mark.parametrize("value, says", [("Auto", "checkpoint.resume must be auto | none | PATH, got 'Auto'"),
-                                         ("{tmp}/gone/step_00000004", "{tmp}/gone/step_00000004' does not exist")])
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("Auto", "checkpoint.resume must be auto | none | PATH, got 'Auto'"),
+        ("{tmp}/gone/step_00000004", "{tmp}/gone/step_00000004' does not exist"),
+    ],
+)
 def test_a_bad_checkpoint_resume_lists_the_options(tmp_path, cache_dir, value, says):
     run = tmp_path / "run"
-    line = assert_user_error(tiny(run, cache_dir, f"checkpoint.resume={value.format(tmp=tmp_path)}"),
-                             watch=[tmp_path], contains=says.format(tmp=tmp_path))
+    line = assert_user_error(
+        tiny(run, cache_dir, f"checkpoint.resume={value.format(tmp=tmp_path)}"),
+        watch=[tmp_path],
+        contains=says.format(tmp=tmp_path),
+    )
     assert "auto | none | PATH" in line and not run.exists()
 
 
@@ -196,10 +245,12 @@ def test_a_bad_checkpoint_resume_lists_the_options(tmp_path, cache_dir, value, s
 def test_an_early_failure_leaves_no_run_dir(tmp_path, cache_dir, case):
     run = tmp_path / "runs" / "new"
     (tmp_path / "empty_run").mkdir()
-    extra = {"missing data": [f"data.train=[{tmp_path / 'missing.txt'}]"],
-             "bad entropy model": ["patching.mode=entropy", f"patching.entropy_model={tmp_path / 'nope'}"],
-             "late config check": ["training.dtype=fp16", "training.device=cpu"],
-             "no checkpoint": [f"checkpoint.resume={tmp_path / 'empty_run'}"]}[case]
+    extra = {
+        "missing data": [f"data.train=[{tmp_path / 'missing.txt'}]"],
+        "bad entropy model": ["patching.mode=entropy", f"patching.entropy_model={tmp_path / 'nope'}"],
+        "late config check": ["training.dtype=fp16", "training.device=cpu"],
+        "no checkpoint": [f"checkpoint.resume={tmp_path / 'empty_run'}"],
+    }[case]
     assert_user_error(tiny(run, cache_dir, "training.steps=1", *extra), watch=[tmp_path], progress=("data: ",))
     assert not (tmp_path / "runs").exists()
 
@@ -219,9 +270,17 @@ def test_a_start_that_fails_in_its_first_step_takes_back_what_it_wrote(tmp_path,
 def test_an_unwritable_cache_dir_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    assert_user_error(["train", CONFIGS / "byte_baseline_tiny.yaml", f"run_dir={tmp_path / 'run'}",
-                       f"data.cache_dir={blocker / 'cache'}", f"data.train=[{CONFIGS / 'tiny.yaml'}]"],
-                      watch=[tmp_path], contains=f"data.cache_dir '{blocker / 'cache'}' is not writable")
+    assert_user_error(
+        [
+            "train",
+            CONFIGS / "byte_baseline_tiny.yaml",
+            f"run_dir={tmp_path / 'run'}",
+            f"data.cache_dir={blocker / 'cache'}",
+            f"data.train=[{CONFIGS / 'tiny.yaml'}]",
+        ],
+        watch=[tmp_path],
+        contains=f"data.cache_dir '{blocker / 'cache'}' is not writable",
+    )
 
 
 # ----------------------------------------------------------------------------- files a team can read
@@ -275,15 +334,30 @@ def test_a_diverging_job_saves_on_every_rank_together(tmp_path, cache_dir):
     from blt.train.distributed import free_port
 
     run = tmp_path / "job"
-    env = {**os.environ, "PYTHON": sys.executable, "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": str(CONFIGS.parent)}
-    args = [str(a) for a in tiny(run, cache_dir, "training.batch_size=2", "training.steps=4", "optimizer.lr=1e6",
-                                 "checkpoint.every=100")[2:]]
-    done = subprocess.run(["bash", str(CONFIGS.parent / "launch" / "torchrun.sh"), str(CONFIGS / "tiny.yaml"), *args],
-                          capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "MASTER_PORT": str(free_port()),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(CONFIGS.parent),
+    }
+    args = [
+        str(a)
+        for a in tiny(
+            run, cache_dir, "training.batch_size=2", "training.steps=4", "optimizer.lr=1e6", "checkpoint.every=100"
+        )[2:]
+    ]
+    done = subprocess.run(
+        ["bash", str(CONFIGS.parent / "launch" / "torchrun.sh"), str(CONFIGS / "tiny.yaml"), *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     # each rank says it once (counted in the text: two processes share the one stderr pipe)
     assert done.returncode != 0, done.stderr[-3000:]
-    assert [done.stderr.count(f"(rank {r}): error: loss became nan at step 2") for r in (0, 1)] == [1, 1], \
-        done.stderr[-3000:]
+    assert [done.stderr.count(f"(rank {r}): error: loss became nan at step 2") for r in (0, 1)] == [1, 1], done.stderr[
+        -3000:
+    ]
     state = json.loads((step_dir(run, 1) / "state.json").read_text())
     assert (state["step"], state["world_size"]) == (1, 2) and [d["position"] for d in state["data_ranks"]] == [4, 4]

@@ -15,5 +15,4 @@ from blt.artifacts.checkpoints import CheckpointError, find_checkpoint
 from blt.artifacts.exports import ExportError, is_export
 from blt.artifacts.load import Loaded, build_patcher, load_model
 
-__all__ = ["CheckpointError", "ExportError", "Loaded", "build_patcher", "find_checkpoint", "is_export",
-           "load_model"]
+__all__ = ["CheckpointError", "ExportError", "Loaded", "build_patcher", "find_checkpoint", "is_export", "load_model"]

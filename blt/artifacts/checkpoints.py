@@ -56,8 +56,10 @@ def read_state_json(step_dir: Path) -> dict:
     try:
         state = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"'{path}' is unreadable or not JSON ({type(e).__name__}); "
-                              "use another checkpoint (the previous one in checkpoints/ is still complete)") from None
+        raise CheckpointError(
+            f"'{path}' is unreadable or not JSON ({type(e).__name__}); "
+            "use another checkpoint (the previous one in checkpoints/ is still complete)"
+        ) from None
     if not isinstance(state, dict) or not isinstance(state.get("step", 0), int):
         raise CheckpointError(f"'{path}' is not a blt checkpoint state (a JSON object with an integer step)")
     return state

@@ -20,8 +20,8 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -61,13 +61,26 @@ def refusal(path: Path, err: BaseException) -> UnsafeFileError:
         what = what.split("Please")[0].strip().rstrip(".")[:160]
         return UnsafeFileError(
             f"'{path}' holds pickled objects other than tensors and plain data ({what or 'not allow-listed'}); "
-            "it was not loaded (blt never runs code from a checkpoint; use a checkpoint written by blt)")
-    return UnsafeFileError(f"'{path}' is truncated or not a torch file ({type(err).__name__}); it was not loaded "
-                           "(use another checkpoint, or re-save this one)")
+            "it was not loaded (blt never runs code from a checkpoint; use a checkpoint written by blt)"
+        )
+    return UnsafeFileError(
+        f"'{path}' is truncated or not a torch file ({type(err).__name__}); it was not loaded "
+        "(use another checkpoint, or re-save this one)"
+    )
 
 
-LOAD_ERRORS = (pickle.UnpicklingError, EOFError, RuntimeError, ValueError, OSError, KeyError, TypeError,
-               AttributeError, ImportError, IndexError)
+LOAD_ERRORS = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    ValueError,
+    OSError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    ImportError,
+    IndexError,
+)
 
 
 def load_pt(path: str | Path, allowed: list | tuple = ()) -> object:
@@ -101,8 +114,10 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise UnsafeFileError(f"'{path}' is not a readable safetensors file ({first}); it was not loaded "
-                              "(the file is truncated or of another format: use another checkpoint or export)") from None
+        raise UnsafeFileError(
+            f"'{path}' is not a readable safetensors file ({first}); it was not loaded "
+            "(the file is truncated or of another format: use another checkpoint or export)"
+        ) from None
 
 
 class WeightsMismatchError(UserError):
@@ -114,16 +129,25 @@ def fit_weights(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
     A name missing from `state` is fine when the model ties it to a name that is there (a
     safetensors file stores tied weights once)."""
     own = model.state_dict()
-    shapes = [f"{k}: {tuple(state[k].shape)} in the weights, {tuple(v.shape)} in the model"
-              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(state[k].shape)} in the weights, {tuple(v.shape)} in the model"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
     loaded_ptrs = {own[k].data_ptr() for k in own if k in state}
     missing = [k for k in own if k not in state and own[k].data_ptr() not in loaded_ptrs]
     unexpected = sorted(set(state) - set(own))
-    problems = shapes[:3] + ([f"missing {_few(missing)}"] if missing else []) + (
-        [f"unexpected {_few(unexpected)}"] if unexpected else [])
+    problems = (
+        shapes[:3]
+        + ([f"missing {_few(missing)}"] if missing else [])
+        + ([f"unexpected {_few(unexpected)}"] if unexpected else [])
+    )
     if problems:
-        raise WeightsMismatchError(f"the weights in '{where}' do not fit the model of its config: "
-                                   + "; ".join(problems) + " (use the config the weights were trained with)")
+        raise WeightsMismatchError(
+            f"the weights in '{where}' do not fit the model of its config: "
+            + "; ".join(problems)
+            + " (use the config the weights were trained with)"
+        )
     model.load_state_dict(state, strict=False)
 
 

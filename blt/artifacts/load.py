@@ -42,8 +42,12 @@ def load_model(path: str | Path, device: str = "cpu", patcher: bool = True) -> L
         load_weights(model, where)
         model = model.to(device).eval()
         state = read_state_json(where)
-        meta = {"source": str(where.resolve()), "step": state.get("step"), "val": state.get("last_val") or {},
-                "threshold": state.get("threshold")}
+        meta = {
+            "source": str(where.resolve()),
+            "step": state.get("step"),
+            "val": state.get("last_val") or {},
+            "threshold": state.get("threshold"),
+        }
     out = Loaded(model, cfg, where, meta)
     if patcher:  # the saved config holds the threshold it was trained with
         out.patcher = build_patcher(cfg, device)
@@ -63,10 +67,13 @@ def build_patcher(cfg: Config, device="cpu") -> Patcher:
     try:
         ent = load_model(p.entropy_model, device, patcher=False)
     except CheckpointError as e:
-        raise ConfigError(f"patching.entropy_model: {e} (train one with `blt train configs/entropy_tiny.yaml`)") from None
+        raise ConfigError(
+            f"patching.entropy_model: {e} (train one with `blt train configs/entropy_tiny.yaml`)"
+        ) from None
     if ent.cfg.model.arch != "byte_lm":
-        raise ConfigError(f"patching.entropy_model '{p.entropy_model}' is a {ent.cfg.model.arch} model; "
-                          "it must be a byte_lm")
+        raise ConfigError(
+            f"patching.entropy_model '{p.entropy_model}' is a {ent.cfg.model.arch} model; it must be a byte_lm"
+        )
     for w in ent.model.parameters():
         w.requires_grad_(False)
     weights = ent.where / "model.safetensors"  # a ZeRO-3 checkpoint has only shards (and state.json)

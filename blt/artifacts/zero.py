@@ -68,8 +68,10 @@ def safe_shards(step_dir: Path):
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         if "weights_only" in first:  # torch's advice to load it unguarded is never passed on
             first = type(e).__name__
-        raise UnsafeFileError(f"DeepSpeed could not read the shards in '{step_dir}' ({first}); "
-                              "they were not loaded (use another checkpoint)") from None
+        raise UnsafeFileError(
+            f"DeepSpeed could not read the shards in '{step_dir}' ({first}); "
+            "they were not loaded (use another checkpoint)"
+        ) from None
 
 
 def consolidate_zero(step_dir: Path) -> dict[str, torch.Tensor]:
@@ -93,9 +95,15 @@ def zero_to_universal(step_dir: Path, out_dir: Path) -> None:
 
     step_dir, out_dir = Path(step_dir), Path(out_dir)
     workers = max(1, min(8, (os.cpu_count() or 1) // 2))  # DeepSpeed's forked workers inherit the guard
-    args = argparse.Namespace(input_folder=str(step_dir), output_folder=str(out_dir), num_extract_workers=workers,
-                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
-                              inject_missing_state=True)  # blt's models carry no Megatron universal_checkpoint_info
+    args = argparse.Namespace(
+        input_folder=str(step_dir),
+        output_folder=str(out_dir),
+        num_extract_workers=workers,
+        num_merge_workers=workers,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )  # blt's models carry no Megatron universal_checkpoint_info
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         with safe_shards(step_dir):
             ds_to_universal(args)

@@ -11,7 +11,22 @@ from blt.data.stream import Batch, Source, StreamLoader
 from blt.tokens import BOS_ID, EOS_ID, OFFSET, PAD_ID, VOCAB_SIZE, decode, encode, encode_documents
 
 __all__ = [
-    "BOS_ID", "BUNDLED_DIR", "Batch", "Corpus", "DataError", "EOS_ID", "OFFSET", "PAD_ID", "Source",
-    "StreamLoader", "VOCAB_SIZE", "decode", "encode", "encode_documents", "encode_files", "eval_windows",
-    "prepare_data", "resolve_files",
+    "BOS_ID",
+    "BUNDLED_DIR",
+    "Batch",
+    "Corpus",
+    "DataError",
+    "EOS_ID",
+    "OFFSET",
+    "PAD_ID",
+    "Source",
+    "StreamLoader",
+    "VOCAB_SIZE",
+    "decode",
+    "encode",
+    "encode_documents",
+    "encode_files",
+    "eval_windows",
+    "prepare_data",
+    "resolve_files",
 ]

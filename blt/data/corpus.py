@@ -66,17 +66,26 @@ def _cached(paths: list[str], settings: Settings, cfg: DataConfig, what: str, bu
         try:
             (cache / "data").mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise DataError(f"data.cache_dir '{cache}' is not writable ({e.strerror or type(e).__name__}); set "
-                            "data.cache_dir=PATH to a writable directory") from None
+            raise DataError(
+                f"data.cache_dir '{cache}' is not writable ({e.strerror or type(e).__name__}); set "
+                "data.cache_dir=PATH to a writable directory"
+            ) from None
         try:
-            prepare(hub + [str(f) for f in files], out, settings, workers=cfg.workers or os.cpu_count() or 1,
-                    log=lambda s: log(f"data: {s.removeprefix('prepare: ')} [{what}]"))
+            prepare(
+                hub + [str(f) for f in files],
+                out,
+                settings,
+                workers=cfg.workers or os.cpu_count() or 1,
+                log=lambda s: log(f"data: {s.removeprefix('prepare: ')} [{what}]"),
+            )
         except DataError as e:
             raise DataError(str(e) if str(e).startswith(what) else f"{what}: {e}") from None
     return Prepared.open(out, what)
 
 
-def _source(paths: list[str], settings: Settings, cfg: DataConfig, what: str, build: bool, log) -> tuple[Prepared, bool]:
+def _source(
+    paths: list[str], settings: Settings, cfg: DataConfig, what: str, build: bool, log
+) -> tuple[Prepared, bool]:
     if _is_prepared(paths):
         return Prepared.open(os.path.expanduser(paths[0]), what), False
     return _cached(paths, settings, cfg, what, build, log), True
@@ -85,14 +94,16 @@ def _source(paths: list[str], settings: Settings, cfg: DataConfig, what: str, bu
 def prepare_data(cfg: DataConfig, log=print, build: bool = True) -> Corpus:
     """The configured data, prepared (build=True: files are prepared into the cache where needed;
     build=False: only opened, as the other ranks do once rank 0 has prepared them)."""
+
     def settings(val_fraction: float) -> Settings:
         return Settings(cfg.text_field, cfg.sample_by, val_fraction, cfg.seed)
 
     if cfg.sources:
         sources, val, cached = [], [], {}
         for i, s in enumerate(cfg.sources):
-            data, cached[s.name] = _source(s.path, settings(cfg.val_fraction), cfg, f"data.sources[{i}] ({s.name})",
-                                           build, log)
+            data, cached[s.name] = _source(
+                s.path, settings(cfg.val_fraction), cfg, f"data.sources[{i}] ({s.name})", build, log
+            )
             if s.weight > 0:
                 sources.append(Source(s.name, s.weight, data))
             val.append((s.name, data, "val"))
@@ -101,15 +112,19 @@ def prepare_data(cfg: DataConfig, log=print, build: bool = True) -> Corpus:
         train_paths = [HUB_PREFIX + cfg.hub_dataset]
     else:
         train_paths = cfg.train or [str(p) for p in sorted((BUNDLED_DIR / "train").glob("*.txt"))]
-    val_paths = cfg.val or ([str(p) for p in sorted((BUNDLED_DIR / "val").glob("*.txt"))]
-                            if not (cfg.train or cfg.hub_dataset) else [])
-    train, is_cached = _source(train_paths, settings(0.0 if val_paths else cfg.val_fraction), cfg, "data.train",
-                               build, log)
+    val_paths = cfg.val or (
+        [str(p) for p in sorted((BUNDLED_DIR / "val").glob("*.txt"))] if not (cfg.train or cfg.hub_dataset) else []
+    )
+    train, is_cached = _source(
+        train_paths, settings(0.0 if val_paths else cfg.val_fraction), cfg, "data.train", build, log
+    )
     held = _source(val_paths, settings(1.0), cfg, "data.val", build, log)[0] if val_paths else train
     if held.totals("val")[1] == 0:
-        raise DataError(f"data.val ({describe(val_paths)}) holds no text (empty files?); point data.val at files "
-                        "with text" if val_paths else "data.train holds no validation documents; set data.val to "
-                        "held-out files, or raise data.val_fraction")
+        raise DataError(
+            f"data.val ({describe(val_paths)}) holds no text (empty files?); point data.val at files with text"
+            if val_paths
+            else "data.train holds no validation documents; set data.val to held-out files, or raise data.val_fraction"
+        )
     return Corpus([Source("train", 1.0, train)], [("train", held, "val")], {"train": is_cached})
 
 

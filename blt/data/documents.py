@@ -18,8 +18,8 @@ import gzip
 import json
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -97,8 +97,9 @@ def _decompress(path: Path, raw: bytes) -> tuple[str, bytes]:
 def _text_docs(path: Path, raw: bytes, sample_by: str) -> Docs:
     """A plain-text file as documents: the whole file, its paragraphs ("\\n\\n") or its lines."""
     if b"\0" in raw[:SNIFF_BYTES]:
-        raise DataError(f"'{path}' looks binary (NUL bytes in its first 8 KB); "
-                        f"use text, .jsonl, .json or .parquet files")
+        raise DataError(
+            f"'{path}' looks binary (NUL bytes in its first 8 KB); use text, .jsonl, .json or .parquet files"
+        )
     if sample_by == "document":
         pieces = [raw]
     else:  # separators are dropped, as datasets' `text` builder does; EOS marks the end instead
@@ -121,8 +122,8 @@ def column_docs(column, where: str) -> Iterator[Docs]:
         if len(chunk) == 0:
             continue
         _, offsets_buf, data_buf = chunk.buffers()
-        offsets = np.frombuffer(offsets_buf, dtype=np.int64)[chunk.offset: chunk.offset + len(chunk) + 1]
-        data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0]: offsets[-1]] if data_buf else np.zeros(0, np.uint8)
+        offsets = np.frombuffer(offsets_buf, dtype=np.int64)[chunk.offset : chunk.offset + len(chunk) + 1]
+        data = np.frombuffer(data_buf, dtype=np.uint8)[offsets[0] : offsets[-1]] if data_buf else np.zeros(0, np.uint8)
         lengths = np.diff(offsets)
         yield data, lengths[lengths > 0]
 
@@ -135,8 +136,10 @@ def _first_line(e: BaseException) -> str:
 
 def _field(table, text_field: str, where: str):
     if text_field not in table.column_names:
-        raise DataError(f"{where} has no field '{text_field}' (fields: {', '.join(table.column_names) or 'none'}); "
-                        f"set data.text_field to the field holding the text")
+        raise DataError(
+            f"{where} has no field '{text_field}' (fields: {', '.join(table.column_names) or 'none'}); "
+            f"set data.text_field to the field holding the text"
+        )
     return table.column(text_field)
 
 
@@ -154,8 +157,10 @@ def _json_docs(path: Path, raw: bytes, text_field: str) -> Iterator[Docs]:
                 raise ValueError("not a list of objects")
             table = pa.Table.from_pylist([{text_field: r.get(text_field)} if text_field in r else r for r in records])
         except Exception:
-            raise DataError(f"'{path}' is not valid JSON lines or a JSON array of objects ({_first_line(e)}); "
-                            f"fix or remove the file") from None
+            raise DataError(
+                f"'{path}' is not valid JSON lines or a JSON array of objects ({_first_line(e)}); "
+                f"fix or remove the file"
+            ) from None
     if table.num_rows == 0:
         return
     yield from column_docs(_field(table, text_field, f"'{path}'"), f"field '{text_field}' of '{path}'")
@@ -168,8 +173,10 @@ def _parquet_docs(path: Path, raw: bytes, text_field: str) -> Iterator[Docs]:
     try:
         schema = pq.read_schema(pa.BufferReader(raw))
         if text_field not in schema.names:
-            raise DataError(f"'{path}' has no field '{text_field}' (fields: {', '.join(schema.names) or 'none'}); "
-                            f"set data.text_field to the field holding the text")
+            raise DataError(
+                f"'{path}' has no field '{text_field}' (fields: {', '.join(schema.names) or 'none'}); "
+                f"set data.text_field to the field holding the text"
+            )
         table = pq.read_table(pa.BufferReader(raw), columns=[text_field])
     except DataError:
         raise
@@ -211,7 +218,10 @@ def hub_documents(name: str, text_field: str, cache_dir: Path) -> Iterator[Docs]
         try:
             ds = datasets.load_dataset(name, split="train", cache_dir=str(cache_dir))
         except Exception as e:
-            raise DataError(f"could not load hub dataset '{name}' ({_first_line(e)}); check the name and the "
-                            f"network, or use local files") from None
-    yield from column_docs(_field(ds.data, text_field, f"hub dataset '{name}'"),
-                           f"field '{text_field}' of hub dataset '{name}'")
+            raise DataError(
+                f"could not load hub dataset '{name}' ({_first_line(e)}); check the name and the "
+                f"network, or use local files"
+            ) from None
+    yield from column_docs(
+        _field(ds.data, text_field, f"hub dataset '{name}'"), f"field '{text_field}' of hub dataset '{name}'"
+    )

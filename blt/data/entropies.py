@@ -65,8 +65,10 @@ class EntropyStore:
         returns the ids computed. Each shard is written to a temporary file and renamed."""
         self.dir.mkdir(parents=True, exist_ok=True)
         if rank == 0:
-            write_json(self.dir / "info.json", {"model": self.model_name, "fingerprint": self.fingerprint,
-                                                "seq_len": self.seq_len})
+            write_json(
+                self.dir / "info.json",
+                {"model": self.model_name, "fingerprint": self.fingerprint, "seq_len": self.seq_len},
+            )
         mine = [k for k in range(len(self.data.shards)) if k % world_size == rank and not self.path(k).is_file()]
         L, done, t0 = self.seq_len, 0, time.perf_counter()
         device = next(patcher.model.parameters()).device
@@ -76,23 +78,25 @@ class EntropyStore:
             out = np.zeros(n, dtype=np.float16)
             starts = np.arange(0, n, L)
             for b in range(0, len(starts), batch):
-                rows = np.zeros((len(starts[b: b + batch]), L), dtype=np.int64)  # (b, L) bytes; PAD after the end
-                for j, s in enumerate(starts[b: b + batch]):
-                    chunk = ids[s: s + L]
+                rows = np.zeros((len(starts[b : b + batch]), L), dtype=np.int64)  # (b, L) bytes; PAD after the end
+                for j, s in enumerate(starts[b : b + batch]):
+                    chunk = ids[s : s + L]
                     rows[j, : len(chunk)] = chunk
                 with torch.no_grad():
                     H = patcher.entropies(torch.from_numpy(rows).to(device)).float().cpu().numpy()  # (b, L)
-                for j, s in enumerate(starts[b: b + batch]):
+                for j, s in enumerate(starts[b : b + batch]):
                     m = min(L, n - s)
-                    out[s: s + m] = H[j, :m]
+                    out[s : s + m] = H[j, :m]
             tmp = self.path(k).with_name(f".{self.path(k).name}.tmp-{os.getpid()}")
             out.tofile(tmp)
             os.replace(tmp, self.path(k))
             done += n
         if mine:
             secs = time.perf_counter() - t0
-            log(f"entropies: rank {rank} computed {len(mine)} shard(s), {done:,} bytes in {secs:.1f} s "
-                f"({done / max(secs, 1e-9) / 1e6:.2f} MB/s) -> {self.dir}")
+            log(
+                f"entropies: rank {rank} computed {len(mine)} shard(s), {done:,} bytes in {secs:.1f} s "
+                f"({done / max(secs, 1e-9) / 1e6:.2f} MB/s) -> {self.dir}"
+            )
         return done
 
     def load(self) -> list[np.ndarray]:
@@ -102,7 +106,9 @@ class EntropyStore:
             p = self.path(k)
             n = s.splits["train"]["tokens"]
             if not p.is_file() or p.stat().st_size != 2 * n:
-                raise DataError(f"entropies '{p}' are missing or truncated; rerun `blt prepare --out {self.data.root} "
-                                f"--entropy-model MODEL --seq-len {self.seq_len}` to compute them")
+                raise DataError(
+                    f"entropies '{p}' are missing or truncated; rerun `blt prepare --out {self.data.root} "
+                    f"--entropy-model MODEL --seq-len {self.seq_len}` to compute them"
+                )
             arrays.append(np.asarray(np.memmap(p, dtype=np.float16, mode="r")) if n else np.zeros(0, np.float16))
         return arrays

@@ -1,11 +1,11 @@
 """In-order evaluation windows of a packed id stream (training windows: blt/data/stream.py).
 
-    for x in eval_windows(val_tokens, 1024, 8): ...   # (b, L + 1); every target id scored exactly once
+for x in eval_windows(val_tokens, 1024, 8): ...   # (b, L + 1); every target id scored exactly once
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -13,8 +13,9 @@ import torch
 from blt.tokens import PAD_ID
 
 
-def eval_windows(tokens: np.ndarray, seq_len: int, batch_size: int,
-                 max_tokens: int | None = None) -> Iterator[torch.Tensor]:
+def eval_windows(
+    tokens: np.ndarray, seq_len: int, batch_size: int, max_tokens: int | None = None
+) -> Iterator[torch.Tensor]:
     """In-order windows of seq_len + 1 tokens, each sharing one token with the next, in batches.
 
     Every target token (positions 1 .. M, M = min(N - 1, max_tokens)) appears exactly once in some

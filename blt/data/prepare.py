@@ -33,11 +33,29 @@ from pathlib import Path
 import numpy as np
 
 from blt.data.documents import (
-    HUB_PREFIX, DataError, describe, file_documents, hub_documents, read_input, resolve_files,
+    HUB_PREFIX,
+    DataError,
+    describe,
+    file_documents,
+    hub_documents,
+    read_input,
+    resolve_files,
 )
 from blt.data.shards import (
-    FORMAT, LOCK_FILE, SHARD_FILE, SPLITS, TEMP_FILE, Shard, ShardWriter, dir_lock, own_shard_ids, prepared_state,
-    read_manifest, read_record, shard_damage, write_json,
+    FORMAT,
+    LOCK_FILE,
+    SHARD_FILE,
+    SPLITS,
+    TEMP_FILE,
+    Shard,
+    ShardWriter,
+    dir_lock,
+    own_shard_ids,
+    prepared_state,
+    read_manifest,
+    read_record,
+    shard_damage,
+    write_json,
 )
 from blt.disk import make_dirs, remove_made_dirs
 from blt.tokens import encode_documents
@@ -53,6 +71,7 @@ class NoDataError(DataError):
 @dataclass(frozen=True)
 class Settings:
     """What decides the content of the shards besides the input files."""
+
     text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
     sample_by: str = "document"  # plain text: one document per file, paragraph or line
     val_fraction: float = 0.05  # share of each shard's documents held out for validation (1.0: all)
@@ -75,8 +94,11 @@ def _stat(path: Path) -> dict:
 
 
 def _group_id(settings: Settings, files: list[dict]) -> str:
-    spec = {"format": FORMAT, "settings": asdict(settings),
-            "files": [[f["path"], f["size"], f["mtime_ns"]] for f in files]}
+    spec = {
+        "format": FORMAT,
+        "settings": asdict(settings),
+        "files": [[f["path"], f["size"], f["mtime_ns"]] for f in files],
+    }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -86,8 +108,12 @@ def plan(inputs: list[dict], old: list[Shard], settings: Settings, shard_bytes: 
     current = {f["path"]: f for f in inputs}
     kept, used = [], set()
     for s in old:
-        if all(f["path"] in current and current[f["path"]]["size"] == f["size"]
-               and current[f["path"]]["mtime_ns"] == f["mtime_ns"] for f in s.files):
+        if all(
+            f["path"] in current
+            and current[f["path"]]["size"] == f["size"]
+            and current[f["path"]]["mtime_ns"] == f["mtime_ns"]
+            for f in s.files
+        ):
             kept.append((s.id, [current[f["path"]] for f in s.files]))
             used.update(f["path"] for f in s.files)
     groups, group, size = [], [], 0
@@ -126,7 +152,7 @@ def build_shard(root: Path, shard_id: str, files: list[dict], settings: Settings
     for f in files:
         path = f["path"]
         if path.startswith(HUB_PREFIX):
-            docs.extend(hub_documents(path[len(HUB_PREFIX):], settings.text_field, hub_cache))
+            docs.extend(hub_documents(path[len(HUB_PREFIX) :], settings.text_field, hub_cache))
             records.append({**f, "sha256": None})
             continue
         raw = read_input(Path(path))
@@ -195,22 +221,29 @@ def _inputs(sources: list[str], root: Path) -> list[dict]:
         real = os.path.realpath(os.path.expanduser(s))
         if os.path.isdir(real) and _inside(out, real):
             where = "is the source" if out == real else "lies inside the source"
-            raise DataError(f"--out '{root}' {where} '{s}', whose files prepare reads; prepare into a directory "
-                            f"outside the sources")
+            raise DataError(
+                f"--out '{root}' {where} '{s}', whose files prepare reads; prepare into a directory outside the sources"
+            )
     files = resolve_files(paths, "source") if paths else []
     for f in files:
         if _inside(os.path.realpath(f), out):
-            raise DataError(f"the source '{f}' lies inside --out '{root}'; keep the sources outside the prepared "
-                            f"directory and pass another --out")
+            raise DataError(
+                f"the source '{f}' lies inside --out '{root}'; keep the sources outside the prepared "
+                f"directory and pass another --out"
+            )
     for d in sorted({f.parent for f in files}):
         for folder in (d, d.parent) if d.name == "shards" else (d,):
             state = prepared_state(folder)
             if state == "done":
-                raise DataError(f"'{folder}' is a prepared directory (from `blt prepare`), not input files; use it "
-                                f"alone as a data path, or pass the files it was prepared from")
+                raise DataError(
+                    f"'{folder}' is a prepared directory (from `blt prepare`), not input files; use it "
+                    f"alone as a data path, or pass the files it was prepared from"
+                )
             if state == "unfinished":
-                raise DataError(f"'{folder}' is the output of a `blt prepare` that did not finish (no manifest.json); "
-                                f"rerun that `blt prepare` to finish it, then use the directory alone as a data path")
+                raise DataError(
+                    f"'{folder}' is the output of a `blt prepare` that did not finish (no manifest.json); "
+                    f"rerun that `blt prepare` to finish it, then use the directory alone as a data path"
+                )
     return hub + [_stat(p) for p in files]
 
 
@@ -219,8 +252,11 @@ def _old_shards(root: Path, settings: Settings) -> list[Shard]:
         return []
     manifest, shards = read_manifest(root)
     if manifest["settings"] != asdict(settings):
-        diff = ", ".join(f"{k}={manifest['settings'].get(k)!r}" for k, v in asdict(settings).items()
-                         if manifest["settings"].get(k) != v)
+        diff = ", ".join(
+            f"{k}={manifest['settings'].get(k)!r}"
+            for k, v in asdict(settings).items()
+            if manifest["settings"].get(k) != v
+        )
         raise DataError(f"'{root}' was prepared with {diff}; prepare with the same settings, or into another --out")
     return shards
 
@@ -238,11 +274,14 @@ def _check_out(root: Path, settings: Settings) -> None:
     try:
         names = [p.name for p in root.iterdir()]
     except OSError as e:
-        raise DataError(f"--out '{root}' cannot be read ({e.strerror or type(e).__name__}); pass another "
-                        f"directory") from None
+        raise DataError(
+            f"--out '{root}' cannot be read ({e.strerror or type(e).__name__}); pass another directory"
+        ) from None
     if names and not any(LOCK_FILE.fullmatch(name) for name in names):
-        raise DataError(f"--out '{root}' holds files but is not a prepared directory; pass a new or empty directory "
-                        f"(prepare writes only into its own)")
+        raise DataError(
+            f"--out '{root}' holds files but is not a prepared directory; pass a new or empty directory "
+            f"(prepare writes only into its own)"
+        )
 
 
 def _complete(root: Path, shard_id: str, log) -> bool:
@@ -254,8 +293,7 @@ def _complete(root: Path, shard_id: str, log) -> bool:
     return shard is not None
 
 
-def _run(todo: list[tuple[str, list[dict]]], root: Path, settings: Settings, workers: int, progress: bool,
-         log) -> None:
+def _run(todo: list[tuple[str, list[dict]]], root: Path, settings: Settings, workers: int, progress: bool, log) -> None:
     """Build the shards of `todo` with `workers` processes, a progress bar with MB/s and ETA."""
     from tqdm import tqdm
 
@@ -283,17 +321,30 @@ def _manifest(root: Path, settings: Settings, order: list[str], sources: list[st
         if s is None:
             raise DataError(f"shard {sid} of '{root}' is not complete; rerun `blt prepare` to finish it")
         shards.append(s)
-    totals = {split: {"tokens": sum(s.splits[split]["tokens"] for s in shards),
-                      "docs": sum(s.splits[split]["docs"] for s in shards)} for split in SPLITS}
+    totals = {
+        split: {
+            "tokens": sum(s.splits[split]["tokens"] for s in shards),
+            "docs": sum(s.splits[split]["docs"] for s in shards),
+        }
+        for split in SPLITS
+    }
     if totals["train"]["docs"] + totals["val"]["docs"] == 0:
         raise NoDataError(f"{describe(sources, 'hold')} no text (empty files?); pass files with text")
     if 0 < settings.val_fraction < 1 and totals["val"]["docs"] == 0:
-        raise NoDataError(f"{describe(sources, 'hold')} too few documents to hold out validation (one per shard "
-                          f"of two or more); pass separate validation data, or sample_by=paragraph for more documents")
+        raise NoDataError(
+            f"{describe(sources, 'hold')} too few documents to hold out validation (one per shard "
+            f"of two or more); pass separate validation data, or sample_by=paragraph for more documents"
+        )
     if settings.val_fraction < 1 and totals["train"]["docs"] == 0:
         raise NoDataError(f"{describe(sources, 'hold')} no training documents; lower the validation fraction")
-    return {"format": FORMAT, "settings": asdict(settings), "inputs": sources, **totals,
-            "bytes": sum(s.num_bytes for s in shards), "shards": [s.to_json() for s in shards]}
+    return {
+        "format": FORMAT,
+        "settings": asdict(settings),
+        "inputs": sources,
+        **totals,
+        "bytes": sum(s.num_bytes for s in shards),
+        "shards": [s.to_json() for s in shards],
+    }
 
 
 def _sweep(root: Path, stale: set[str]) -> None:
@@ -320,8 +371,16 @@ def _take_back(root: Path) -> None:
     (root / ".lock").unlink(missing_ok=True)  # a process that was waiting locks a new one (shards.dir_lock)
 
 
-def prepare(sources: list[str], out: str | Path, settings: Settings = Settings(), workers: int = 1,
-            part: str | None = None, shard_mb: float = SHARD_MB, progress: bool = False, log=print) -> dict:
+def prepare(
+    sources: list[str],
+    out: str | Path,
+    settings: Settings = Settings(),
+    workers: int = 1,
+    part: str | None = None,
+    shard_mb: float = SHARD_MB,
+    progress: bool = False,
+    log=print,
+) -> dict:
     """Prepare `sources` (files, directories, globs, hub:NAME) into `out`; returns the manifest,
     or, for one part of several that are not all done yet, that part's record."""
     k, n = check_options(settings, workers, shard_mb, part)
@@ -333,8 +392,9 @@ def prepare(sources: list[str], out: str | Path, settings: Settings = Settings()
     try:
         made = make_dirs(root)
     except OSError as e:
-        raise DataError(f"--out '{root}' cannot be created ({e.strerror or type(e).__name__}); "
-                        f"pass a writable directory") from None
+        raise DataError(
+            f"--out '{root}' cannot be created ({e.strerror or type(e).__name__}); pass a writable directory"
+        ) from None
     try:
         return _prepare(inputs, sources, root, settings, workers, k, n, shard_mb, progress, log)
     except BaseException:
@@ -342,8 +402,18 @@ def prepare(sources: list[str], out: str | Path, settings: Settings = Settings()
         raise
 
 
-def _prepare(inputs: list[dict], sources: list[str], root: Path, settings: Settings, workers: int, k: int, n: int,
-             shard_mb: float, progress: bool, log) -> dict:
+def _prepare(
+    inputs: list[dict],
+    sources: list[str],
+    root: Path,
+    settings: Settings,
+    workers: int,
+    k: int,
+    n: int,
+    shard_mb: float,
+    progress: bool,
+    log,
+) -> dict:
     t0 = time.perf_counter()
     with dir_lock(root, ".lock" if n == 1 else f".lock-part-{k}-of-{n}"):
         old = _old_shards(root, settings)
@@ -355,8 +425,10 @@ def _prepare(inputs: list[dict], sources: list[str], root: Path, settings: Setti
             todo = [g for g in mine if not _complete(root, g[0], log)]
             todo_bytes = sum(f["size"] for _, files in todo for f in files)
             if todo:
-                log(f"prepare: {len(todo)} of {len(mine)} shards to build ({todo_bytes / 1e6:,.1f} MB of input) "
-                    f"with {min(workers, len(todo))} worker(s) -> {root}")
+                log(
+                    f"prepare: {len(todo)} of {len(mine)} shards to build ({todo_bytes / 1e6:,.1f} MB of input) "
+                    f"with {min(workers, len(todo))} worker(s) -> {root}"
+                )
             _run(todo, root, settings, workers, progress, log)
             order = [sid for sid, _ in groups]
             if n == 1:
@@ -366,18 +438,27 @@ def _prepare(inputs: list[dict], sources: list[str], root: Path, settings: Setti
                 record = {"part": k, "of": n, "order": order, "inputs": sources}
                 write_json(root / "parts" / f"part-{k}-of-{n}.json", record)
         except BaseException as e:
-            if fresh and not (root / "manifest.json").exists() and (isinstance(e, NoDataError)
-                                                                    or not own_shard_ids(root)):
+            if (
+                fresh
+                and not (root / "manifest.json").exists()
+                and (isinstance(e, NoDataError) or not own_shard_ids(root))
+            ):
                 _take_back(root)  # a first run that finished nothing of use leaves nothing
             raise
     if n > 1:
         with dir_lock(root, wait=True):
             return _combine(root, settings, n, record, log) or record
     secs = time.perf_counter() - t0
-    log(f"prepare: {manifest['train']['docs']:,} train / {manifest['val']['docs']:,} val documents, "
+    log(
+        f"prepare: {manifest['train']['docs']:,} train / {manifest['val']['docs']:,} val documents, "
         f"{manifest['bytes'] / 1e6:,.1f} MB in {len(order)} shards"
-        + (f"; built {todo_bytes / 1e6:,.1f} MB at {todo_bytes / 1e6 / max(secs, 1e-9):,.1f} MB/s" if todo else
-           "; nothing new to build") + f" -> {root}")
+        + (
+            f"; built {todo_bytes / 1e6:,.1f} MB at {todo_bytes / 1e6 / max(secs, 1e-9):,.1f} MB/s"
+            if todo
+            else "; nothing new to build"
+        )
+        + f" -> {root}"
+    )
     return manifest
 
 
@@ -402,11 +483,15 @@ def _combine(root: Path, settings: Settings, n: int, record: dict, log) -> dict 
             return None
         parts.append(json.loads(p.read_text()))
     if any(p["order"] != record["order"] for p in parts):
-        raise DataError(f"the parts of '{root}' were planned from different inputs; run every --part with the "
-                        f"same sources (and the same settings)")
+        raise DataError(
+            f"the parts of '{root}' were planned from different inputs; run every --part with the "
+            f"same sources (and the same settings)"
+        )
     manifest = _finish(root, settings, record["order"], record["inputs"])
     for i in range(1, n + 1):
         (root / "parts" / f"part-{i}-of-{n}.json").unlink(missing_ok=True)
-    log(f"prepare: all {n} parts done: {manifest['train']['docs']:,} train / {manifest['val']['docs']:,} val "
-        f"documents, {manifest['bytes'] / 1e6:,.1f} MB in {len(record['order'])} shards -> {root}")
+    log(
+        f"prepare: all {n} parts done: {manifest['train']['docs']:,} train / {manifest['val']['docs']:,} val "
+        f"documents, {manifest['bytes'] / 1e6:,.1f} MB in {len(record['order'])} shards -> {root}"
+    )
     return manifest

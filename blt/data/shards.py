@@ -50,6 +50,7 @@ def write_json(path: Path, obj, indent: int | None = 1) -> None:
 @dataclass
 class Shard:
     """One shard: the input files it packs and, per split, its ids, documents and checksum."""
+
     id: str
     files: list[dict]  # [{"path", "size", "mtime_ns", "sha256"}] of the input files
     splits: dict[str, dict]  # split -> {"tokens", "docs", "blocks": sha256 of each BLOCK bytes of the .bin}
@@ -58,7 +59,7 @@ class Shard:
         return {"id": self.id, "files": self.files, **self.splits}
 
     @classmethod
-    def from_json(cls, d: dict) -> "Shard":
+    def from_json(cls, d: dict) -> Shard:
         return cls(d["id"], d["files"], {s: {k: d[s][k] for k in ("tokens", "docs", "blocks")} for s in SPLITS})
 
     @property
@@ -90,8 +91,13 @@ def _shard_problem(d) -> str | None:
     if not isinstance(d.get("id"), str) or not re.fullmatch(r"[0-9a-f]{20}", d["id"]):
         return f"'id' is {_kind(d.get('id'))}, not a shard id"
     files = d.get("files")
-    if not isinstance(files, list) or not all(isinstance(f, dict) and isinstance(f.get("path"), str) and
-                                              _count(f.get("size")) and type(f.get("mtime_ns")) is int for f in files):
+    if not isinstance(files, list) or not all(
+        isinstance(f, dict)
+        and isinstance(f.get("path"), str)
+        and _count(f.get("size"))
+        and type(f.get("mtime_ns")) is int
+        for f in files
+    ):
         return "'files' is not a list of input files (path, size, mtime_ns)"
     for split in SPLITS:
         entry = d.get(split)
@@ -102,8 +108,10 @@ def _shard_problem(d) -> str | None:
                 return f"{split} '{key}' is {_kind(entry.get(key))}, not a count"
         blocks, need = entry.get("blocks"), -(-2 * entry["tokens"] // BLOCK)
         if not isinstance(blocks, list) or len(blocks) != need or not all(isinstance(b, str) for b in blocks):
-            return (f"{split} 'blocks' is {_kind(blocks)}, not {need} checksum(s), one per 4 MB block of its "
-                    f"{2 * entry['tokens']:,} bytes")
+            return (
+                f"{split} 'blocks' is {_kind(blocks)}, not {need} checksum(s), one per 4 MB block of its "
+                f"{2 * entry['tokens']:,} bytes"
+            )
     return None
 
 
@@ -130,8 +138,11 @@ def shard_damage(root: Path, shard: Shard) -> str | None:
 
 def own_shard_ids(root: Path) -> set[str]:
     """The ids of the shards `blt prepare` wrote into root: those with a record, and those of the manifest."""
-    ids = {m["id"] for p in (root / "shards").iterdir()
-           if (m := SHARD_FILE.fullmatch(p.name)) and p.suffix == ".json" and read_record(root, m["id"])}
+    ids = {
+        m["id"]
+        for p in (root / "shards").iterdir()
+        if (m := SHARD_FILE.fullmatch(p.name)) and p.suffix == ".json" and read_record(root, m["id"])
+    }
     try:
         ids.update(s.id for s in read_manifest(root)[1])
     except DataError:
@@ -171,7 +182,7 @@ class ShardWriter:
             part = view[: BLOCK - self.block_len]
             self.block.update(part)
             self.block_len += len(part)
-            view = view[len(part):]
+            view = view[len(part) :]
             if self.block_len == BLOCK:
                 self.blocks.append(self.block.hexdigest())
                 self.block, self.block_len = hashlib.sha256(), 0
@@ -204,14 +215,18 @@ def dir_lock(root: Path, name: str = ".lock", wait: bool = False):
     try:
         held.enter_context(file_lock(root / name, wait=wait))
     except LockHeld as e:
-        raise DataError(f"'{root}' is being written by another `blt prepare` ({e.holder}); wait for it to "
-                        f"finish, or prepare into another --out") from None
+        raise DataError(
+            f"'{root}' is being written by another `blt prepare` ({e.holder}); wait for it to "
+            f"finish, or prepare into another --out"
+        ) from None
     except FileNotFoundError:
-        raise DataError(f"'{root}' was removed by the `blt prepare` that held it (it failed); rerun the "
-                        f"command") from None
+        raise DataError(
+            f"'{root}' was removed by the `blt prepare` that held it (it failed); rerun the command"
+        ) from None
     except OSError as e:
-        raise DataError(f"--out '{root}' is not writable ({e.strerror or type(e).__name__}); pass a writable "
-                        f"directory") from None
+        raise DataError(
+            f"--out '{root}' is not writable ({e.strerror or type(e).__name__}); pass a writable directory"
+        ) from None
     with held:
         yield
 
@@ -224,18 +239,26 @@ def read_manifest(root: Path, what: str = "") -> tuple[dict, list[Shard]]:
     try:
         manifest = json.loads(path.read_text())
     except FileNotFoundError:
-        raise DataError(f"{who}'{root}' holds no manifest.json (not a prepared directory, or its `blt prepare` has "
-                        f"not finished); run `blt prepare SOURCES --out {root}`") from None
+        raise DataError(
+            f"{who}'{root}' holds no manifest.json (not a prepared directory, or its `blt prepare` has "
+            f"not finished); run `blt prepare SOURCES --out {root}`"
+        ) from None
     except (OSError, ValueError) as e:
         raise DataError(f"{who}'{path}' cannot be read ({type(e).__name__}); {fix}") from None
     if not isinstance(manifest, dict) or "format" not in manifest:
         raise DataError(f"{who}'{path}' is not a manifest of `blt prepare` ({_kind(manifest)}); {fix}")
     if type(manifest["format"]) is not int or manifest["format"] != FORMAT:
-        raise DataError(f"{who}'{root}' was prepared in data format {_kind(manifest['format'])}, but this blt reads "
-                        f"format {FORMAT}; {fix}")
-    problem = ("'settings' is not an object" if not isinstance(manifest.get("settings"), dict) else
-               "'shards' is not a list" if not isinstance(manifest.get("shards"), list) else
-               next((f"shards[{i}] {p}" for i, s in enumerate(manifest["shards"]) if (p := _shard_problem(s))), None))
+        raise DataError(
+            f"{who}'{root}' was prepared in data format {_kind(manifest['format'])}, but this blt reads "
+            f"format {FORMAT}; {fix}"
+        )
+    problem = (
+        "'settings' is not an object"
+        if not isinstance(manifest.get("settings"), dict)
+        else "'shards' is not a list"
+        if not isinstance(manifest.get("shards"), list)
+        else next((f"shards[{i}] {p}" for i, s in enumerate(manifest["shards"]) if (p := _shard_problem(s))), None)
+    )
     if problem:
         raise DataError(f"{who}'{path}' is damaged ({problem}); {fix}")
     return manifest, [Shard.from_json(s) for s in manifest["shards"]]
@@ -244,6 +267,7 @@ def read_manifest(root: Path, what: str = "") -> tuple[dict, list[Shard]]:
 @dataclass
 class Prepared:
     """A prepared directory, opened for reading."""
+
     root: Path
     manifest: dict
     shards: list[Shard]
@@ -251,13 +275,14 @@ class Prepared:
     _verified: dict = field(default_factory=dict)  # (shard, split) -> blocks whose checksum matched
 
     @classmethod
-    def open(cls, root: str | Path, what: str = "data") -> "Prepared":
+    def open(cls, root: str | Path, what: str = "data") -> Prepared:
         root = Path(root)
         manifest, shards = read_manifest(root, what)
         for s in shards:  # a missing or truncated shard is found at once (stat only; checksums on first read)
             if damage := shard_damage(root, s):
-                raise DataError(f"{what}: {damage} (truncated or deleted); rerun `blt prepare SOURCES --out {root}` "
-                                f"to rebuild it")
+                raise DataError(
+                    f"{what}: {damage} (truncated or deleted); rerun `blt prepare SOURCES --out {root}` to rebuild it"
+                )
         return cls(root, manifest, shards)
 
     def totals(self, split: str) -> tuple[int, int]:
@@ -287,12 +312,14 @@ class Prepared:
             raw = ids.view(np.uint8)
             for block in range(2 * a // BLOCK, (2 * b - 1) // BLOCK + 1):
                 if block not in done:
-                    if hashlib.sha256(raw[block * BLOCK: (block + 1) * BLOCK]).hexdigest() != expected[block]:
+                    if hashlib.sha256(raw[block * BLOCK : (block + 1) * BLOCK]).hexdigest() != expected[block]:
                         p = shard_path(self.root, self.shards[k].id, split)
-                        raise DataError(f"shard '{p}' does not match its checksum (corrupted at bytes "
-                                        f"{block * BLOCK:,}-{min(len(raw), (block + 1) * BLOCK):,}); delete "
-                                        f"'{p.with_suffix('').with_suffix('.json')}' and rerun `blt prepare` for "
-                                        f"'{self.root}' to rebuild it")
+                        raise DataError(
+                            f"shard '{p}' does not match its checksum (corrupted at bytes "
+                            f"{block * BLOCK:,}-{min(len(raw), (block + 1) * BLOCK):,}); delete "
+                            f"'{p.with_suffix('').with_suffix('.json')}' and rerun `blt prepare` for "
+                            f"'{self.root}' to rebuild it"
+                        )
                     done.add(block)
         return ids[a:b]
 
@@ -300,7 +327,7 @@ class Prepared:
         """Shard k's whole split, every block verified."""
         return self.read(k, split, 0, self.shards[k].splits[split]["tokens"])
 
-    def split_tokens(self, split: str, limit: int | None = None) -> "Concat":
+    def split_tokens(self, split: str, limit: int | None = None) -> Concat:
         """A split's ids of every shard back to back (the first `limit` of them), read lazily."""
         return Concat(self, split, limit)
 

@@ -43,6 +43,7 @@ def _grain():
 class Source:
     """One weighted source of training data: its prepared directory (train split) and, when its
     entropies are precomputed, one float16 array per shard."""
+
     name: str
     weight: float
     data: Prepared
@@ -70,7 +71,7 @@ class Windows:
         for j, (k, a) in enumerate(zip(shard.tolist(), start.tolist())):
             ids[j] = self.source.data.read(k, "train", a, a + L + 1)
             if ent is not None:
-                ent[j] = self.source.entropies[k][a: a + L]
+                ent[j] = self.source.entropies[k][a : a + L]
         return ids, ent
 
 
@@ -82,8 +83,10 @@ def _seed(seed: int, name: str) -> int:
 def mixture(windows: list[Windows], seed: int):
     """The infinite stream of window numbers (sources back to back), a random-access grain.MapDataset."""
     grain = _grain()
-    per_source = [grain.MapDataset.range(w.offset, w.offset + w.count).shuffle(seed=_seed(seed, w.source.name))
-                  .repeat() for w in windows]
+    per_source = [
+        grain.MapDataset.range(w.offset, w.offset + w.count).shuffle(seed=_seed(seed, w.source.name)).repeat()
+        for w in windows
+    ]
     if len(per_source) == 1:
         return per_source[0]
     return grain.MapDataset.mix(per_source, [w.source.weight for w in windows])
@@ -121,16 +124,23 @@ class _Batches:
                 if entropies is None:
                     entropies = np.empty((self.B, self.windows[0].seq_len), dtype=np.float32)  # (B, L)
                 entropies[rows] = ent
-        return Batch(torch.from_numpy(tokens), source, ids,
-                     None if entropies is None else torch.from_numpy(entropies))
+        return Batch(torch.from_numpy(tokens), source, ids, None if entropies is None else torch.from_numpy(entropies))
 
 
 class StreamLoader:
     """This rank's batches of the global stream (see the module docstring); `prefetch` batches are
     read ahead by a background thread."""
 
-    def __init__(self, sources: list[Source], seq_len: int, batch_size: int, seed: int, rank: int = 0,
-                 world_size: int = 1, prefetch: int = 2):
+    def __init__(
+        self,
+        sources: list[Source],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+    ):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
         self.sources, self.seq_len, self.batch_size = sources, seq_len, batch_size
@@ -141,8 +151,10 @@ class StreamLoader:
         for w in self.windows:
             if w.count == 0:
                 n = w.source.data.totals("train")[0]
-                raise DataError(f"source '{w.source.name}' has {n:,} training ids (~bytes), no shard with more than "
-                                f"data.seq_len={seq_len}; use a smaller data.seq_len or more data")
+                raise DataError(
+                    f"source '{w.source.name}' has {n:,} training ids (~bytes), no shard with more than "
+                    f"data.seq_len={seq_len}; use a smaller data.seq_len or more data"
+                )
         self.position = 0  # stream items consumed by all ranks together
         self.seen = np.zeros(len(sources), dtype=np.int64)  # windows trained on per source, all ranks (record)
         self._stream = mixture(self.windows, seed)
@@ -151,13 +163,12 @@ class StreamLoader:
     def _iterator(self):
         if self._it is None:
             grain = _grain()
-            batches = _Batches(self._stream, self.windows, self.position, self.batch_size, self.rank,
-                               self.world_size)
+            batches = _Batches(self._stream, self.windows, self.position, self.batch_size, self.rank, self.world_size)
             options = grain.ReadOptions(num_threads=1 if self.prefetch else 0, prefetch_buffer_size=self.prefetch)
             self._it = iter(grain.MapDataset.source(batches).to_iter_dataset(options))
         return self._it
 
-    def __iter__(self) -> "StreamLoader":
+    def __iter__(self) -> StreamLoader:
         return self
 
     def __next__(self) -> Batch:
@@ -187,18 +198,28 @@ class StreamLoader:
         return [{"name": w.source.name, "weight": w.source.weight, "windows": w.count} for w in self.windows]
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "seen": self.seen.tolist(), "seed": self.seed, "seq_len": self.seq_len,
-                "sources": self.describe(), "global_batch": self.batch_size * self.world_size}
+        return {
+            "position": self.position,
+            "seen": self.seen.tolist(),
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "sources": self.describe(),
+            "global_batch": self.batch_size * self.world_size,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if "position" not in state:
-            raise DataError("the checkpoint's data position is in the format of an older blt (one packed split); "
-                            "start a new run, or resume it with the blt that wrote it")
+            raise DataError(
+                "the checkpoint's data position is in the format of an older blt (one packed split); "
+                "start a new run, or resume it with the blt that wrote it"
+            )
         if state["seq_len"] != self.seq_len or state["sources"] != self.describe() or state["seed"] != self.seed:
             have = ", ".join(f"{s['name']} ({s['windows']} windows, weight {s['weight']:g})" for s in self.describe())
             was = ", ".join(f"{s['name']} ({s['windows']} windows, weight {s['weight']:g})" for s in state["sources"])
-            raise DataError(f"the checkpoint's data position is for data.seq_len={state['seq_len']}, seed "
-                            f"{state['seed']} and sources {was}, but this run has data.seq_len={self.seq_len}, seed "
-                            f"{self.seed} and {have}; resume with the same data, or start a new run")
+            raise DataError(
+                f"the checkpoint's data position is for data.seq_len={state['seq_len']}, seed "
+                f"{state['seed']} and sources {was}, but this run has data.seq_len={self.seq_len}, seed "
+                f"{self.seed} and {have}; resume with the same data, or start a new run"
+            )
         self.position, self.seen = int(state["position"]), np.array(state["seen"], dtype=np.int64)
         self._it = None

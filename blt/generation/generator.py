@@ -24,15 +24,15 @@ import codecs
 import copy
 import math
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from blt.artifacts import load_model
 from blt.evaluate import check_device
 from blt.generation.incremental import IncrementalBLT, IncrementalByteLM
-from blt.generation.static_step import OneByteSteps
 from blt.generation.sampling import as_bytes, byte_logits, check_sampling, sample_next
+from blt.generation.static_step import OneByteSteps
 from blt.patching import Patcher, StreamingStarts, entropy
 from blt.tokens import BOS_ID, EOS_ID, OFFSET, VOCAB_SIZE
 
@@ -46,8 +46,11 @@ class CachedState:
         self.is_blt = hasattr(model, "local_encoder")
         net = IncrementalBLT if self.is_blt else IncrementalByteLM
         self.net = net(model, batch, capacity, steps)
-        self.elm = (IncrementalByteLM(patcher.model, batch, capacity, steps)
-                    if self.is_blt and patcher.model is not None else None)
+        self.elm = (
+            IncrementalByteLM(patcher.model, batch, capacity, steps)
+            if self.is_blt and patcher.model is not None
+            else None
+        )
         self.learned = patcher.learned  # the router's probabilities decide the starts, inside net.feed
         self.starts = [StreamingStarts(patcher.cfg, patcher.threshold) for _ in range(batch)]
         self.next_entropy = [math.inf] * batch  # entropy of each row's next byte
@@ -105,7 +108,7 @@ class CachedState:
             seen.add(i)
         self.starts, self.next_entropy = starts, [self.next_entropy[i] for i in rows]
 
-    def append(self, other: "CachedState") -> None:
+    def append(self, other: CachedState) -> None:
         """Add the rows of `other` (same model, patcher and capacity) after these."""
         self.net.append(other.net)
         if self.elm is not None:
@@ -132,7 +135,7 @@ class Generator:
         self.steps = OneByteSteps() if compile else None
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", compile: bool = False) -> "Generator":
+    def load(cls, path: str, device: str = "cpu", compile: bool = False) -> Generator:
         """From a run dir, a checkpoint or an export dir (`blt export`)."""
         loaded = load_model(path, check_device(device))
         return cls(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, compile=compile)
@@ -144,9 +147,17 @@ class Generator:
             out[row].append(byte)
         return [bytes(o) for o in out]
 
-    def stream(self, prompts: Sequence[str | bytes], max_bytes: int = 256, temperature: float = 1.0,
-               top_k: int | None = None, top_p: float | None = None, seed: int = 0,
-               stop: Sequence[str | bytes] = (), cache: bool = True) -> Iterator[tuple[int, int]]:
+    def stream(
+        self,
+        prompts: Sequence[str | bytes],
+        max_bytes: int = 256,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int = 0,
+        stop: Sequence[str | bytes] = (),
+        cache: bool = True,
+    ) -> Iterator[tuple[int, int]]:
         """Yield (row, byte value) as bytes are sampled. A row ends at EOS, after max_bytes, or
         right after it has produced one of the `stop` strings (which is included). Bad options
         raise here, before the first byte: OptionError for a value, TypeError for a lone string."""
@@ -202,9 +213,16 @@ class Generator:
                 logits = state.feed(new)
         dt = time.perf_counter() - t0
         calls, patches = (done[0] + state.counts()[0], done[1] + state.counts()[1]) if cache else (None, None)
-        self.stats = {"bytes": produced, "seconds": dt, "bytes_per_s": produced / max(dt, 1e-9), "cache": cache,
-                      "global_calls": calls, "global_patches": patches, "context_restarts": done[2],
-                      "compiled_steps": sum(self.steps.calls.values()) - compiled if self.steps is not None else 0}
+        self.stats = {
+            "bytes": produced,
+            "seconds": dt,
+            "bytes_per_s": produced / max(dt, 1e-9),
+            "cache": cache,
+            "global_calls": calls,
+            "global_patches": patches,
+            "context_restarts": done[2],
+            "compiled_steps": sum(self.steps.calls.values()) - compiled if self.steps is not None else 0,
+        }
 
     def _restart(self, rows, keep: int | None = None):
         """A fresh cached state on each row's last `keep` bytes (default: the whole context)."""

@@ -19,18 +19,18 @@ whole sequence at the last byte.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from blt.model.attention import patch_state_attention
-from blt.model.router import confidence, smooth_step
-from blt.patching.learned import BOUNDARY
 from blt.generation.kv_cache import CacheFullError, KVCache
 from blt.generation.static_step import OneByteSteps
 from blt.generation.steps import hash_rows_at_end, transformer_step
+from blt.model.attention import patch_state_attention
+from blt.model.router import confidence, smooth_step
+from blt.patching.learned import BOUNDARY
 
 
 def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ class IncrementalByteLM:
         """Keep these rows, in this order (see KVCache.take)."""
         self.cache.take(rows)
 
-    def append(self, other: "IncrementalByteLM") -> None:
+    def append(self, other: IncrementalByteLM) -> None:
         """Add the rows of `other` (the same model and capacity) after these."""
         self.cache.append(other.cache)
 
@@ -116,7 +116,9 @@ class IncrementalBLT:
         self.global_patches = 0  # patches the global Transformer processed
         self.router = getattr(model, "router", None)  # learned patching
         self.patch_conf = torch.ones(batch, capacity, device=dev)  # (B, C) router confidence of patch p's start
-        self.smoothed = torch.zeros(batch, model.global_transformer.transformer.cfg.dim, device=dev, dtype=dt)  # (B, Dg)
+        self.smoothed = torch.zeros(
+            batch, model.global_transformer.transformer.cfg.dim, device=dev, dtype=dt
+        )  # (B, Dg)
 
     _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid", "patch_conf", "smoothed")
 
@@ -128,10 +130,13 @@ class IncrementalBLT:
             setattr(self, name, getattr(self, name)[rows])
         self.dec_k, self.dec_v = [t[rows] for t in self.dec_k], [t[rows] for t in self.dec_v]
 
-    def append(self, other: "IncrementalBLT") -> None:
+    def append(self, other: IncrementalBLT) -> None:
         """Add the rows of `other` (the same model and capacity) after these; counters add up."""
-        for mine, theirs in ((self.enc_cache, other.enc_cache), (self.dec_cache, other.dec_cache),
-                             (self.glob_cache, other.glob_cache)):
+        for mine, theirs in (
+            (self.enc_cache, other.enc_cache),
+            (self.dec_cache, other.dec_cache),
+            (self.glob_cache, other.glob_cache),
+        ):
             mine.append(theirs)
         for name in self._ROWS:
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
@@ -141,8 +146,9 @@ class IncrementalBLT:
         self.global_patches += other.global_patches
 
     @torch.no_grad()
-    def feed(self, tokens: torch.Tensor, starts: torch.Tensor | Callable, valid: torch.Tensor,
-             every: bool = False) -> torch.Tensor:
+    def feed(
+        self, tokens: torch.Tensor, starts: torch.Tensor | Callable, valid: torch.Tensor, every: bool = False
+    ) -> torch.Tensor:
         """tokens, starts (B, n): new bytes and whether each begins a patch (learned patching: a
         function of the router's (B, n) probabilities that returns them); valid (B,): how many of
         each row's n are real. Returns (B, V) logits for the byte after each row's last real byte;
@@ -193,8 +199,10 @@ class IncrementalBLT:
         x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
         if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
             back = max(enc.hash_embed.sizes)
-            rows = [hash_rows_at_end(enc.hash_embed, self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
-                    for b, s in enumerate(self.lens.tolist())]  # the new byte is already in self.tokens
+            rows = [
+                hash_rows_at_end(enc.hash_embed, self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
+                for b, s in enumerate(self.lens.tolist())
+            ]  # the new byte is already in self.tokens
             x = x + enc.hash_embed.embedding(torch.tensor(rows, device=x.device)).sum(1)[:, None]
         elif enc.hash_embed is not None:  # n-grams reach back max(sizes) - 1 bytes into the cache
             back = max(enc.hash_embed.sizes) - 1
@@ -258,7 +266,9 @@ class IncrementalBLT:
         order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
         packed = summaries.new_zeros(len(todo), m, self.k * D)
         packed[rows_t, order] = summaries
-        g = transformer_step(glob.transformer, glob.token_embedding_projection(packed), self.glob_cache, todo)  # (B, m, Dg)
+        g = transformer_step(
+            glob.transformer, glob.token_embedding_projection(packed), self.glob_cache, todo
+        )  # (B, m, Dg)
         if self.router is not None:
             g = self._smooth(g, todo)
         kv = dec.patch_embedding_projection(g[rows_t, order]).view(N, self.k, -1)  # (N, k, D) decoder context
@@ -284,8 +294,11 @@ class IncrementalBLT:
         """The decoder's cross-attention(s), reading each byte's gathered patch keys/values `kv`
         (one pair per cross-attention), around its Transformer stepped with `count` new bytes per row."""
         x = self.cross[0].attend(h, *kv[0], kernel, ids, self.k)  # (B, n, D) byte-level
-        more = None if len(kv) == 1 else (
-            lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
+        more = (
+            None
+            if len(kv) == 1
+            else (lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
+        )
         return transformer_step(self.model.local_decoder.transformer, x, self.dec_cache, count, more)
 
     def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor, every: bool = False) -> torch.Tensor:

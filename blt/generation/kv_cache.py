@@ -23,8 +23,9 @@ class CacheFullError(RuntimeError):
 
 
 class KVCache:
-    def __init__(self, layers: int, batch: int, heads: int, head_dim: int, capacity: int,
-                 device=None, dtype=torch.float32):
+    def __init__(
+        self, layers: int, batch: int, heads: int, head_dim: int, capacity: int, device=None, dtype=torch.float32
+    ):
         self.capacity = capacity
         self.k = torch.zeros(layers, batch, heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
@@ -35,7 +36,7 @@ class KVCache:
         self.dense = None  # a sparse pattern's mask over the whole capacity
 
     @classmethod
-    def for_transformer(cls, transformer, batch: int, capacity: int, device=None, dtype=torch.float32) -> "KVCache":
+    def for_transformer(cls, transformer, batch: int, capacity: int, device=None, dtype=torch.float32) -> KVCache:
         c = transformer.cfg
         return cls(max(1, c.layers), batch, c.heads, c.dim // c.heads, capacity, device, dtype)
 
@@ -86,7 +87,7 @@ class KVCache:
         """Keep these rows (a (B',) index: any order, repeats allowed), in this order."""
         self.k, self.v, self.lens = self.k[:, rows], self.v[:, rows], self.lens[rows]
 
-    def append(self, other: "KVCache") -> None:
+    def append(self, other: KVCache) -> None:
         """Add the rows of `other` (same capacity, layers and heads) after this cache's rows."""
         self.k, self.v = torch.cat([self.k, other.k], 1), torch.cat([self.v, other.v], 1)
         self.lens = torch.cat([self.lens, other.lens])

@@ -10,9 +10,8 @@ from typing import Annotated
 
 import torch
 
-from blt.typed import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, check_option
 from blt.tokens import EOS_ID, OFFSET
-
+from blt.typed import NonNegFloat, NonNegInt, OptionError, PosInt, Range, Seed, check_option
 
 MIN_TEMPERATURE = 1e-3  # the smallest temperature above 0: logits / T stays finite in float32 (below: use 0)
 SAMPLING = {  # each sampling option's type and range (None is allowed for top_k and top_p: no filter)
@@ -24,17 +23,22 @@ SAMPLING = {  # each sampling option's type and range (None is allowed for top_k
 }
 
 
-def check_sampling(max_bytes: int, temperature: float, top_k: int | None, top_p: float | None, seed: int,
-                   flag: bool = False) -> tuple:
+def check_sampling(
+    max_bytes: int, temperature: float, top_k: int | None, top_p: float | None, seed: int, flag: bool = False
+) -> tuple:
     """The options, checked (ints pass as floats); one outside its SAMPLING range (or a temperature
     in (0, MIN_TEMPERATURE)) is an OptionError naming it as Python spells it (top_p) or, with
     flag=True, as the CLI does (--top-p)."""
     given = dict(max_bytes=max_bytes, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
-    checked = tuple(check_option(name, value, SAMPLING[name], optional=name in ("top_k", "top_p"), flag=flag)
-                    for name, value in given.items())
+    checked = tuple(
+        check_option(name, value, SAMPLING[name], optional=name in ("top_k", "top_p"), flag=flag)
+        for name, value in given.items()
+    )
     if 0 < checked[1] < MIN_TEMPERATURE:  # logits / T would overflow float32 (all bytes 0xFF)
-        raise OptionError(f"{'--temperature' if flag else 'temperature'} must be 0 (greedy) or >= "
-                          f"{MIN_TEMPERATURE:g}, got {temperature!r}")
+        raise OptionError(
+            f"{'--temperature' if flag else 'temperature'} must be 0 (greedy) or >= "
+            f"{MIN_TEMPERATURE:g}, got {temperature!r}"
+        )
     return checked
 
 
@@ -60,8 +64,14 @@ def byte_logits(logits: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
-                generator: torch.Generator | None, uniforms: torch.Tensor | None = None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    uniforms: torch.Tensor | None = None,
+) -> torch.Tensor:
     """(B, V) logits -> (B,) ids. temperature 0 is greedy; top-k then top-p (nucleus) filtering.
     A sampled row draws one uniform number u from `generator` and takes the first id whose
     cumulative probability exceeds u (inverse CDF), so each row's draw depends on its own logits

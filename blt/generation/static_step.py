@@ -21,7 +21,7 @@ warm from an earlier process); the graphs are kept for the Generator's life.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -40,8 +40,9 @@ class _FixedSlots:
     at slot lens[b] and returns the slots attention reads: every slot, or, under a window, each
     row's last `window` slots (slots (B, W): gathered, so a windowed model reads W, not C)."""
 
-    def __init__(self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], lens: torch.Tensor,
-                 slots: torch.Tensor | None):
+    def __init__(
+        self, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor], lens: torch.Tensor, slots: torch.Tensor | None
+    ):
         self.k, self.v, self.lens, self.slots = k, v, lens, slots  # per layer (B, H, C, hd); (B,)
         self.rows = torch.arange(lens.shape[0], device=lens.device)
 
@@ -57,8 +58,15 @@ class _FixedSlots:
         return self.k[layer].gather(2, at), self.v[layer].gather(2, at)  # (B, H, W, hd)
 
 
-def one_position(tf: Transformer, x: torch.Tensor, k: Sequence[torch.Tensor], v: Sequence[torch.Tensor],
-                 lens: torch.Tensor, tables: tuple, before=None) -> torch.Tensor:
+def one_position(
+    tf: Transformer,
+    x: torch.Tensor,
+    k: Sequence[torch.Tensor],
+    v: Sequence[torch.Tensor],
+    lens: torch.Tensor,
+    tables: tuple,
+    before=None,
+) -> torch.Tensor:
     """transformer_step for one new position per row, at fixed shapes: x (B, 1, D) -> (B, 1, D);
     k, v (per layer (B, H, C, hd)) are written at slot lens[b] (the caller advances lens)."""
     cos_t, sin_t, swap, fused = tables
@@ -127,27 +135,49 @@ class OneByteSteps:
         """(B, 1) new bytes (valid (B,): 1, or 0 for a row without one) -> (B, 1, V) next-byte logits."""
         cache.check_room(1)
         self.calls["byte_lm"] += 1
-        out = self._lm(model, tokens, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
-                       step_tables(model.transformer, cache))
+        out = self._lm(
+            model, tokens, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(model.transformer, cache)
+        )
         cache.advance(valid)
         return out
 
-    def encode(self, enc: nn.Module, tokens: torch.Tensor, history: torch.Tensor, cache: KVCache,
-               valid: torch.Tensor) -> torch.Tensor:
+    def encode(
+        self, enc: nn.Module, tokens: torch.Tensor, history: torch.Tensor, cache: KVCache, valid: torch.Tensor
+    ) -> torch.Tensor:
         """(B, 1) new bytes, (B, n) the last n bytes of each row -> (B, 1, D) encoder states."""
         cache.check_room(1)
         self.calls["encode"] += 1
-        out = self._enc(enc, tokens, history, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
-                        step_tables(enc.transformer, cache))
+        out = self._enc(
+            enc, tokens, history, cache.k.unbind(0), cache.v.unbind(0), cache.lens, step_tables(enc.transformer, cache)
+        )
         cache.advance(valid)
         return out
 
-    def decode(self, dec: nn.Module, cross: list, h: torch.Tensor, kv: list, cache: KVCache, valid: torch.Tensor,
-               cross_k: int, kernel) -> torch.Tensor:
+    def decode(
+        self,
+        dec: nn.Module,
+        cross: list,
+        h: torch.Tensor,
+        kv: list,
+        cache: KVCache,
+        valid: torch.Tensor,
+        cross_k: int,
+        kernel,
+    ) -> torch.Tensor:
         """(B, 1, D) encoder states, per cross-attention the source patch's (keys, values) -> (B, V)."""
         cache.check_room(1)
         self.calls["decode"] += 1
-        out = self._dec(dec, cross, h, kv, cache.k.unbind(0), cache.v.unbind(0), cache.lens,
-                        step_tables(dec.transformer, cache), cross_k, kernel)
+        out = self._dec(
+            dec,
+            cross,
+            h,
+            kv,
+            cache.k.unbind(0),
+            cache.v.unbind(0),
+            cache.lens,
+            step_tables(dec.transformer, cache),
+            cross_k,
+            kernel,
+        )
         cache.advance(valid)
         return out

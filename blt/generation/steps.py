@@ -15,8 +15,15 @@ from blt.model.hash_embed import PRIMES, HashNgramEmbedding
 from blt.model.layers import Block, SelfAttention, Transformer, rope_tables
 
 
-def attention_step(attn: SelfAttention, x: torch.Tensor, rope: tuple, cache: KVCache, layer: int,
-                   mask: torch.Tensor | None, w_qkv: torch.Tensor) -> torch.Tensor:
+def attention_step(
+    attn: SelfAttention,
+    x: torch.Tensor,
+    rope: tuple,
+    cache: KVCache,
+    layer: int,
+    mask: torch.Tensor | None,
+    w_qkv: torch.Tensor,
+) -> torch.Tensor:
     """n new positions per row (B, n, D) against the cache; rope = (cos, sin, half-swap index)
     with cos/sin (B, 1, n, hd); mask (B, *, n, L) or None; w_qkv: the q, k and v projections
     stacked (one matmul instead of three)."""
@@ -35,8 +42,9 @@ def attention_step(attn: SelfAttention, x: torch.Tensor, rope: tuple, cache: KVC
     return attn.o_proj(y.transpose(1, 2).reshape(B, n, D))
 
 
-def block_step(block: Block, x: torch.Tensor, rope: tuple, cache: KVCache, layer: int, mask,
-               fused: tuple) -> torch.Tensor:
+def block_step(
+    block: Block, x: torch.Tensor, rope: tuple, cache: KVCache, layer: int, mask, fused: tuple
+) -> torch.Tensor:
     """Block.forward for new positions; `fused` = (stacked q/k/v, stacked gate/up) weights."""
     w_qkv, w_gate_up = fused
     x = x + attention_step(block.self_attn, block.input_layernorm(x), rope, cache, layer, mask, w_qkv)
@@ -49,19 +57,26 @@ def step_tables(tf: Transformer, cache: KVCache) -> tuple:
     (C, 1, hd), the index that exchanges a head's halves, and every block's stacked projections."""
     if cache.tables is None:
         dev = cache.k.device
-        cos_t, sin_t = rope_tables(torch.arange(cache.capacity, device=dev),
-                                   tf.cfg.dim // tf.cfg.heads, tf.rope_theta)  # (C, hd/2)
+        cos_t, sin_t = rope_tables(
+            torch.arange(cache.capacity, device=dev), tf.cfg.dim // tf.cfg.heads, tf.rope_theta
+        )  # (C, hd/2)
         cos_t, sin_t = torch.cat([cos_t, cos_t], -1)[:, None], torch.cat([-sin_t, sin_t], -1)[:, None]  # (C, 1, hd)
         hd = cos_t.shape[-1]
         swap = torch.cat([torch.arange(hd // 2, hd), torch.arange(hd // 2)]).to(dev)  # halves exchanged
-        fused = [(torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
-                  torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight])) for b in tf.layers]
+        fused = [
+            (
+                torch.cat([b.self_attn.q_proj.weight, b.self_attn.k_proj.weight, b.self_attn.v_proj.weight]),
+                torch.cat([b.mlp.gate_proj.weight, b.mlp.up_proj.weight]),
+            )
+            for b in tf.layers
+        ]
         cache.tables = (cos_t, sin_t, swap, fused)
     return cache.tables
 
 
-def transformer_step(tf: Transformer, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None,
-                     before=None) -> torch.Tensor:
+def transformer_step(
+    tf: Transformer, x: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None, before=None
+) -> torch.Tensor:
     """Incremental Transformer.forward: (B, n, D) new positions of each row -> (B, n, D), the same
     values the full forward gives at those positions; the first valid[b] (default n) are kept in
     the cache. `before(i, x)`, if given, transforms x before block i (the decoder's cross-attention)."""

@@ -26,12 +26,16 @@ def main() -> None:
         sys.exit(f"python -m blt.harness: error: {e}")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    import blt.harness.lm  # noqa: F401 - registers the model "blt"
     from lm_eval.__main__ import cli_evaluate
 
+    import blt.harness.lm  # noqa: F401 - registers the model "blt"
+
     args = sys.argv[1:]
-    if args and args[0] not in ("ls", "list", "validate", "-h", "--help") and \
-            not any(a == "--include_path" or a.startswith("--include_path=") for a in args):
+    if (
+        args
+        and args[0] not in ("ls", "list", "validate", "-h", "--help")
+        and not any(a == "--include_path" or a.startswith("--include_path=") for a in args)
+    ):
         args += ["--include_path", str(TASKS_DIR)]
     sys.argv = [sys.argv[0], *args]
     cli_evaluate()

@@ -33,8 +33,9 @@ class Found:
     def naming(self, task: str) -> dict[Path, str]:
         """The broken files whose text names `task` (a task, group or tag lm-eval lost with them)."""
         word = re.compile(rf"(?<![\w-]){re.escape(task)}(?![\w-])")
-        return {p: why for p, why in self.broken.items()
-                if word.search(p.read_text(encoding="utf-8", errors="replace"))}
+        return {
+            p: why for p, why in self.broken.items() if word.search(p.read_text(encoding="utf-8", errors="replace"))
+        }
 
 
 def scan(dirs, trusted=()) -> Found:

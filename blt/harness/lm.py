@@ -24,8 +24,8 @@ import torch
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from blt.typed import OptionError, PosInt, check_option
 from blt.harness.scoring import Scorer
+from blt.typed import OptionError, PosInt, check_option
 
 DTYPES = {"float32": None, "fp32": None, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -56,13 +56,23 @@ class BltLM(LM):
     (what lm_eval does with model_args) or, with `from_model`, around a model already in memory
     (the trainer does, with `dist`: its ranks share the requests)."""
 
-    def __init__(self, pretrained: str | None = None, device: str = "cpu", batch_size: int | str = 16,
-                 dtype: str = "float32", max_gen_bytes: int = 256, max_batch_size: Any = None,
-                 share_context: bool | str = True, **unknown):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        device: str = "cpu",
+        batch_size: int | str = 16,
+        dtype: str = "float32",
+        max_gen_bytes: int = 256,
+        max_batch_size: Any = None,
+        share_context: bool | str = True,
+        **unknown,
+    ):
         super().__init__()
         if unknown:
-            raise OptionError(f"model_args: unknown {', '.join(sorted(unknown))} (blt takes pretrained, device, "
-                              "batch_size, dtype, max_gen_bytes, share_context)")
+            raise OptionError(
+                f"model_args: unknown {', '.join(sorted(unknown))} (blt takes pretrained, device, "
+                "batch_size, dtype, max_gen_bytes, share_context)"
+            )
         if pretrained is None:
             raise OptionError("model_args needs pretrained=MODEL (a blt run dir, checkpoint or export)")
         if dtype not in DTYPES:
@@ -78,14 +88,25 @@ class BltLM(LM):
             device = "cpu"
         dev = check_device(str(device), "device")
         loaded = load_model(str(pretrained), dev)
-        scorer = Scorer(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, batch, DTYPES[dtype],
-                        share_context=share)
+        scorer = Scorer(
+            loaded.model, loaded.patcher, loaded.cfg.data.seq_len, batch, DTYPES[dtype], share_context=share
+        )
         self._setup(scorer, max_gen, torch.device(dev))
         self.source = str(loaded.where)
 
     @classmethod
-    def from_model(cls, model, patcher, context: int, batch_size: int = 16, amp_dtype=None, max_gen_bytes: int = 256,
-                   dist=None, cached: bool = True, share_context: bool = True) -> "BltLM":
+    def from_model(
+        cls,
+        model,
+        patcher,
+        context: int,
+        batch_size: int = 16,
+        amp_dtype=None,
+        max_gen_bytes: int = 256,
+        dist=None,
+        cached: bool = True,
+        share_context: bool = True,
+    ) -> BltLM:
         """Around a model in memory. With `dist` (rank, world_size, all_gather_object), the ranks
         share the requests; see `_shared`."""
         self = cls.__new__(cls)
@@ -95,8 +116,9 @@ class BltLM(LM):
             self.dist = dist
             sync = lambda n: max(dist.all_gather_object(n))  # noqa: E731
         device = next(model.parameters()).device
-        self._setup(Scorer(model, patcher, context, batch_size, amp_dtype, sync, cached, share_context), max_gen_bytes,
-                    device)
+        self._setup(
+            Scorer(model, patcher, context, batch_size, amp_dtype, sync, cached, share_context), max_gen_bytes, device
+        )
         self.source = "in memory"
         return self
 
@@ -142,12 +164,13 @@ class BltLM(LM):
         B = self.scorer.batch_size
         for (until, max_bytes, temperature), rows in groups.items():
             rows = sorted(rows, key=lambda i: -len(args[i][0]))
-            chunks = [rows[i: i + B] for i in range(0, len(rows), B)]
+            chunks = [rows[i : i + B] for i in range(0, len(rows), B)]
             if self.scorer.sync is not None:  # empty chunks still step with the other ranks
                 chunks += [[] for _ in range(self.scorer.sync(len(chunks)) - len(chunks))]
             for chunk in chunks:
-                texts = self.scorer.generate([args[i][0] for i in chunk], [s.encode("utf-8") for s in until],
-                                             max_bytes, temperature)
+                texts = self.scorer.generate(
+                    [args[i][0] for i in chunk], [s.encode("utf-8") for s in until], max_bytes, temperature
+                )
                 for i, t in zip(chunk, texts):
                     out[i] = t.decode("utf-8", errors="replace")
         return out

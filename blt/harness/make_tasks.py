@@ -27,9 +27,11 @@ from pathlib import Path
 from blt.data import BUNDLED_DIR
 
 DATA = Path(__file__).resolve().parent / "tasks" / "data"
-OBJECTS = ("apple river candle feather lantern pebble ribbon saddle basket kettle mirror button carpet bottle "
-           "blanket helmet pillow shovel ladder hammer wagon anchor barrel bucket cradle dagger goblet harp "
-           "jacket lemon marble needle orchard parrot quill rabbit tulip violin whistle zebra").split()
+OBJECTS = (
+    "apple river candle feather lantern pebble ribbon saddle basket kettle mirror button carpet bottle "
+    "blanket helmet pillow shovel ladder hammer wagon anchor barrel bucket cradle dagger goblet harp "
+    "jacket lemon marble needle orchard parrot quill rabbit tulip violin whistle zebra"
+).split()
 COLOURS = ["blue", "gold", "pink", "grey"]  # four letters each, so no choice is favoured by its length
 PASSES = 8  # the training file holds the facts this many times, each pass in its own order
 SPEAKER = re.compile(r"^[A-Z][A-Z .,'&-]*[A-Z]\.$")  # a speech's first line: "DON PEDRO."
@@ -86,10 +88,19 @@ def next_line() -> list[dict]:
     rng, items = random.Random(1), []
     for play, lines in _plays():
         speeches = _speeches(lines)
-        verse = [(i + 1 + k, lines[i + 1 + k]) for i, _, n in speeches for k in range(n)
-                 if not lines[i + 1 + k].startswith("[") and len(lines[i + 1 + k]) >= 12]
-        spots = [(i + 1 + k) for i, _, n in speeches if n >= 2 for k in range(1, n)
-                 if not lines[i + 1 + k].startswith("[") and len(lines[i + 1 + k]) >= 12]
+        verse = [
+            (i + 1 + k, lines[i + 1 + k])
+            for i, _, n in speeches
+            for k in range(n)
+            if not lines[i + 1 + k].startswith("[") and len(lines[i + 1 + k]) >= 12
+        ]
+        spots = [
+            (i + 1 + k)
+            for i, _, n in speeches
+            if n >= 2
+            for k in range(1, n)
+            if not lines[i + 1 + k].startswith("[") and len(lines[i + 1 + k]) >= 12
+        ]
         for at in sorted(rng.sample(spots, ITEMS)):
             true = lines[at]
             far = [text for j, text in verse if abs(j - at) > 50 and text != true]
@@ -151,8 +162,13 @@ def write(name: str, rows: list[dict]) -> Path:
 def build() -> dict[str, list[dict]]:
     train, test = colours()
     lines = next_line()
-    return {"colours_train.jsonl": train, "colours_test.jsonl": test, "shakespeare_next_line.jsonl": lines,
-            "shakespeare_word_order.jsonl": word_order(lines), "shakespeare_speaker.jsonl": speaker()}
+    return {
+        "colours_train.jsonl": train,
+        "colours_test.jsonl": test,
+        "shakespeare_next_line.jsonl": lines,
+        "shakespeare_word_order.jsonl": word_order(lines),
+        "shakespeare_speaker.jsonl": speaker(),
+    }
 
 
 if __name__ == "__main__":

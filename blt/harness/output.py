@@ -44,13 +44,15 @@ def results_file(path: str | None, flag: str = "--output"):
     try:
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp")
     except FileNotFoundError:
-        raise OutputError(f"{flag} '{path}': the directory '{folder}' does not exist; create it first or give "
-                          "another path") from None
+        raise OutputError(
+            f"{flag} '{path}': the directory '{folder}' does not exist; create it first or give another path"
+        ) from None
     except NotADirectoryError:
         raise OutputError(f"{flag} '{path}': '{folder}' is not a directory; give a file path in a directory") from None
     except OSError as e:
-        raise OutputError(f"{flag} '{path}': cannot write in '{folder}' ({e.strerror}); give a path in a writable "
-                          "directory") from None
+        raise OutputError(
+            f"{flag} '{path}': cannot write in '{folder}' ({e.strerror}); give a path in a writable directory"
+        ) from None
     os.close(fd)
     mode = target.stat().st_mode & 0o7777 if target.is_file() else 0o666 & ~umask()  # as `>` would leave it
 
@@ -60,8 +62,9 @@ def results_file(path: str | None, flag: str = "--output"):
             os.chmod(tmp, mode)
             os.replace(tmp, target)
         except OSError as e:
-            raise OutputError(f"could not write {flag} '{path}' ({e.strerror}); give a path with free space "
-                              "in a writable directory") from None
+            raise OutputError(
+                f"could not write {flag} '{path}' ({e.strerror}); give a path with free space in a writable directory"
+            ) from None
 
     try:
         yield write

@@ -24,8 +24,19 @@ from typing import Any
 from blt.errors import UserError, require_extra
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
-NETWORK_ERRORS = ("offline", "connection", "couldn't reach", "could not reach", "resolve", "hub", "internet",
-                  "max retries", "not find", "doesn't exist on the hub", "repository not found")
+NETWORK_ERRORS = (
+    "offline",
+    "connection",
+    "couldn't reach",
+    "could not reach",
+    "resolve",
+    "hub",
+    "internet",
+    "max retries",
+    "not find",
+    "doesn't exist on the hub",
+    "repository not found",
+)
 
 
 class TaskError(UserError):
@@ -42,8 +53,11 @@ def offline():
         os.environ.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
     import datasets
 
-    old = (datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE,
-           datasets.utils.are_progress_bars_disabled())
+    old = (
+        datasets.config.HF_HUB_OFFLINE,
+        datasets.config.HF_DATASETS_OFFLINE,
+        datasets.utils.are_progress_bars_disabled(),
+    )
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = not allowed
     datasets.disable_progress_bars()
     quiet = [logging.getLogger(n) for n in ("lm_eval", "lm-eval", "datasets")]
@@ -56,8 +70,10 @@ def offline():
 
     # lm-eval draws a progress bar per task and asks `git describe` (whose "fatal: not a git
     # repository" reaches the terminal outside a repository) for the results' git_hash
-    patched = [(lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)),
-               (lm_eval.evaluator, "get_git_commit_hash", _git_hash)]
+    patched = [
+        (lm_eval.api.task, "tqdm", functools.partial(tqdm, disable=True)),
+        (lm_eval.evaluator, "get_git_commit_hash", _git_hash),
+    ]
     originals = [getattr(m, name) for m, name, _ in patched]
     for m, name, new in patched:
         setattr(m, name, new)
@@ -89,6 +105,7 @@ def _git_hash() -> str | None:
 @dataclass
 class Tasks:
     """Task names checked to exist, and the lm-eval TaskManager that knows them."""
+
     names: list[str]
     manager: Any
     where: list[str] = field(default_factory=list)  # the directories searched, for messages
@@ -133,16 +150,21 @@ def find_tasks(names: list[str], include_path: list[str] | tuple = (), flag: str
         close = difflib.get_close_matches(missing[0], manager.all_tasks, n=3)
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         broken = list(found.broken.values())
-        note = f"; {flag} holds {len(broken)} unreadable YAML file(s), which lm-eval skips: {broken[0]}" \
-            if broken else ""
-        raise TaskError(f"unknown task {', '.join(repr(m) for m in missing)}{hint}; looked in {', '.join(where)}"
-                        f"{note}; add a directory of task YAML files with {flag}")
+        note = (
+            f"; {flag} holds {len(broken)} unreadable YAML file(s), which lm-eval skips: {broken[0]}" if broken else ""
+        )
+        raise TaskError(
+            f"unknown task {', '.join(repr(m) for m in missing)}{hint}; looked in {', '.join(where)}"
+            f"{note}; add a directory of task YAML files with {flag}"
+        )
     return Tasks(names, manager, where, flag, found.code)
 
 
 def code_notice(tasks: Tasks) -> str:
     """The line naming the include paths' Python files that loading the tasks will import."""
-    return f"{tasks.flag} runs Python: {', '.join(map(str, tasks.code))} (imported by the task YAML files' !function tags)"
+    return (
+        f"{tasks.flag} runs Python: {', '.join(map(str, tasks.code))} (imported by the task YAML files' !function tags)"
+    )
 
 
 def blt_task_names() -> list[str]:
@@ -164,7 +186,8 @@ def load_tasks(tasks: Tasks) -> list:
                     f"task '{name}' needs data from the network, and blt lm-eval runs offline ({first}); point the "
                     f"task at a local copy (dataset_path: json, dataset_kwargs: {{data_files: ...}} in a task YAML "
                     f"in {tasks.flag}; see the README) or set HF_DATASETS_OFFLINE=0 on a machine with a "
-                    "network") from None
+                    "network"
+                ) from None
             raise TaskError(f"task '{name}' could not be loaded: {type(e).__name__}: {first}") from None
         groups = loaded.get("groups", {})
         objects += [groups[name]] if name in groups else list(loaded["tasks"].values())
@@ -187,12 +210,21 @@ def check_fewshot(tasks: Tasks, objects: list, num_fewshot: int | None) -> None:
             pool -= 1  # the document being asked about is never its own example
         if n > pool:
             said = f"{tasks.fewshot_flag} {n}" if n == num_fewshot else f"num_fewshot: {n} in its YAML"
-            raise TaskError(f"{said} asks task '{task.task_name}' for more few-shot examples than it has "
-                            f"({max(pool, 0)}); give {tasks.fewshot_flag} {max(pool, 0)} or fewer")
+            raise TaskError(
+                f"{said} asks task '{task.task_name}' for more few-shot examples than it has "
+                f"({max(pool, 0)}); give {tasks.fewshot_flag} {max(pool, 0)} or fewer"
+            )
 
 
-def run_tasks(lm, tasks: Tasks, limit: int | None = None, num_fewshot: int | None = None,
-              bootstrap_iters: int = 0, log_samples: bool = False, objects: list | None = None) -> dict | None:
+def run_tasks(
+    lm,
+    tasks: Tasks,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    bootstrap_iters: int = 0,
+    log_samples: bool = False,
+    objects: list | None = None,
+) -> dict | None:
     """lm_eval.simple_evaluate on `lm` (a BltLM) over `tasks` (or their already loaded `objects`);
     the results dict on rank 0, None on other ranks. Python's, numpy's and torch's random states
     are left alone (a training run's stay exact)."""
@@ -201,9 +233,18 @@ def run_tasks(lm, tasks: Tasks, limit: int | None = None, num_fewshot: int | Non
     objects = load_tasks(tasks) if objects is None else objects
     check_fewshot(tasks, objects, num_fewshot)
     with offline():
-        return simple_evaluate(model=lm, tasks=objects, task_manager=tasks.manager, limit=limit,
-                               num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-                               random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+        return simple_evaluate(
+            model=lm,
+            tasks=objects,
+            task_manager=tasks.manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            bootstrap_iters=bootstrap_iters,
+            log_samples=log_samples,
+            random_seed=None,
+            numpy_random_seed=None,
+            torch_random_seed=None,
+        )
 
 
 def flat_metrics(results: dict) -> dict[str, float]:
@@ -213,17 +254,28 @@ def flat_metrics(results: dict) -> dict[str, float]:
     for task, metrics in results.get("results", {}).items():
         for key, value in metrics.items():
             metric, _, filt = key.partition(",")
-            if "_stderr" in metric or metric == "sample_len" or not isinstance(value, (int, float)) \
-                    or isinstance(value, bool):
+            if (
+                "_stderr" in metric
+                or metric == "sample_len"
+                or not isinstance(value, (int, float))
+                or isinstance(value, bool)
+            ):
                 continue
             name = metric if filt in ("", "none") else f"{metric}_{filt}"
             out[f"{task}/{name}"] = float(value)
     return out
 
 
-def evaluate_model(model: str, names: list[str], include_path: list[str] = (), limit: int | None = None,
-                   num_fewshot: int | None = None, batch_size: int = 16, device: str = "cpu",
-                   dtype: str = "float32") -> tuple[dict, dict]:
+def evaluate_model(
+    model: str,
+    names: list[str],
+    include_path: list[str] = (),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[dict, dict]:
     """`blt lm-eval`: the tasks checked and their data read first (fast failures), then the model
     loaded and evaluated. Returns (lm-eval's full results, {task: {metric: value}}). The include
     paths' Python files are named on stderr before loading the tasks imports them."""

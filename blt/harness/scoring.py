@@ -35,8 +35,8 @@ maps this rank's count to the largest count over ranks; the ranks short of it ru
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 
@@ -87,7 +87,7 @@ def rolling_pieces(request: int, document: bytes, width: int) -> list[Piece]:
     tokens = encode(document).astype("int64").tolist()
     pieces = []
     for start in range(0, len(tokens) - 1, width):
-        window = tokens[start: start + width + 1]  # (<= width + 1,) inputs and their next bytes
+        window = tokens[start : start + width + 1]  # (<= width + 1,) inputs and their next bytes
         targets = [t if t >= OFFSET else -1 for t in window[1:]]
         pieces.append(Piece(request, window[:-1], targets, pad_to=width))
     return pieces
@@ -96,8 +96,17 @@ def rolling_pieces(request: int, document: bytes, width: int) -> list[Piece]:
 class Scorer:
     """A model, its patcher and its context length (bytes), scoring requests in batches."""
 
-    def __init__(self, model, patcher, context: int, batch_size: int = 16, amp_dtype: torch.dtype | None = None,
-                 sync: Callable[[int], int] | None = None, cached: bool = True, share_context: bool = True):
+    def __init__(
+        self,
+        model,
+        patcher,
+        context: int,
+        batch_size: int = 16,
+        amp_dtype: torch.dtype | None = None,
+        sync: Callable[[int], int] | None = None,
+        cached: bool = True,
+        share_context: bool = True,
+    ):
         """cached=False: weights partitioned across ranks (ZeRO-3), which the cached generator
         cannot read; generation then re-runs each row's context per byte, in step with the ranks.
         share_context=False: every loglikelihood request in its own full-forward row."""
@@ -116,8 +125,12 @@ class Scorer:
         decoding would produce the continuation: every byte the argmax)."""
         groups = self._shared_groups(requests) if self.share_context else []
         grouped = {i for g in groups for i in g}
-        pieces = [p for i, (ctx, cont) in enumerate(requests) if i not in grouped
-                  for p in continuation_pieces(i, ctx, cont, self.context)]
+        pieces = [
+            p
+            for i, (ctx, cont) in enumerate(requests)
+            if i not in grouped
+            for p in continuation_pieces(i, ctx, cont, self.context)
+        ]
         sums, greedy = self._score(pieces, len(requests))
         for i, (logp, hit) in self._score_shared(requests, groups).items():
             sums[i], greedy[i] = logp, hit
@@ -128,8 +141,9 @@ class Scorer:
         pieces = [p for i, doc in enumerate(documents) for p in rolling_pieces(i, doc, self.context)]
         return self._score(pieces, len(documents))[0]
 
-    def generate(self, contexts: Sequence[bytes], until: Sequence[bytes], max_bytes: int,
-                 temperature: float = 0.0, seed: int = 0) -> list[bytes]:
+    def generate(
+        self, contexts: Sequence[bytes], until: Sequence[bytes], max_bytes: int, temperature: float = 0.0, seed: int = 0
+    ) -> list[bytes]:
         """Bytes generated after each context (cached Generator; greedy at temperature 0), each cut
         before the first stop string it produced; at most max_bytes."""
         from blt.generation import Generator
@@ -154,7 +168,7 @@ class Scorer:
             if not live:
                 self._forward(torch.full((1, 1), BOS_ID, dtype=torch.long))
                 continue
-            tails = [rows[r][-self.context:] for r in live]
+            tails = [rows[r][-self.context :] for r in live]
             ids = torch.full((len(live), max(map(len, tails))), PAD_ID, dtype=torch.long)  # (b, T) bytes
             for j, t in enumerate(tails):
                 ids[j, : len(t)] = torch.tensor(t)
@@ -188,8 +202,9 @@ class Scorer:
         return groups
 
     @torch.inference_mode()
-    def _score_shared(self, requests: Sequence[tuple[bytes, bytes]],
-                      groups: list[list[int]]) -> dict[int, tuple[float, bool]]:
+    def _score_shared(
+        self, requests: Sequence[tuple[bytes, bytes]], groups: list[list[int]]
+    ) -> dict[int, tuple[float, bool]]:
         """Score the groups' requests, up to `batch_size` contexts (and 4 x `batch_size`
         continuations) per cached state, longest context first."""
         out: dict[int, tuple[float, bool]] = {}
@@ -204,8 +219,9 @@ class Scorer:
             out.update(self._shared_batch(requests, batch))
         return out
 
-    def _shared_batch(self, requests: Sequence[tuple[bytes, bytes]],
-                      groups: list[list[int]]) -> dict[int, tuple[float, bool]]:
+    def _shared_batch(
+        self, requests: Sequence[tuple[bytes, bytes]], groups: list[list[int]]
+    ) -> dict[int, tuple[float, bool]]:
         """One cached state: [BOS] + each context (ragged), its rows copied once per continuation,
         then the continuations (ragged) with the logits at every byte."""
         from blt.generation.generator import CachedState
@@ -222,7 +238,8 @@ class Scorer:
         except torch.cuda.OutOfMemoryError:
             raise BatchTooLargeError(
                 f"{len(groups)} shared contexts with {len(conts)} continuations of up to {width} bytes do not fit in "
-                f"{self.device} memory; use a smaller batch size (now {self.batch_size})") from None
+                f"{self.device} memory; use a smaller batch size (now {self.batch_size})"
+            ) from None
         logits = torch.cat([first[copies][:, None], rest[:, :-1]], 1).float()  # (R, n, V) predicting byte j
         n = logits.shape[1]
         targets = torch.full((len(conts), n), -1, dtype=torch.long)  # (R, n) bytes, -1 = padding
@@ -238,7 +255,7 @@ class Scorer:
     def _score(self, pieces: list[Piece], num_requests: int) -> tuple[list[float], list[bool]]:
         sums, greedy = [0.0] * num_requests, [True] * num_requests
         order = sorted(range(len(pieces)), key=lambda i: -max(len(pieces[i].ids), pieces[i].pad_to))
-        batches = [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        batches = [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
         rounds = self.sync(len(batches)) if self.sync is not None else len(batches)
         for b in range(rounds):
             if b >= len(batches):  # this rank's share ran out: a forward that scores nothing keeps ranks in step
@@ -274,7 +291,8 @@ class Scorer:
         except torch.cuda.OutOfMemoryError:  # torch.OutOfMemoryError since torch 2.5
             raise BatchTooLargeError(
                 f"a batch of {ids.shape[0]} rows of {ids.shape[1]} bytes does not fit in {self.device} memory; "
-                f"use a smaller batch size (now {self.batch_size})") from None
+                f"use a smaller batch size (now {self.batch_size})"
+            ) from None
 
 
 def _pick(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -296,4 +314,3 @@ def cut_at_stop(text: bytes, until: Sequence[bytes]) -> bytes:
         if at >= 0:
             cut = min(cut, at)
     return text[:cut]
-

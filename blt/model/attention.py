@@ -86,7 +86,11 @@ def patch_pooling_attention(
 
 
 def patch_state_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, src: torch.Tensor, cross_k: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    src: torch.Tensor,
+    cross_k: int,
     valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Byte queries attend to the cross_k states of one patch each: byte t reads patch src[t].

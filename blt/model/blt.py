@@ -19,15 +19,14 @@ import torch
 import torch.nn as nn
 
 from blt.config import ModelConfig, PatchingConfig
-from blt.tokens import VOCAB_SIZE
 from blt.model.attention import decoder_source_patches, patch_pooling_attention, patch_state_attention
 from blt.model.hash_embed import HashNgramEmbedding
 from blt.model.layers import RMSNorm, Transformer
-from blt.model.router import (BoundaryRouter, Routing, confidence, patch_confidence, smooth_patches,
-                              straight_through)
-from blt.patching.registry import mode_of, patch_starts
+from blt.model.router import BoundaryRouter, Routing, confidence, patch_confidence, smooth_patches, straight_through
 from blt.patching.learned import router_starts
+from blt.patching.registry import mode_of, patch_starts
 from blt.patching.rules import patch_ids_from_starts
+from blt.tokens import VOCAB_SIZE
 
 
 class CrossAttention(nn.Module):
@@ -44,8 +43,15 @@ class CrossAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int,
-                gate: torch.Tensor | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        ctx: torch.Tensor,
+        kernel,
+        patch_ids: torch.Tensor,
+        cross_k: int,
+        gate: torch.Tensor | None = None,
+    ):
         return self.attend(x, *self.keys_values(ctx), kernel, patch_ids, cross_k, gate)
 
     def keys_values(self, ctx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,8 +59,16 @@ class CrossAttention(nn.Module):
         c = self.k_norm(ctx)
         return self.k_proj(c), self.v_proj(c)
 
-    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel, patch_ids: torch.Tensor, cross_k: int,
-               gate: torch.Tensor | None = None):
+    def attend(
+        self,
+        x: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        kernel,
+        patch_ids: torch.Tensor,
+        cross_k: int,
+        gate: torch.Tensor | None = None,
+    ):
         """`gate` (B, Q, 1), if given, multiplies the attention's output (learned patching's
         straight-through gate, router.py)."""
         B, Q, D = x.shape
@@ -113,13 +127,15 @@ class LocalDecoder(nn.Module):
         self.cross_attn = CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat)  # before layer 0
         more = cfg.decoder.layers - 1 if cfg.cross_attn_all_layers_decoder else 0
         self.layer_cross_attn = nn.ModuleList(  # before layers 1.. (cross_attn_all_layers_decoder)
-            [CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat) for _ in range(more)])
+            [CrossAttention(D, cfg.cross_attn_heads, cfg.norm_eps, cfg.hf_compat) for _ in range(more)]
+        )
         self.transformer = Transformer(cfg.decoder, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
         self.norm = RMSNorm(D, cfg.norm_eps)
         self.lm_head = nn.Linear(D, VOCAB_SIZE, bias=False)
 
-    def forward(self, h: torch.Tensor, g: torch.Tensor, patch_ids: torch.Tensor,
-                gate: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, h: torch.Tensor, g: torch.Tensor, patch_ids: torch.Tensor, gate: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """h (B, T, D) byte states, g (B, P, Dg) global patch states -> (B, T, V) logits; `gate`
         (B, T, 1) multiplies every cross-attention's output (learned patching)."""
         B, P, _ = g.shape
@@ -140,7 +156,9 @@ class LocalDecoder(nn.Module):
 class GlobalTransformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.token_embedding_projection = nn.Linear(cfg.encoder.dim * cfg.cross_attn_k, cfg.global_model.dim, bias=False)
+        self.token_embedding_projection = nn.Linear(
+            cfg.encoder.dim * cfg.cross_attn_k, cfg.global_model.dim, bias=False
+        )
         self.transformer = Transformer(cfg.global_model, cfg.norm_eps, cfg.rope_theta, cfg.dropout)
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:

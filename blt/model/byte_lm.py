@@ -11,9 +11,9 @@ import torch
 import torch.nn as nn
 
 from blt.config import ModelConfig
-from blt.tokens import VOCAB_SIZE
 from blt.model.blt import init_weights
 from blt.model.layers import RMSNorm, Transformer
+from blt.tokens import VOCAB_SIZE
 
 
 class ByteLM(nn.Module):

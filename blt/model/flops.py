@@ -57,8 +57,14 @@ def assumed_patch_size(model: ModelConfig, patching: PatchingConfig) -> float:
     return mode_of(patching).assumed_patch_size(patching)
 
 
-def flops_report(cfg: ModelConfig, seq_len: int, patch_size: float, params: int,
-                 entropy_cfg: ModelConfig | None = None, patching: PatchingConfig | None = None) -> FlopsReport:
+def flops_report(
+    cfg: ModelConfig,
+    seq_len: int,
+    patch_size: float,
+    params: int,
+    entropy_cfg: ModelConfig | None = None,
+    patching: PatchingConfig | None = None,
+) -> FlopsReport:
     """FLOPs per byte for `cfg` on sequences of `seq_len` bytes with mean patch size `patch_size`
     (`patching`: learned patching adds its router and the smoothing of patch states)."""
     if cfg.arch == "byte_lm":
@@ -108,7 +114,8 @@ def model_info(cfg, model, entropy_cfg: ModelConfig | None = None, measured_patc
     `measured_patch_size` (a run's), FLOPs are at that mean patch size instead."""
     params = sum(p.numel() for p in model.parameters())
     patch_size = assumed_patch_size(cfg.model, cfg.patching)
-    rep = flops_report(cfg.model, cfg.data.seq_len, measured_patch_size or patch_size, params, entropy_cfg,
-                       cfg.patching)
+    rep = flops_report(
+        cfg.model, cfg.data.seq_len, measured_patch_size or patch_size, params, entropy_cfg, cfg.patching
+    )
     measured = {} if measured_patch_size is None else {"measured_patch_size": measured_patch_size}
     return {"arch": cfg.model.arch, "assumed_patch_size": patch_size, **measured, **rep.__dict__}

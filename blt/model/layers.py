@@ -83,6 +83,7 @@ class SelfAttention(nn.Module):
             y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
 
+
 class Block(nn.Module):
     """Pre-norm block: x + attn(norm(x)), then + swiglu(norm(x))."""
 

@@ -32,6 +32,7 @@ KEEP_MIN = 1e-6  # smallest 1 - P_j the smoothing keeps of the patch before (a s
 @dataclass
 class Routing:
     """What learned patching decided for one batch (all byte-level, (B, T))."""
+
     probs: torch.Tensor  # the router's boundary probabilities (with gradient in training)
     starts: torch.Tensor  # bool: the patch starts used (router starts plus the shared rules)
     router_starts: torch.Tensor  # bool: where p_t >= 0.5

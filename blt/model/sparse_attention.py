@@ -36,8 +36,10 @@ def check_trainable(model_cfg, device: torch.device) -> None:
     for name in ("lm",) if model_cfg.arch == "byte_lm" else ("encoder", "global_model", "decoder"):
         sp = getattr(model_cfg, name).sparse
         if sp.pattern != "none" and sp.backend == "flex":
-            raise SparseBackendError(f"model.{name}.sparse.backend=flex cannot train on CPU (PyTorch has no CPU "
-                                     f"backward for FlexAttention); set model.{name}.sparse.backend=gather (or auto)")
+            raise SparseBackendError(
+                f"model.{name}.sparse.backend=flex cannot train on CPU (PyTorch has no CPU "
+                f"backward for FlexAttention); set model.{name}.sparse.backend=gather (or auto)"
+            )
 
 
 def dense_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
@@ -48,7 +50,7 @@ def dense_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pa
     scores = torch.where(mask, scores, float("-inf"))
     scores = torch.where(has, scores, 0.0)  # fully masked rows: finite, zeroed below
     w = torch.softmax(scores, dim=-1) * has
-    return (w.to(v.dtype) @ v)
+    return w.to(v.dtype) @ v
 
 
 def _split_rows(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -123,15 +125,17 @@ def gather_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
         nr, maxk = order.shape[1], order.shape[2]
         kg = kb[:, heads, order].reshape(B, H * nr, maxk * bs, hd)  # (B, H*nr, maxk*bs, hd) gathered key blocks
         vg = vb[:, heads, order].reshape(B, H * nr, maxk * bs, hd)
-        y = F.scaled_dot_product_attention(qb[:, :, sel].reshape(B, H * nr, bs, hd), kg, vg,
-                                           attn_mask=g["mask"])  # (B, H*nr, bs, hd)
+        y = F.scaled_dot_product_attention(
+            qb[:, :, sel].reshape(B, H * nr, bs, hd), kg, vg, attn_mask=g["mask"]
+        )  # (B, H*nr, bs, hd)
         y = y * g["live"]  # fully masked rows: 0
         out = out.index_copy(2, sel, y.view(B, H, nr, bs, hd))
     d = plan["dense"]
     if d is not None:  # global rows: one masked SDPA over all keys
         nd = len(d["rows"])
-        y = F.scaled_dot_product_attention(qb[:, :, d["rows"]].reshape(B, H, nd * bs, hd), k, v,
-                                           attn_mask=d["mask"])  # (B, H, nd*bs, hd)
+        y = F.scaled_dot_product_attention(
+            qb[:, :, d["rows"]].reshape(B, H, nd * bs, hd), k, v, attn_mask=d["mask"]
+        )  # (B, H, nd*bs, hd)
         out = out.index_copy(2, d["rows"], (y * d["live"]).view(B, H, nd, bs, hd))
     return out.view(B, H, nb * bs, hd)[:, :, :T]
 
@@ -141,14 +145,17 @@ def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
 
     B, H, T, hd = q.shape
     if q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
-        raise SparseBackendError("sparse attention backend 'flex' cannot train on CPU (PyTorch has no CPU "
-                                 "backward for FlexAttention); use backend gather (or auto)")
+        raise SparseBackendError(
+            "sparse attention backend 'flex' cannot train on CPU (PyTorch has no CPU "
+            "backward for FlexAttention); use backend gather (or auto)"
+        )
     masks = pattern._flex_masks  # one BlockMask per length and device
     key = (T, str(q.device))
     if key not in masks:
         hl = pattern.layout(-(-T // pattern.block)).shape[0]
-        masks[key] = create_block_mask(pattern.mask_mod(T, q.device), B=None, H=hl if hl > 1 else None,
-                                       Q_LEN=T, KV_LEN=T, device=q.device)
+        masks[key] = create_block_mask(
+            pattern.mask_mod(T, q.device), B=None, H=hl if hl > 1 else None, Q_LEN=T, KV_LEN=T, device=q.device
+        )
     if q.device.type == "cuda":
         return _compiled_flex()(q, k, v, block_mask=masks[key])
     import warnings
@@ -170,8 +177,9 @@ def _compiled_flex():
     return _COMPILED
 
 
-def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern,
-                     backend: str = "auto") -> torch.Tensor:
+def sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, backend: str = "auto"
+) -> torch.Tensor:
     """Attention of (B, H, T, hd) under `pattern` with `backend` (auto: flex on GPU, gather on CPU)."""
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "gather"

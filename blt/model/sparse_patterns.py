@@ -8,16 +8,18 @@ dense boolean mask (the test oracle, `dense_mask`), the block layout the gather 
 the FlexAttention mask_mod (`mask_mod`). Parameter names follow DeepSpeed's sparsity configs, so
 settings port over:
 
-| pattern     | DeepSpeed class                  | parameters used                                                  |
-|-------------|----------------------------------|------------------------------------------------------------------|
-| dense       | DenseSparsityConfig              | block                                                            |
-| local       | (Longformer's token window)      | window (tokens)                                                  |
-| strided     | (Sparse Transformer atrous)      | num_sliding_window_blocks, dilation                              |
-| fixed       | FixedSparsityConfig              | num_local_blocks, num_global_blocks, num_different_global_patterns, horizontal_global_attention |
-| bigbird     | BigBirdSparsityConfig            | num_random_blocks, num_sliding_window_blocks, num_global_blocks  |
-| longformer  | BSLongformerSparsityConfig       | num_sliding_window_blocks, global_block_indices, global_block_end_indices |
-| variable    | VariableSparsityConfig           | num_random_blocks, local_window_blocks, global_block_indices, global_block_end_indices, horizontal_global_attention |
-| block_causal| (block-level causal)             | block (bidirectional inside a block: not for causal LMs)         |
+    pattern       DeepSpeed class               parameters used
+    dense         DenseSparsityConfig           block
+    local         (Longformer's token window)   window (tokens)
+    strided       (Sparse Transformer atrous)   num_sliding_window_blocks, dilation
+    fixed         FixedSparsityConfig           num_local_blocks, num_global_blocks,
+                                                num_different_global_patterns, horizontal_global_attention
+    bigbird       BigBirdSparsityConfig         num_random_blocks, num_sliding_window_blocks, num_global_blocks
+    longformer    BSLongformerSparsityConfig    num_sliding_window_blocks, global_block_indices,
+                                                global_block_end_indices
+    variable      VariableSparsityConfig        num_random_blocks, local_window_blocks, global_block_indices,
+                                                global_block_end_indices, horizontal_global_attention
+    block_causal  (block-level causal)          block (bidirectional inside a block: not for causal LMs)
 
 Every pattern also takes block, different_layout_per_head, attention (unidirectional or
 bidirectional) and seed (random blocks). All layouts are plain torch; nothing here imports a kernel.
@@ -133,7 +135,7 @@ class Pattern:
             start, sizes, i = 0, list(c.local_window_blocks), 0
             while start < nb:
                 size = sizes[min(i, len(sizes) - 1)]
-                lay[start: start + size, start: start + size] = True
+                lay[start : start + size, start : start + size] = True
                 start, i = start + size, i + 1
             g = self._global_blocks(nb)
             lay[:, g] = True
@@ -163,8 +165,10 @@ class Pattern:
 
 def custom_pattern(layout: torch.Tensor, block: int, unidirectional: bool = True) -> Pattern:
     """A pattern from a hand-made (Hl, nb, nb) layout (fixed size), as DeepSpeed's custom layouts."""
-    p = Pattern(SparsityConfig(pattern="dense", block=block,
-                               attention="unidirectional" if unidirectional else "bidirectional"), layout.shape[0])
+    p = Pattern(
+        SparsityConfig(pattern="dense", block=block, attention="unidirectional" if unidirectional else "bidirectional"),
+        layout.shape[0],
+    )
     lay = layout.bool().clone()
     if unidirectional:
         lay &= torch.tril(torch.ones(lay.shape[-2:], dtype=torch.bool))

@@ -33,16 +33,16 @@ def serve(path: str | Path, port: int = 6006, host: str = "127.0.0.1", block: bo
     from tensorboard import program
 
     tb = program.TensorBoard()
-    tb.configure(argv=[None, "--logdir", str(root), "--host", host, "--port", str(port),
-                       "--reload_interval", "5"])
+    tb.configure(argv=[None, "--logdir", str(root), "--host", host, "--port", str(port), "--reload_interval", "5"])
     said = io.StringIO()  # TensorBoard's start-up notes; its error, if it cannot start
     try:
         with contextlib.redirect_stderr(said):
             url = tb.launch()
     except (program.TensorBoardServerException, SystemExit) as e:
         why = str(e) if isinstance(e, program.TensorBoardServerException) else " ".join(said.getvalue().split())
-        raise DashboardError(f"TensorBoard could not start on {host}:{port} ({why[:200]}); "
-                             "pick another --port") from None
+        raise DashboardError(
+            f"TensorBoard could not start on {host}:{port} ({why[:200]}); pick another --port"
+        ) from None
     print(f"TensorBoard for {path} at {url} (Ctrl-C stops it)", flush=True)
     while block:
         time.sleep(3600)

@@ -11,8 +11,9 @@ import torch
 GPU_BF16_PEAK = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
 
 
-def measured_matmul_flops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024,
-                          seconds: float = 0.1) -> float:
+def measured_matmul_flops(
+    device: torch.device, dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 0.1
+) -> float:
     gen = torch.Generator(device=device).manual_seed(0)  # never the global RNG: resume must stay exact
     a = torch.randn(n, n, device=device, dtype=dtype, generator=gen)
     b = torch.randn(n, n, device=device, dtype=dtype, generator=gen)

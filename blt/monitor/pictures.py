@@ -40,8 +40,13 @@ def patch_snippet(model, patcher, ids: torch.Tensor) -> dict:
         curve, label, threshold = entropy_from_logits(logits.float()), "next-byte entropy (this model), nats", None
     if was_training:
         model.train()
-    return {"bytes": [int(t) - OFFSET for t in ids[0].tolist()], "curve": curve[0].float().cpu().numpy(),
-            "starts": starts[0].cpu().numpy(), "label": label, "threshold": threshold}
+    return {
+        "bytes": [int(t) - OFFSET for t in ids[0].tolist()],
+        "curve": curve[0].float().cpu().numpy(),
+        "starts": starts[0].cpu().numpy(),
+        "label": label,
+        "threshold": threshold,
+    }
 
 
 def draw_patches(snip: dict, step: int) -> np.ndarray:
@@ -68,8 +73,10 @@ def draw_patches(snip: dict, step: int) -> np.ndarray:
         ax.set_xticklabels([_label(b) if b >= 0 else "" for b in byte_values], fontsize=7, family="monospace")
     ax.set_xlim(-1, T)
     n_patches = int(starts.sum())
-    ax.set_title(f"step {step}: {T} bytes in {n_patches} patches (mean {T / max(1, n_patches):.2f}); "
-                 "red lines start a patch", fontsize=9)
+    ax.set_title(
+        f"step {step}: {T} bytes in {n_patches} patches (mean {T / max(1, n_patches):.2f}); red lines start a patch",
+        fontsize=9,
+    )
     ax.legend(loc="upper right", fontsize=7)
     fig.tight_layout()
     fig.canvas.draw()
@@ -80,11 +87,11 @@ def snippet_ids(val_tokens: np.ndarray, length: int) -> torch.Tensor:
     """A fixed snippet of validation text: `length` ids starting after a newline a third of the way in."""
     n = len(val_tokens)
     start = n // 3
-    window = np.asarray(val_tokens[start: start + 4 * length])
+    window = np.asarray(val_tokens[start : start + 4 * length])
     newline = np.nonzero(window == 10 + OFFSET)[0]
     if len(newline):
         start += int(newline[0]) + 1
-    ids = np.asarray(val_tokens[start: start + length], dtype=np.int64)
+    ids = np.asarray(val_tokens[start : start + length], dtype=np.int64)
     return torch.from_numpy(ids)[None]
 
 
@@ -93,19 +100,24 @@ def sample_prompts(val_tokens: np.ndarray, count: int, length: int = 48) -> list
     n = len(val_tokens)
     prompts = []
     for i in range(count):
-        ids = snippet_ids(val_tokens[(n * i) // max(1, count):], length)[0].numpy()
+        ids = snippet_ids(val_tokens[(n * i) // max(1, count) :], length)[0].numpy()
         prompts.append(decode(ids)[:length])
     return prompts
 
 
-def generate_samples(model, patcher, prompts: list[bytes], max_bytes: int, context: int, cached: bool = True) -> list[list]:
+def generate_samples(
+    model, patcher, prompts: list[bytes], max_bytes: int, context: int, cached: bool = True
+) -> list[list]:
     """Rows (prompt, output, settings): temperature 0.8, top-p 0.95, seed 0 (the same on every rank);
     cached=False for weights partitioned across ranks (see Generator)."""
     was_training = model.training
-    outs = Generator(model, patcher, context, cached).generate(prompts, max_bytes=max_bytes, temperature=0.8, top_p=0.95,
-                                                      seed=0)
-    rows = [[p.decode("utf-8", "replace"), o.decode("utf-8", "replace"), "temperature 0.8, top_p 0.95, seed 0"]
-            for p, o in zip(prompts, outs)]
+    outs = Generator(model, patcher, context, cached).generate(
+        prompts, max_bytes=max_bytes, temperature=0.8, top_p=0.95, seed=0
+    )
+    rows = [
+        [p.decode("utf-8", "replace"), o.decode("utf-8", "replace"), "temperature 0.8, top_p 0.95, seed 0"]
+        for p, o in zip(prompts, outs)
+    ]
     if was_training:
         model.train()
     return rows

@@ -66,9 +66,18 @@ class WandbSink:
         id_file = Path(run_dir) / "wandb_run_id"
         run_id = id_file.read_text().strip() if resumed and id_file.is_file() else secrets.token_hex(4)
         os.environ.setdefault("WANDB_SILENT", "true")
-        self.run = wandb.init(mode=self.mode, project=w.project, entity=w.entity, name=w.name or cfg.name,
-                              group=w.group, tags=list(w.tags) or None, dir=str(run_dir), id=run_id,
-                              resume="allow", config=config_to_dict(cfg))
+        self.run = wandb.init(
+            mode=self.mode,
+            project=w.project,
+            entity=w.entity,
+            name=w.name or cfg.name,
+            group=w.group,
+            tags=list(w.tags) or None,
+            dir=str(run_dir),
+            id=run_id,
+            resume="allow",
+            config=config_to_dict(cfg),
+        )
         id_file.write_text(run_id)
         self.wandb = wandb
 

@@ -15,14 +15,35 @@ from blt.patching.entropy import entropy_starts, threshold_for_patch_size
 from blt.patching.learned import ratio_loss, router_starts
 from blt.patching.patcher import Patcher
 from blt.patching.registry import MODES, mode_of, patch_starts
-from blt.patching.rules import (entropy, entropy_from_logits, limit_patch_length, patch_ids_from_starts,
-                                patch_lengths, patch_sizes)
+from blt.patching.rules import (
+    entropy,
+    entropy_from_logits,
+    limit_patch_length,
+    patch_ids_from_starts,
+    patch_lengths,
+    patch_sizes,
+)
 from blt.patching.space import space_starts, spacelike
 from blt.patching.static import static_starts
 from blt.patching.streaming import StreamingStarts
 
 __all__ = [
-    "MODES", "Patcher", "StreamingStarts", "entropy", "entropy_from_logits", "entropy_starts",
-    "limit_patch_length", "mode_of", "patch_ids_from_starts", "patch_lengths", "patch_sizes", "patch_starts",
-    "ratio_loss", "router_starts", "space_starts", "spacelike", "static_starts", "threshold_for_patch_size",
+    "MODES",
+    "Patcher",
+    "StreamingStarts",
+    "entropy",
+    "entropy_from_logits",
+    "entropy_starts",
+    "limit_patch_length",
+    "mode_of",
+    "patch_ids_from_starts",
+    "patch_lengths",
+    "patch_sizes",
+    "patch_starts",
+    "ratio_loss",
+    "router_starts",
+    "space_starts",
+    "spacelike",
+    "static_starts",
+    "threshold_for_patch_size",
 ]

@@ -27,7 +27,7 @@ class Mode:
         the per-byte number the rule reads: entropies (entropy) or the router's probabilities (learned)."""
         raise NotImplementedError
 
-    def stream(self, cfg, threshold: float | None) -> "StreamRule":
+    def stream(self, cfg, threshold: float | None) -> StreamRule:
         """A fresh per-row rule that decides byte by byte what `starts` decides for the whole row."""
         raise NotImplementedError
 

@@ -71,8 +71,10 @@ class Entropy(Mode):
 
     def check(self, cfg, arch: str) -> str | None:
         if arch == "blt" and not cfg.entropy_model:
-            return ("patching.mode=entropy needs patching.entropy_model (train one with "
-                    "`blt train configs/entropy_tiny.yaml`, then set patching.entropy_model=runs/entropy_tiny)")
+            return (
+                "patching.mode=entropy needs patching.entropy_model (train one with "
+                "`blt train configs/entropy_tiny.yaml`, then set patching.entropy_model=runs/entropy_tiny)"
+            )
         return None
 
     def starts(self, tokens, cfg, entropies, threshold) -> torch.Tensor:
@@ -91,8 +93,9 @@ class Entropy(Mode):
         return cfg.target_patch_size
 
     def calibrate(self, cfg, tokens, entropies) -> float:
-        return threshold_for_patch_size(entropies, cfg.target_patch_size, cfg.threshold_mode, cfg.max_patch_length,
-                                        tokens)
+        return threshold_for_patch_size(
+            entropies, cfg.target_patch_size, cfg.threshold_mode, cfg.max_patch_length, tokens
+        )
 
     def describe(self, cfg) -> str:
         if cfg.threshold is None:

@@ -29,8 +29,9 @@ def router_starts(probs: torch.Tensor) -> torch.Tensor:
     return starts
 
 
-def ratio_loss(probs: torch.Tensor, starts: torch.Tensor, real: torch.Tensor,
-               target: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def ratio_loss(
+    probs: torch.Tensor, starts: torch.Tensor, real: torch.Tensor, target: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ratio loss, F, G) over the real bytes (`real` (B, T) bool) of a batch: `starts` (B, T) are
     the patch starts used, `probs` (B, T) the router's probabilities (G carries the gradient)."""
     n = real.sum().clamp(min=1)
@@ -47,15 +48,21 @@ class Learned(Mode):
 
     def check(self, cfg, arch: str) -> str | None:
         if cfg.target_patch_size <= 1:
-            return (f"patching.target_patch_size must be > 1 with patching.mode=learned (got {cfg.target_patch_size}): "
-                    "it is the mean patch size the ratio loss aims at")
+            return (
+                f"patching.target_patch_size must be > 1 with patching.mode=learned (got {cfg.target_patch_size}): "
+                "it is the mean patch size the ratio loss aims at"
+            )
         if cfg.max_patch_length is not None and cfg.target_patch_size > cfg.max_patch_length:
-            return (f"patching.target_patch_size ({cfg.target_patch_size:g}) must be <= patching.max_patch_length "
-                    f"({cfg.max_patch_length}) with patching.mode=learned: no patch is longer, so the ratio loss "
-                    "could never reach it (lower the target or raise max_patch_length)")
+            return (
+                f"patching.target_patch_size ({cfg.target_patch_size:g}) must be <= patching.max_patch_length "
+                f"({cfg.max_patch_length}) with patching.mode=learned: no patch is longer, so the ratio loss "
+                "could never reach it (lower the target or raise max_patch_length)"
+            )
         if cfg.threshold is not None:
-            return ("patching.threshold is for entropy patching; learned patching starts a patch where the router's "
-                    "probability is >= 0.5 (set patching.threshold=null and tune patching.target_patch_size)")
+            return (
+                "patching.threshold is for entropy patching; learned patching starts a patch where the router's "
+                "probability is >= 0.5 (set patching.threshold=null and tune patching.target_patch_size)"
+            )
         return None
 
     def starts(self, tokens, cfg, probs, threshold) -> torch.Tensor:
@@ -73,8 +80,10 @@ class Learned(Mode):
         return f"learned (a router in the model, ratio loss towards {cfg.target_patch_size:g} bytes per patch)"
 
     def hf_refusal(self, cfg):
-        return "patching.mode", ("HF transformers' BLT has no learned patcher (its patcher reads entropies); "
-                                 "use the default export format (safetensors, with the router)")
+        return "patching.mode", (
+            "HF transformers' BLT has no learned patcher (its patcher reads entropies); "
+            "use the default export format (safetensors, with the router)"
+        )
 
 
 class _RouterRule(StreamRule):

@@ -40,7 +40,9 @@ class Patcher:
 
     def starts(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
         if self.learned:
-            raise ValueError("learned patching: the model's router cuts the patches; use patcher.forward(model, tokens)")
+            raise ValueError(
+                "learned patching: the model's router cuts the patches; use patcher.forward(model, tokens)"
+            )
         if self.mode.needs_entropies and entropies is None:
             entropies = self.entropies(tokens)
         return patch_starts(tokens, self.cfg, entropies, self.threshold)
@@ -70,8 +72,9 @@ class Patcher:
         return self.starts(tokens, ent), ent
 
     @torch.no_grad()
-    def explain_windows(self, model, ids: torch.Tensor, window: int,
-                        batch_bytes: int = 16384) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def explain_windows(
+        self, model, ids: torch.Tensor, window: int, batch_bytes: int = 16384
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`explain` for one sequence (T,) of any length, cut into windows of `window` bytes as training
         cuts its data (each window starts a patch), about `batch_bytes` per forward (memory stays that
         of one such batch, whatever T) -> (T,) starts and (T,) signal (or None)."""

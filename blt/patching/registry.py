@@ -34,16 +34,19 @@ def check_patching(cfg, model) -> None:
         raise ConfigError(f"config key 'patching.mode' must be one of {' | '.join(map(repr, MODES))}, got {cfg.mode!r}")
     mode = MODES[cfg.mode]
     if model.arch == "blt" and model.hf_compat and mode.start_reads_its_byte:
-        raise ConfigError(f"model.hf_compat=true cannot use patching.mode={cfg.mode} (whether byte t+1 starts a patch "
-                          "depends on byte t+1 itself, which HF's decoder rule would leak); use a mode whose starts "
-                          "read earlier bytes only: " + ", ".join(n for n, m in MODES.items() if not m.start_reads_its_byte))
+        raise ConfigError(
+            f"model.hf_compat=true cannot use patching.mode={cfg.mode} (whether byte t+1 starts a patch "
+            "depends on byte t+1 itself, which HF's decoder rule would leak); use a mode whose starts "
+            "read earlier bytes only: " + ", ".join(n for n, m in MODES.items() if not m.start_reads_its_byte)
+        )
     problem = mode.check(cfg, model.arch)
     if problem:
         raise ConfigError(problem)
 
 
-def patch_starts(tokens: torch.Tensor, cfg, signal: torch.Tensor | None = None,
-                 threshold: float | None = None) -> torch.Tensor:
+def patch_starts(
+    tokens: torch.Tensor, cfg, signal: torch.Tensor | None = None, threshold: float | None = None
+) -> torch.Tensor:
     """Patch starts (B, T) bool for `tokens` (B, T) under `cfg`: the mode's rule (reading `signal`
     (B, T), entropies or router probabilities, if it needs one), then the shared ones (a BOS always
     starts a patch; split_first_byte; max_patch_length)."""

@@ -31,13 +31,18 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from blt.serve.batcher import Batcher, QueueFull, Row
-from blt.serve.protocol import (ChatRequest, CompletionRequest, Limits, RequestError, chat_jobs,
-                                completion_jobs)
+from blt.serve.protocol import ChatRequest, CompletionRequest, Limits, RequestError, chat_jobs, completion_jobs
 from blt.serve.text import ChoiceText
 from blt.tokens import BOS_ID, OFFSET
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "server_error",
+}
 
 
 def _error(status: int, message: str, param: str | None = None) -> JSONResponse:
@@ -91,8 +96,9 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
 
     def check_model(model: str) -> None:
         if model != name:
-            raise HTTPException(404, f"the model '{model}' is not served here; this server serves '{name}' "
-                                     "(see GET /v1/models)")
+            raise HTTPException(
+                404, f"the model '{model}' is not served here; this server serves '{name}' (see GET /v1/models)"
+            )
 
     @app.get("/health")
     async def health():
@@ -100,8 +106,11 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
 
     @app.get("/")
     async def index():  # what a browser pointed at the printed address sees
-        return {"model": name, "openai_base_path": "/v1",
-                "endpoints": ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"]}
+        return {
+            "model": name,
+            "openai_base_path": "/v1",
+            "endpoints": ["POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models", "GET /health"],
+        }
 
     @app.get("/v1/models")
     async def models():
@@ -129,10 +138,14 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
             return lambda data, finish: outbox.put(queue, (index, data, finish))  # from the model thread
 
         if len(jobs) > batcher.max_queue:  # could never be queued: not a matter of waiting
-            raise RequestError(f"this request asks for {len(jobs)} sequences (prompts x n); the server queues at "
-                               f"most {batcher.max_queue} (--max-queue)", "n" if req.n > 1 else "prompt")
-        rows = [Row([BOS_ID] + [b + OFFSET for b in prompt], params, emitter(i))
-                for i, (prompt, params) in enumerate(jobs)]
+            raise RequestError(
+                f"this request asks for {len(jobs)} sequences (prompts x n); the server queues at "
+                f"most {batcher.max_queue} (--max-queue)",
+                "n" if req.n > 1 else "prompt",
+            )
+        rows = [
+            Row([BOS_ID] + [b + OFFSET for b in prompt], params, emitter(i)) for i, (prompt, params) in enumerate(jobs)
+        ]
         texts = [ChoiceText(params.stop, prompt) for prompt, params in jobs]
         batcher.submit(rows)
         usage = {"prompt_tokens": sum(len(p) for p, _ in jobs[:: req.n]), "completion_tokens": 0}
@@ -140,8 +153,9 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
         events = _events(queue, texts, rows, usage)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return StreamingResponse(_sse(events, rows, meta, kind, include_usage, usage),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(events, rows, meta, kind, include_usage, usage), media_type="text/event-stream"
+            )
         return await _whole(request, events, rows, meta, kind, usage)
 
     return app
@@ -244,11 +258,15 @@ async def _whole(request: Request, events, rows: list[Row], meta: dict, kind: st
         if why == "error":
             return _error(500, f"generation failed: {''.join(parts)}")
     if kind == "chat.completion":
-        choices = [{"index": i, "message": {"role": "assistant", "content": "".join(p)}, "finish_reason": f,
-                    "logprobs": None} for i, (p, f) in enumerate(zip(out, finish))]
+        choices = [
+            {"index": i, "message": {"role": "assistant", "content": "".join(p)}, "finish_reason": f, "logprobs": None}
+            for i, (p, f) in enumerate(zip(out, finish))
+        ]
     else:
-        choices = [{"index": i, "text": "".join(p), "logprobs": None, "finish_reason": f}
-                   for i, (p, f) in enumerate(zip(out, finish))]
+        choices = [
+            {"index": i, "text": "".join(p), "logprobs": None, "finish_reason": f}
+            for i, (p, f) in enumerate(zip(out, finish))
+        ]
     return {**meta, "object": kind, "choices": choices, "usage": _totals(usage)}
 
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -68,9 +68,18 @@ class Batcher:
         self._stopping = False
         self._thread: threading.Thread | None = None
         # counters (read by /health): decode steps, rows in them, prefill calls, the largest batch
-        self.counters = {"steps": 0, "row_steps": 0, "prefills": 0, "max_batch_seen": 0, "rows_done": 0,
-                         "bytes": 0, "running": 0, "waiting": 0, "errors": 0,
-                         "cancelled": 0}
+        self.counters = {
+            "steps": 0,
+            "row_steps": 0,
+            "prefills": 0,
+            "max_batch_seen": 0,
+            "rows_done": 0,
+            "bytes": 0,
+            "running": 0,
+            "waiting": 0,
+            "errors": 0,
+            "cancelled": 0,
+        }
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="blt-batcher", daemon=True)
@@ -82,8 +91,9 @@ class Batcher:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
             if len(self._waiting) + len(rows) > self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} sequences are waiting for the batch (at most "
-                                f"{self.max_queue}); retry later")
+                raise QueueFull(
+                    f"{len(self._waiting)} sequences are waiting for the batch (at most {self.max_queue}); retry later"
+                )
             for r in rows:
                 r.gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
                 if r.params.max_bytes == 0:  # nothing to generate
@@ -192,7 +202,7 @@ class Batcher:
             self.counters["row_steps"] += len(rows)
             self.counters["max_batch_seen"] = max(self.counters["max_batch_seen"], len(rows))
         if full:
-            state, logits = self._join(state, logits, *self._prefill([r.ids[-(self.context // 2):] for r in full]))
+            state, logits = self._join(state, logits, *self._prefill([r.ids[-(self.context // 2) :] for r in full]))
             rows = rows + full
         return rows, state, logits
 
@@ -204,8 +214,11 @@ class Batcher:
             groups[(r.params.temperature, r.params.top_k, r.params.top_p)].append(i)
         out = [0] * len(rows)
         for (temperature, top_k, top_p), idx in groups.items():
-            draws = None if temperature <= 0 else torch.cat(
-                [torch.rand(1, generator=rows[i].gen, device=self.device) for i in idx])
+            draws = (
+                None
+                if temperature <= 0
+                else torch.cat([torch.rand(1, generator=rows[i].gen, device=self.device) for i in idx])
+            )
             for i, tok in zip(idx, sample_next(logits[idx], temperature, top_k, top_p, None, draws).tolist()):
                 out[i] = tok
         return out
@@ -214,4 +227,3 @@ class Batcher:
         c = dict(self.counters)
         c["mean_batch"] = c["row_steps"] / c["steps"] if c["steps"] else 0.0
         return c
-

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from blt.typed import OptionError
 from blt.generation.sampling import check_sampling
 from blt.serve.batcher import Params
+from blt.typed import OptionError
 
 CHAT_STOP = "\nUser:"
 
@@ -54,27 +54,27 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="forbid")
     model: str
-    temperature: Optional[float] = 1.0
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None  # an extra field (vLLM's): None, 0 or -1 = no top-k filter
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
+    temperature: float | None = 1.0
+    top_p: float | None = None
+    top_k: int | None = None  # an extra field (vLLM's): None, 0 or -1 = no top-k filter
+    stop: str | list[str] | None = None
+    seed: int | None = None
     n: int = 1
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
+    stream_options: StreamOptions | None = None
+    user: str | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
-    logit_bias: Optional[dict] = None
+    logit_bias: dict | None = None
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str], list[int], list[list[int]]] = ""
-    max_tokens: Optional[int] = 16  # OpenAI's default for /v1/completions
+    prompt: str | list[str] | list[int] | list[list[int]] = ""
+    max_tokens: int | None = 16  # OpenAI's default for /v1/completions
     echo: bool = False
-    logprobs: Optional[int] = None
-    best_of: Optional[int] = None
-    suffix: Optional[str] = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
 
 class TextPart(BaseModel):
@@ -86,16 +86,16 @@ class TextPart(BaseModel):
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    name: Optional[str] = None
+    content: str | list[TextPart]
+    name: str | None = None
 
 
 class ChatRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: Optional[int] = None
-    max_completion_tokens: Optional[int] = None
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
     logprobs: bool = False
-    top_logprobs: Optional[int] = None
+    top_logprobs: int | None = None
 
 
 def render_chat(messages: list[ChatMessage]) -> str:
@@ -109,8 +109,15 @@ def render_chat(messages: list[ChatMessage]) -> str:
 
 
 def _refuse_unsupported(req: BaseModel) -> None:
-    noop = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "logit_bias": None, "echo": False,
-            "logprobs": (None, False), "suffix": None, "top_logprobs": None}
+    noop = {
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "logit_bias": None,
+        "echo": False,
+        "logprobs": (None, False),
+        "suffix": None,
+        "top_logprobs": None,
+    }
     for name, ok in noop.items():
         if not hasattr(req, name):
             continue
@@ -123,8 +130,9 @@ def _refuse_unsupported(req: BaseModel) -> None:
         raise RequestError("best_of is not supported by blt serve (leave it out, or equal to n)", "best_of")
 
 
-def _params(req: _Sampling, max_tokens: int | None, default_max: int, limits: Limits, extra_stop=(),
-            field: str = "max_tokens") -> list[Params]:
+def _params(
+    req: _Sampling, max_tokens: int | None, default_max: int, limits: Limits, extra_stop=(), field: str = "max_tokens"
+) -> list[Params]:
     """One Params per choice of a prompt (seed + j for choice j); `field` is the name the client gave
     `max_tokens` under (max_completion_tokens in a chat request), for messages."""
     _refuse_unsupported(req)
@@ -132,8 +140,9 @@ def _params(req: _Sampling, max_tokens: int | None, default_max: int, limits: Li
         raise RequestError(f"n must be from 1 to {limits.max_n} (the server's --max-batch), got {req.n}", "n")
     max_bytes = default_max if max_tokens is None else max_tokens
     if not 0 <= max_bytes <= limits.max_tokens:
-        raise RequestError(f"{field} must be from 0 to {limits.max_tokens} bytes (the server's --max-tokens), "
-                           f"got {max_bytes}", field)
+        raise RequestError(
+            f"{field} must be from 0 to {limits.max_tokens} bytes (the server's --max-tokens), got {max_bytes}", field
+        )
     top_k = None if req.top_k in (None, 0, -1) else req.top_k
     top_p = None if req.top_p in (None, 1.0) else req.top_p
     seed = secrets.randbelow(2**32) if req.seed is None else req.seed
@@ -163,8 +172,10 @@ def _prompt_bytes(prompt) -> list[bytes]:
         else:
             bad = [v for v in p if not 0 <= v <= 255]
             if bad:
-                raise RequestError(f"prompt holds {bad[0]}, which is not a byte value (0-255): a byte model's "
-                                   "token ids are bytes", "prompt")
+                raise RequestError(
+                    f"prompt holds {bad[0]}, which is not a byte value (0-255): a byte model's token ids are bytes",
+                    "prompt",
+                )
             out.append(bytes(p))
     if not out:
         raise RequestError("prompt is an empty list: give a string, a list of strings or byte values", "prompt")
@@ -180,7 +191,8 @@ def completion_jobs(req: CompletionRequest, limits: Limits) -> list[tuple[bytes,
 def chat_jobs(req: ChatRequest, limits: Limits, default_max: int = 256) -> list[tuple[bytes, Params]]:
     """(rendered conversation bytes, Params) for every choice."""
     field = "max_tokens" if req.max_completion_tokens is None else "max_completion_tokens"
-    params = _params(req, getattr(req, field), min(default_max, limits.max_tokens), limits, extra_stop=(CHAT_STOP,),
-                     field=field)
+    params = _params(
+        req, getattr(req, field), min(default_max, limits.max_tokens), limits, extra_stop=(CHAT_STOP,), field=field
+    )
     prompt = render_chat(req.messages).encode("utf-8", errors="surrogatepass")
     return [(prompt, c) for c in params]

@@ -17,12 +17,13 @@ import os
 import threading
 from pathlib import Path
 
-from blt.typed import OptionError, PosInt, check_option
 from blt.errors import require_extra
+from blt.typed import OptionError, PosInt, check_option
 
 
-def check_serve_options(max_batch: int, max_queue: int, max_tokens: int, drain: float,
-                        threads: int | None = None) -> None:
+def check_serve_options(
+    max_batch: int, max_queue: int, max_tokens: int, drain: float, threads: int | None = None
+) -> None:
     """The sizes, checked before anything is loaded (named as the CLI spells them)."""
     for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens)):
         check_option(name, value, PosInt, flag=True)
@@ -31,9 +32,19 @@ def check_serve_options(max_batch: int, max_queue: int, max_tokens: int, drain: 
         raise OptionError(f"--drain must be a number of seconds >= 0, got {drain}")
 
 
-def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int = 16, max_queue: int = 256,
-          max_tokens: int = 4096, device: str = "cpu", api_key: str | None = None, name: str | None = None,
-          drain: float = 5.0, threads: int | None = None) -> None:
+def serve(
+    path: str,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_batch: int = 16,
+    max_queue: int = 256,
+    max_tokens: int = 4096,
+    device: str = "cpu",
+    api_key: str | None = None,
+    name: str | None = None,
+    drain: float = 5.0,
+    threads: int | None = None,
+) -> None:
     """Load the model at `path` and serve it until Ctrl-C (see the module docstring)."""
     check_serve_options(max_batch, max_queue, max_tokens, drain, threads)
     require_extra("serve", "fastapi", "uvicorn")
@@ -61,9 +72,12 @@ def serve(path: str, host: str = "127.0.0.1", port: int = 8000, max_batch: int =
     batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, max_batch, max_queue)
     batcher.start()
     app = create_app(batcher, name, Limits(max_tokens=max_tokens, max_n=max_batch), api_key)
-    print(f"blt serve: http://{host}:{port}/ serves '{name}' from {loaded.where} (OpenAI base URL "
-          f"http://{host}:{port}/v1; batch {max_batch}, {torch.get_num_threads()} CPU threads, "
-          f"{'bearer key required' if api_key else 'no key'}); Ctrl-C stops it", flush=True)
+    print(
+        f"blt serve: http://{host}:{port}/ serves '{name}' from {loaded.where} (OpenAI base URL "
+        f"http://{host}:{port}/v1; batch {max_batch}, {torch.get_num_threads()} CPU threads, "
+        f"{'bearer key required' if api_key else 'no key'}); Ctrl-C stops it",
+        flush=True,
+    )
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain + 5, log_level="info")
     try:
         _run(uvicorn, config, batcher, drain)

@@ -14,7 +14,7 @@ byte values) leaves that character to the completion, which starts by finishing 
 from __future__ import annotations
 
 import codecs
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _dangling(prompt: bytes) -> bytes:

@@ -35,9 +35,9 @@ from blt.model.flops import flops_report, model_info
 from blt.monitor.peak import peak_flops
 from blt.patching import Patcher, mode_of
 from blt.proc import log
+from blt.train.compile import apply_compile
 from blt.train.deepspeed_engine import DeepSpeedEngine
 from blt.train.device import cpu_threads, resolve_device
-from blt.train.compile import apply_compile
 from blt.train.distributed import Dist
 from blt.train.engine import LocalEngine
 from blt.train.meter import StepMeter
@@ -75,8 +75,9 @@ def build_data(cfg: Config, world: Dist) -> tuple[Corpus, StreamLoader, list[tup
     """The prepared data (rank 0 prepares files into the cache, the others open it), this rank's
     share of the training stream and each source's validation ids."""
     corpus = world.on_main_first(lambda: prepare_data(cfg.data, log=log, build=world.is_main))
-    loader = StreamLoader(corpus.sources, cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed,
-                          world.rank, world.world_size)
+    loader = StreamLoader(
+        corpus.sources, cfg.data.seq_len, cfg.training.batch_size, cfg.data.seed, world.rank, world.world_size
+    )
     return corpus, loader, corpus.val_tokens(cfg.eval.max_bytes)
 
 
@@ -87,21 +88,26 @@ def build_patching(cfg: Config, world: Dist, device: torch.device, corpus: Corpu
     patcher = build_patcher(cfg, device)
     if entropy_patching(cfg) and cfg.patching.entropy_cache:
         fingerprint = model_fingerprint(patcher.model)
-        stores = [EntropyStore(s.data, fingerprint, cfg.data.seq_len, cfg.patching.entropy_model)
-                  for s in corpus.sources]
+        stores = [
+            EntropyStore(s.data, fingerprint, cfg.data.seq_len, cfg.patching.entropy_model) for s in corpus.sources
+        ]
         for source, store in zip(corpus.sources, stores):
             others = store.others()
             if store.missing() and others and not corpus.cached[source.name]:
                 o = others[0]
-                raise DataError(f"the entropies in '{source.data.root}/entropies' were computed by the entropy model "
-                                f"{o['model']} (weights {o['fingerprint'][:12]}) at data.seq_len={o['seq_len']}, not by "
-                                f"patching.entropy_model={cfg.patching.entropy_model} at data.seq_len="
-                                f"{cfg.data.seq_len}; run `blt prepare --out {source.data.root} --entropy-model "
-                                f"{cfg.patching.entropy_model} --seq-len {cfg.data.seq_len}`, or set "
-                                "patching.entropy_cache=false")
+                raise DataError(
+                    f"the entropies in '{source.data.root}/entropies' were computed by the entropy model "
+                    f"{o['model']} (weights {o['fingerprint'][:12]}) at data.seq_len={o['seq_len']}, not by "
+                    f"patching.entropy_model={cfg.patching.entropy_model} at data.seq_len="
+                    f"{cfg.data.seq_len}; run `blt prepare --out {source.data.root} --entropy-model "
+                    f"{cfg.patching.entropy_model} --seq-len {cfg.data.seq_len}`, or set "
+                    "patching.entropy_cache=false"
+                )
             if store.missing():
-                log(f"entropies: computing {len(store.missing())} shard(s) of source '{source.name}' on "
-                    f"{world.world_size} rank(s) -> {store.dir}")
+                log(
+                    f"entropies: computing {len(store.missing())} shard(s) of source '{source.name}' on "
+                    f"{world.world_size} rank(s) -> {store.dir}"
+                )
                 store.compute(patcher, world.rank, world.world_size, log=log)
         world.barrier()
         loader.use_entropies([store.load() for store in stores])
@@ -122,8 +128,10 @@ def init_weights_from(model: nn.Module, source: str, cfg: Config) -> None:
         else:  # the same config and still no fit: say what torch found
             lines = [ln.strip() for ln in str(e).splitlines()[1:] if ln.strip()]
             detail = "; ".join(lines)[:300] or type(e).__name__
-        raise ConfigError(f"training.init_from '{where}' does not fit this model config ({detail}); "
-                          "use the model section of its config.yaml") from None
+        raise ConfigError(
+            f"training.init_from '{where}' does not fit this model config ({detail}); "
+            "use the model section of its config.yaml"
+        ) from None
 
 
 def build_initial_model(cfg: Config, device: torch.device, resume_from: Path | None) -> nn.Module:
@@ -142,12 +150,23 @@ def describe_model(cfg: Config, model: nn.Module, patcher: Patcher, data: Corpus
     """model_info.json: architecture, parameter counts, FLOPs per byte, bytes of each split (read
     before ZeRO-3 partitions the weights)."""
     ecfg = patcher.model.cfg if patcher.model is not None else None
-    return {**model_info(cfg, model, ecfg), "train_bytes": data.train_bytes, "val_bytes": data.val_bytes,
-            "sources": loader_sources(data)}
+    return {
+        **model_info(cfg, model, ecfg),
+        "train_bytes": data.train_bytes,
+        "val_bytes": data.val_bytes,
+        "sources": loader_sources(data),
+    }
 
 
-def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: torch.device,
-                 amp_dtype: torch.dtype | None, resume_from: Path | None = None):
+def build_engine(
+    cfg: Config,
+    world: Dist,
+    kind: str,
+    model: nn.Module,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    resume_from: Path | None = None,
+):
     """Activation checkpointing and compiling if asked, distinct dropout masks per rank, then the
     engine (its `model` and `amp_dtype` are the ones to train and evaluate with)."""
     if cfg.training.activation_checkpointing:
@@ -164,12 +183,15 @@ def build_engine(cfg: Config, world: Dist, kind: str, model: nn.Module, device: 
 
 def loader_sources(data: Corpus) -> list[dict]:
     """Each training source: name, weight, prepared directory, train bytes."""
-    return [{"name": s.name, "weight": s.weight, "dir": str(s.data.root), "train_bytes": s.data.totals("train")[0]}
-            for s in data.sources]
+    return [
+        {"name": s.name, "weight": s.weight, "dir": str(s.data.root), "train_bytes": s.data.totals("train")[0]}
+        for s in data.sources
+    ]
 
 
-def resume_or_calibrate(cfg: Config, engine, loader: StreamLoader, patcher: Patcher,
-                        resume_from: Path | None) -> tuple[int, dict]:
+def resume_or_calibrate(
+    cfg: Config, engine, loader: StreamLoader, patcher: Patcher, resume_from: Path | None
+) -> tuple[int, dict]:
     """(step, trainer state): a resume loads the checkpoint into the engine, the loader and the
     patcher's threshold; a fresh entropy-patched run without a threshold calibrates one on a
     sample of training windows. The resolved config then records the threshold used and where
@@ -191,8 +213,9 @@ def resume_or_calibrate(cfg: Config, engine, loader: StreamLoader, patcher: Patc
     return step, state
 
 
-def build_meter(cfg: Config, world: Dist, device: torch.device, amp_dtype: torch.dtype | None,
-                info: dict) -> tuple[StepMeter, dict]:
+def build_meter(
+    cfg: Config, world: Dist, device: torch.device, amp_dtype: torch.dtype | None, info: dict
+) -> tuple[StepMeter, dict]:
     """The step meter (throughput, MFU against this device's peak at the measured mean patch size,
     measured by rank 0 only) and the peak for model_info.json."""
     peak, source = peak_flops(device, amp_dtype) if world.is_main else (1.0, "")
@@ -201,8 +224,7 @@ def build_meter(cfg: Config, world: Dist, device: torch.device, amp_dtype: torch
         rep = flops_report(cfg.model, cfg.data.seq_len, patch_size, info["params"], patching=cfg.patching)
         return rep.flops_per_byte
 
-    return StepMeter(flops_at, peak, world.world_size), {
-        "peak_flops_per_device": peak, "peak_flops_source": source}
+    return StepMeter(flops_at, peak, world.world_size), {"peak_flops_per_device": peak, "peak_flops_source": source}
 
 
 def start_run_files(cfg: Config, world: Dist, rundir: RunDir, step: int, info: dict) -> DataTrace | None:
@@ -226,10 +248,15 @@ def start_line(cfg: Config, world: Dist, engine, info: dict, data: Corpus, run_d
     """The one line a start logs: model size and cost, data, processes and engine, run dir."""
     where = f"{world.world_size} process{'es' if world.world_size > 1 else ''}, {engine.label}"
     per_patch = f" at {info['assumed_patch_size']:g} bytes per patch" if cfg.model.arch == "blt" else ""
-    with_entropy = (f" ({info['flops_per_byte_with_entropy']:.3g} with the entropy model)"
-                    if info["flops_per_byte_with_entropy"] != info["flops_per_byte"] else "")
-    return (f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
-            f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}{per_patch}, "
-            f"{data.train_bytes:,} train / {data.val_bytes:,} val bytes"
-            f"{f' in {len(data.sources)} sources' if len(data.sources) > 1 else ''}, "
-            f"{where} -> {run_dir}")
+    with_entropy = (
+        f" ({info['flops_per_byte_with_entropy']:.3g} with the entropy model)"
+        if info["flops_per_byte_with_entropy"] != info["flops_per_byte"]
+        else ""
+    )
+    return (
+        f"{cfg.model.arch}: {info['params']:,} params ({info['params_non_embedding']:,} non-embedding), "
+        f"{info['flops_per_byte']:.3g} train FLOPs/byte{with_entropy}{per_patch}, "
+        f"{data.train_bytes:,} train / {data.val_bytes:,} val bytes"
+        f"{f' in {len(data.sources)} sources' if len(data.sources) > 1 else ''}, "
+        f"{where} -> {run_dir}"
+    )

@@ -29,7 +29,6 @@ from blt.artifacts.files import load_pt
 from blt.config import Config, dump_config
 from blt.disk import write_safetensors
 
-
 UNIVERSAL = "universal"  # checkpoints/universal/<step dir name>/: universal forms (blt/train/reshard.py)
 
 
@@ -62,8 +61,9 @@ def start_checkpoint(run_dir: Path, step: int) -> tuple[Path, Path]:
     return tmp, final
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, optimizer, state: dict, cfg: Config,
-                    prune: bool = True) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, optimizer, state: dict, cfg: Config, prune: bool = True
+) -> Path:
     tmp, final = start_checkpoint(run_dir, step)
     write_safetensors(tmp / "model.safetensors", model)
     if optimizer is not None:
@@ -116,12 +116,15 @@ def load_training_state(step_dir: Path, optimizer) -> dict:
             optimizer.load_state_dict(saved)
         except (ValueError, KeyError, TypeError, RuntimeError) as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-            raise CheckpointError(f"'{step_dir / 'optimizer.pt'}' does not fit this optimizer ({first}); "
-                                  "resume with the config it was written with") from None
+            raise CheckpointError(
+                f"'{step_dir / 'optimizer.pt'}' does not fit this optimizer ({first}); "
+                "resume with the config it was written with"
+            ) from None
     rng = load_pt(step_dir / "rng.pt")
     try:
         set_rng_state(rng)
     except (KeyError, TypeError, RuntimeError) as e:
-        raise CheckpointError(f"'{step_dir / 'rng.pt'}' holds no torch RNG state ({type(e).__name__}); "
-                              "use another checkpoint") from None
+        raise CheckpointError(
+            f"'{step_dir / 'rng.pt'}' holds no torch RNG state ({type(e).__name__}); use another checkpoint"
+        ) from None
     return state

@@ -47,11 +47,22 @@ def deepspeed_config(cfg: Config, world_size: int, dtype: str, gpu: bool, load_u
     the job resumes a checkpoint of another layout (blt/train/reshard.py)."""
     t, d = cfg.training, cfg.distributed
     bucket = d.bucket_size
-    zero: dict = {"stage": d.zero_stage, "contiguous_gradients": True, "overlap_comm": gpu,
-                  "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
+    zero: dict = {
+        "stage": d.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": gpu,
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+    }
     if d.zero_stage == 3:
-        zero.update({"stage3_prefetch_bucket_size": bucket, "stage3_param_persistence_threshold": 10_000,
-                     "stage3_max_live_parameters": 10 * bucket, "stage3_gather_16bit_weights_on_model_save": False})
+        zero.update(
+            {
+                "stage3_prefetch_bucket_size": bucket,
+                "stage3_param_persistence_threshold": 10_000,
+                "stage3_max_live_parameters": 10 * bucket,
+                "stage3_gather_16bit_weights_on_model_save": False,
+            }
+        )
     if d.offload_optimizer != "none":
         zero["offload_optimizer"] = {"device": d.offload_optimizer, "pin_memory": gpu}
     if d.offload_params != "none":
@@ -93,8 +104,10 @@ def accelerate_overrides(cfg: Config) -> list[str]:
     if stage is not None and int(stage) != d.zero_stage:
         d.zero_stage = int(stage)
         changed.append(f"zero_stage={stage}")
-    for key, attr in (("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer"),
-                      ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_params")):
+    for key, attr in (
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "offload_optimizer"),
+        ("ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE", "offload_params"),
+    ):
         value = env.get(key)
         if value in ("none", "cpu") and value != getattr(d, attr):
             setattr(d, attr, value)
@@ -121,12 +134,20 @@ class DeepSpeedEngine:
             cfg.model.hash_sparse_grad = False
         init_distributed(cfg, world, device)
 
-    def __init__(self, model: nn.Module, cfg: Config, device: torch.device, world: Dist, use_accelerate: bool,
-                 resume_from: Path | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: Config,
+        device: torch.device,
+        world: Dist,
+        use_accelerate: bool,
+        resume_from: Path | None = None,
+    ):
         if not self.supports_sparse_grads and any(isinstance(m, nn.Embedding) and m.sparse for m in model.modules()):
             # a model built without prepare(), which turns model.hash_sparse_grad off
-            raise ConfigError("model.hash_sparse_grad=true is not supported by DeepSpeed ZeRO; "
-                              "set model.hash_sparse_grad=false")
+            raise ConfigError(
+                "model.hash_sparse_grad=true is not supported by DeepSpeed ZeRO; set model.hash_sparse_grad=false"
+            )
         self.cfg, self.device, self.world, self.use_accelerate = cfg, device, world, use_accelerate
         self.layout = Layout("deepspeed", cfg.distributed.zero_stage, world.world_size)
         deepspeed = _quiet_deepspeed(device.type)
@@ -138,8 +159,9 @@ class DeepSpeedEngine:
         if use_accelerate:
             self.ds = self._prepare_with_accelerate(model, optimizer, ds_config)
         else:
-            self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config,
-                                                    dist_init_required=False)
+            self.ds, _, _, _ = deepspeed.initialize(
+                model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+            )
         self.model = self.ds.module
         self.ds_config = ds_config
         self._micro = 0
@@ -147,18 +169,25 @@ class DeepSpeedEngine:
         self.amp_dtype = None
 
     def _prepare_with_accelerate(self, model, optimizer, ds_config: dict):
+        from datetime import timedelta
+
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin, InitProcessGroupKwargs
-
-        from datetime import timedelta
 
         # our derived config is complete; accelerate must not also apply its own copies of these fields
         os.environ.pop("ACCELERATE_CONFIG_DS_FIELDS", None)
         precision = "bf16" if ds_config["bf16"]["enabled"] else "fp16" if ds_config["fp16"]["enabled"] else "no"
-        handlers = [InitProcessGroupKwargs(backend="gloo" if self.device.type == "cpu" else "nccl",
-                                           timeout=timedelta(minutes=self.cfg.distributed.timeout_minutes))]
-        self.accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
-                                       mixed_precision=precision, kwargs_handlers=handlers)
+        handlers = [
+            InitProcessGroupKwargs(
+                backend="gloo" if self.device.type == "cpu" else "nccl",
+                timeout=timedelta(minutes=self.cfg.distributed.timeout_minutes),
+            )
+        ]
+        self.accelerator = Accelerator(
+            deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds_config),
+            mixed_precision=precision,
+            kwargs_handlers=handlers,
+        )
         engine, _ = self.accelerator.prepare(model, optimizer)
         return engine
 
@@ -206,8 +235,9 @@ class DeepSpeedEngine:
     def full_weights_local(self) -> bool:
         """Does every rank hold the full fp32 weights (so rank 0 can write model.safetensors)?"""
         d = self.cfg.distributed
-        return d.zero_stage == 0 or (d.zero_stage < 3 and not any(
-            self.ds_config[k]["enabled"] for k in ("bf16", "fp16")))
+        return d.zero_stage == 0 or (
+            d.zero_stage < 3 and not any(self.ds_config[k]["enabled"] for k in ("bf16", "fp16"))
+        )
 
     def save(self, run_dir: Path, step: int, state: dict, prune: bool = True) -> Path:
         world = self.world
@@ -225,8 +255,11 @@ class DeepSpeedEngine:
                 # ZeRO keeps parameters as views of flat buffers: copy each out
                 weights = {k: v.detach().float().clone().contiguous() for k, v in self.model.state_dict().items()}
                 write_safetensors(tmp / "model.safetensors", weights)
-            engine = {"engine": "deepspeed", "zero_stage": self.cfg.distributed.zero_stage,
-                      "world_size": world.world_size}
+            engine = {
+                "engine": "deepspeed",
+                "zero_stage": self.cfg.distributed.zero_stage,
+                "world_size": world.world_size,
+            }
             full = dict(state, step=step, data=data_states[0], data_ranks=data_states, **engine)
             (tmp / "state.json").write_text(json.dumps(full, indent=1))
         world.barrier()  # every rank's shards are on disk
@@ -269,9 +302,11 @@ class DeepSpeedEngine:
         elif isinstance(self.ds.optimizer, torch.optim.Optimizer):  # ZeRO-0 in fp32: the client optimizer
             load_universal(self.model, self.ds.optimizer, udir)
         else:
-            raise CheckpointError(f"ZeRO-0 in {resolved_dtype(self.cfg, self.device.type == 'cuda')} cannot load a "
-                                  f"checkpoint of {saved}; resume it with ZeRO-1 or more "
-                                  "(distributed.zero_stage=1), or in fp32")
+            raise CheckpointError(
+                f"ZeRO-0 in {resolved_dtype(self.cfg, self.device.type == 'cuda')} cannot load a "
+                f"checkpoint of {saved}; resume it with ZeRO-1 or more "
+                "(distributed.zero_stage=1), or in fp32"
+            )
         rng = rng_file(step_dir, saved, self.world.rank)
         if rng is not None:
             set_rng_state(load_pt(rng))
@@ -280,8 +315,12 @@ class DeepSpeedEngine:
     def _load_shards(self, step_dir: Path) -> None:
         """DeepSpeed's load_checkpoint of a step dir (or a universal form), every shard read weights_only."""
         with safe_shards(step_dir):
-            path, _ = self.ds.load_checkpoint(str(step_dir.parent), tag=step_dir.name,
-                                              load_module_strict=True, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+            path, _ = self.ds.load_checkpoint(
+                str(step_dir.parent),
+                tag=step_dir.name,
+                load_module_strict=True,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
         if path is None:
             raise CheckpointError(f"DeepSpeed found no checkpoint files in '{step_dir}'")

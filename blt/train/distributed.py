@@ -110,8 +110,10 @@ def choose_engine(cfg: Config, world: Dist) -> str:
             return "accelerate"
         return "deepspeed" if world.world_size > 1 else "local"
     if engine == "local" and world.world_size > 1:
-        raise ConfigError(f"the launcher started {world.world_size} processes but distributed.engine=local trains "
-                          "in one; use distributed.engine=deepspeed (or auto)")
+        raise ConfigError(
+            f"the launcher started {world.world_size} processes but distributed.engine=local trains "
+            "in one; use distributed.engine=deepspeed (or auto)"
+        )
     return engine
 
 
@@ -144,22 +146,35 @@ def init_distributed(cfg: Config, world: Dist, device: torch.device) -> Dist:
         td.init_process_group(backend, timeout=timedelta(minutes=cfg.distributed.timeout_minutes))
     except (RuntimeError, ValueError) as e:  # rendezvous failures: unreachable master, port in use
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise PeerLostError(f"could not join the process group at {os.environ['MASTER_ADDR']}:"
-                            f"{os.environ['MASTER_PORT']} ({msg}); check MASTER_ADDR/MASTER_PORT and that "
-                            "every node was launched") from None
+        raise PeerLostError(
+            f"could not join the process group at {os.environ['MASTER_ADDR']}:"
+            f"{os.environ['MASTER_PORT']} ({msg}); check MASTER_ADDR/MASTER_PORT and that "
+            "every node was launched"
+        ) from None
     return world
 
 
 def is_peer_failure(err: BaseException) -> bool:
     """Does this exception mean a collective lost another process (as opposed to a bug here)?"""
-    dist_errors = tuple(getattr(td, n) for n in ("DistError", "DistBackendError", "DistNetworkError")
-                        if hasattr(td, n))
+    dist_errors = tuple(getattr(td, n) for n in ("DistError", "DistBackendError", "DistNetworkError") if hasattr(td, n))
     if dist_errors and isinstance(err, dist_errors):
         return True
     text = str(err).lower()
-    return isinstance(err, RuntimeError) and any(s in text for s in (
-        "connection closed by peer", "connection reset by peer", "broken pipe", "timed out", "timeout",
-        "gloo", "nccl", "socket", "connection refused", "heartbeat"))
+    return isinstance(err, RuntimeError) and any(
+        s in text
+        for s in (
+            "connection closed by peer",
+            "connection reset by peer",
+            "broken pipe",
+            "timed out",
+            "timeout",
+            "gloo",
+            "nccl",
+            "socket",
+            "connection refused",
+            "heartbeat",
+        )
+    )
 
 
 def shutdown() -> None:

@@ -53,8 +53,10 @@ class LocalEngine:
 
     def __init__(self, model: nn.Module, cfg: Config, device: torch.device, amp_dtype: torch.dtype | None):
         if cfg.training.dtype == "fp16":
-            raise ConfigError("training.dtype=fp16 needs loss scaling, which the DeepSpeed engine provides: "
-                              "use distributed.engine=deepspeed, or training.dtype=bf16")
+            raise ConfigError(
+                "training.dtype=fp16 needs loss scaling, which the DeepSpeed engine provides: "
+                "use distributed.engine=deepspeed, or training.dtype=bf16"
+            )
         self.model, self.cfg, self.device, self.amp_dtype = model, cfg, device, amp_dtype
         self.optimizer = build_optimizer(model, cfg.optimizer)
 

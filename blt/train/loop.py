@@ -29,9 +29,20 @@ from blt.config import Config
 from blt.data import PAD_ID
 from blt.patching import patch_sizes, ratio_loss
 from blt.proc import log
-from blt.train.build import (build_data, build_device, build_engine, build_initial_model, build_meter,
-                             build_patching, build_run_dir, describe_model, engine_class, resume_or_calibrate,
-                             start_line, start_run_files)
+from blt.train.build import (
+    build_data,
+    build_device,
+    build_engine,
+    build_initial_model,
+    build_meter,
+    build_patching,
+    build_run_dir,
+    describe_model,
+    engine_class,
+    resume_or_calibrate,
+    start_line,
+    start_run_files,
+)
 from blt.train.checkpoint import rng_state, set_rng_state
 from blt.train.device import peak_memory_gb
 from blt.train.distributed import PeerLostError, choose_engine, is_peer_failure, launched_world, shutdown
@@ -132,9 +143,15 @@ class Trainer:
             nbytes += inputs.numel()
             npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
             self.meter.add_patch_lengths(patch_sizes(patch_ids).cpu().numpy())
-        return {"loss_sum": loss_sum, "bytes": nbytes, "patches": npatches, "times": times, "windows": windows,
-                "per_source": per_source.tolist(),
-                "routing": route_sums}
+        return {
+            "loss_sum": loss_sum,
+            "bytes": nbytes,
+            "patches": npatches,
+            "times": times,
+            "windows": windows,
+            "per_source": per_source.tolist(),
+            "routing": route_sums,
+        }
 
     def routing_terms(self, routing, inputs: torch.Tensor, sums: list[float]) -> torch.Tensor:
         """The ratio loss of one micro-batch (with gradient); adds it, the router's boundary rate
@@ -169,10 +186,18 @@ class Trainer:
 
     def save(self, elapsed: float, prune: bool = True) -> Path:
         """Checkpoint this step through the engine, with the trainer's state; returns its directory."""
-        path = self.engine.save(self.run_dir, self.step, {
-            "data": self.loader.state_dict(), "threshold": self.patcher.threshold, "last_val": self.last_val,
-            "last_val_step": self.last_val_step, "elapsed": elapsed,
-        }, prune)
+        path = self.engine.save(
+            self.run_dir,
+            self.step,
+            {
+                "data": self.loader.state_dict(),
+                "threshold": self.patcher.threshold,
+                "last_val": self.last_val,
+                "last_val_step": self.last_val_step,
+                "elapsed": elapsed,
+            },
+            prune,
+        )
         self.saved_step, self.saved_path = self.step, path
         return path
 
@@ -197,16 +222,21 @@ class Trainer:
         try:
             saved = self.save_last_good(elapsed) or (self.saved_path if self.saved_step == self.step else None)
         except Exception as save_err:  # noqa: BLE001 - say both in the one line
-            return DivergedError(f"{what} (saving step {self.step} failed: {type(save_err).__name__}: "
-                                 f"{str(save_err).strip()[:120]})")
+            return DivergedError(
+                f"{what} (saving step {self.step} failed: {type(save_err).__name__}: {str(save_err).strip()[:120]})"
+            )
         if saved is None:  # no step completed: nothing to go back to (the run dir is taken back)
             return DivergedError(what)
-        earlier = [d for d in sorted(Path(saved).parent.glob("step_*"))
-                   if is_complete(d) and d.name < Path(saved).name]
-        where = (f"resume from before the divergence with checkpoint.resume={earlier[-1]}" if earlier else
-                 "start again in a new run_dir, as no checkpoint precedes the divergence")
-        return DivergedError(f"{what} and {where} (step {self.step} is saved in {saved}, but resuming it gives "
-                             "the same result whatever the lr)")
+        earlier = [d for d in sorted(Path(saved).parent.glob("step_*")) if is_complete(d) and d.name < Path(saved).name]
+        where = (
+            f"resume from before the divergence with checkpoint.resume={earlier[-1]}"
+            if earlier
+            else "start again in a new run_dir, as no checkpoint precedes the divergence"
+        )
+        return DivergedError(
+            f"{what} and {where} (step {self.step} is saved in {saved}, but resuming it gives "
+            "the same result whatever the lr)"
+        )
 
     def discard_if_untrained(self) -> None:
         """After a failure before any step completed: a fresh run dir is removed again with all
@@ -226,13 +256,21 @@ class Trainer:
                 raise PeerLostError(
                     f"rank {self.world.rank} lost another process of the job at step {self.step} ({first}); "
                     f"rerun the same command to resume from the newest complete checkpoint in "
-                    f"{self.run_dir / 'checkpoints'}") from None
+                    f"{self.run_dir / 'checkpoints'}"
+                ) from None
             raise
 
     def _run(self) -> dict:
         c, world = self.cfg, self.world
-        metrics = MetricsLogger(self.run_dir, c.training.steps, self.step, c.logging.progress and world.is_main,
-                                enabled=world.is_main, cfg=c, resumed=self.step > 0)
+        metrics = MetricsLogger(
+            self.run_dir,
+            c.training.steps,
+            self.step,
+            c.logging.progress and world.is_main,
+            enabled=world.is_main,
+            cfg=c,
+            resumed=self.step > 0,
+        )
         t0, before = time.time(), self.state.get("elapsed", 0.0)
 
         def elapsed() -> float:
@@ -252,9 +290,17 @@ class Trainer:
                     # one collective, before the update: metric sums, and whether any rank was told to stop
                     # (all stop together) or met a non-finite loss (all skip the update together)
                     loss_sum, nbytes, npatches, stops, timeouts, *rest = world.all_sum(
-                        [out["loss_sum"], out["bytes"], out["patches"], stop.reason is not None, timed_out,
-                         *out["routing"], *out["per_source"]])
-                    route, per_source = rest[:len(out["routing"])], rest[len(out["routing"]):]
+                        [
+                            out["loss_sum"],
+                            out["bytes"],
+                            out["patches"],
+                            stop.reason is not None,
+                            timed_out,
+                            *out["routing"],
+                            *out["per_source"],
+                        ]
+                    )
+                    route, per_source = rest[: len(out["routing"])], rest[len(out["routing"]) :]
                     loss = loss_sum / (c.training.grad_accum * world.world_size)
                     if not math.isfinite(loss):
                         raise DivergedError(f"loss became {loss}")
@@ -268,10 +314,14 @@ class Trainer:
                         self.meter.add_routing(*(v / (c.training.grad_accum * world.world_size) for v in route))
                     if self.step % c.logging.every == 0 or self.step == c.training.steps:
                         record = self.meter.record(self.step, lr, grad_norm)
-                        seen = ({f"data/bytes/{k}": v for k, v in self.loader.bytes_seen().items()}
-                                if len(self.loader.sources) > 1 else {})
-                        metrics.log({**record, **seen, "peak_mem_gb": peak_memory_gb(self.device),
-                                     "elapsed": elapsed()})
+                        seen = (
+                            {f"data/bytes/{k}": v for k, v in self.loader.bytes_seen().items()}
+                            if len(self.loader.sources) > 1
+                            else {}
+                        )
+                        metrics.log(
+                            {**record, **seen, "peak_mem_gb": peak_memory_gb(self.device), "elapsed": elapsed()}
+                        )
                         metrics.histogram(self.step, "patch_size", self.meter.hist.tolist())
                         self.meter.reset()
                     last = self.step == c.training.steps or timed_out or stop_reason is not None
@@ -308,18 +358,24 @@ class Trainer:
         try:
             path = self.save_last_good(elapsed)
         except Exception as save_err:  # noqa: BLE001 - the original error matters more
-            metrics.print(f"could not save step {self.step} after {type(err).__name__} "
-                          f"({type(save_err).__name__}: {str(save_err).strip()[:160]})")
+            metrics.print(
+                f"could not save step {self.step} after {type(err).__name__} "
+                f"({type(save_err).__name__}: {str(save_err).strip()[:160]})"
+            )
             return
         name = type(err).__name__
         if path is not None:
             metrics.print(f"{name} after step {self.step}: saved {path}; rerun the same command to resume from it")
         elif self._updating:
-            metrics.print(f"{name} inside the update of step {self.step + 1}: its weights are between two steps "
-                          f"and were not saved; the newest checkpoint is {self.saved_path}")
+            metrics.print(
+                f"{name} inside the update of step {self.step + 1}: its weights are between two steps "
+                f"and were not saved; the newest checkpoint is {self.saved_path}"
+            )
         elif self.saved_path is not None:
-            metrics.print(f"{name} in step {self.step + 1}: step {self.step} is saved in {self.saved_path}; rerun "
-                          "the same command to resume from it")
+            metrics.print(
+                f"{name} in step {self.step + 1}: step {self.step} is saved in {self.saved_path}; rerun "
+                "the same command to resume from it"
+            )
 
 
 def train(cfg: Config) -> dict:
@@ -329,4 +385,3 @@ def train(cfg: Config) -> dict:
         return Trainer(cfg).run()
     finally:
         shutdown()
-

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
@@ -63,10 +63,18 @@ class StepMeter:
         patch_size = self.bytes / max(1, self.patches)
         achieved = self.flops_at(patch_size) * bytes_per_s  # all ranks together
         record = {
-            "step": step, "loss": mean, "bpb": mean / math.log(2), "lr": lr, "grad_norm": grad_norm,
-            "bytes_per_s": bytes_per_s, "patches_per_s": self.patches / dt, "avg_patch_size": patch_size,
-            "tflops": achieved / 1e12, "mfu": achieved / (self.peak_flops * self.world_size),
-            "step_time_s": dt / n, **{f"time_{k}_s": v / n for k, v in self.times.items()},
+            "step": step,
+            "loss": mean,
+            "bpb": mean / math.log(2),
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "bytes_per_s": bytes_per_s,
+            "patches_per_s": self.patches / dt,
+            "avg_patch_size": patch_size,
+            "tflops": achieved / 1e12,
+            "mfu": achieved / (self.peak_flops * self.world_size),
+            "step_time_s": dt / n,
+            **{f"time_{k}_s": v / n for k, v in self.times.items()},
         }
         if self.routing is not None:
             names = ("ratio_loss", "boundary_rate", "router_prob")

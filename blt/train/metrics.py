@@ -20,8 +20,16 @@ from blt.config import Config
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: Path, total_steps: int, start_step: int = 0, progress: bool = True,
-                 enabled: bool = True, cfg: Config | None = None, resumed: bool = False):
+    def __init__(
+        self,
+        run_dir: Path,
+        total_steps: int,
+        start_step: int = 0,
+        progress: bool = True,
+        enabled: bool = True,
+        cfg: Config | None = None,
+        resumed: bool = False,
+    ):
         """enabled=False (ranks other than 0) writes nothing and shows nothing. With `cfg`, its
         logging section decides on TensorBoard and W&B; `resumed` continues the run from its
         checkpoint at `start_step` (and its W&B run)."""
@@ -36,8 +44,15 @@ class MetricsLogger:
         if progress and enabled:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True,
-                            file=sys.stderr, mininterval=1.0, smoothing=0.1)
+            self.bar = tqdm(
+                total=total_steps,
+                initial=start_step,
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                mininterval=1.0,
+                smoothing=0.1,
+            )
         self.shown: dict = {}
         self.sinks: list = []
         if enabled and cfg is not None:
@@ -52,13 +67,20 @@ class MetricsLogger:
                 from blt.monitor.wandb_sink import WandbSink
 
                 sink = WandbSink(cfg, self.run_dir, resumed)
-                self.print(f"W&B run {sink.run.id} ({sink.mode})" + (
-                    f": upload later with `wandb sync {sink.run.dir.rsplit('/files', 1)[0]}`"
-                    if sink.mode == "offline" else ""))
+                self.print(
+                    f"W&B run {sink.run.id} ({sink.mode})"
+                    + (
+                        f": upload later with `wandb sync {sink.run.dir.rsplit('/files', 1)[0]}`"
+                        if sink.mode == "offline"
+                        else ""
+                    )
+                )
                 if abandoned is not None:  # W&B history cannot be rewritten; it drops steps it has seen
-                    self.print(f"W&B run {sink.run.id} keeps steps {start_step + 1}-{abandoned} as the stopped run "
-                               f"logged them and drops their replay (metrics.jsonl and TensorBoard hold the "
-                               f"resumed values)")
+                    self.print(
+                        f"W&B run {sink.run.id} keeps steps {start_step + 1}-{abandoned} as the stopped run "
+                        f"logged them and drops their replay (metrics.jsonl and TensorBoard hold the "
+                        f"resumed values)"
+                    )
                 self.sinks.append(sink)
 
     @property
@@ -73,8 +95,12 @@ class MetricsLogger:
         self.file.flush()
         for sink in self.sinks:
             sink.log(record["step"], record)
-        for key, label, fmt in (("loss", "loss", ".3f"), ("bpb", "bpb", ".3f"), ("val_bpb", "val_bpb", ".3f"),
-                                ("bytes_per_s", "B/s", ",.0f")):
+        for key, label, fmt in (
+            ("loss", "loss", ".3f"),
+            ("bpb", "bpb", ".3f"),
+            ("val_bpb", "val_bpb", ".3f"),
+            ("bytes_per_s", "B/s", ",.0f"),
+        ):
             if key in record:
                 self.shown[label] = format(record[key], fmt)
         if self.bar is not None:

@@ -54,9 +54,10 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     sparse_ids = {id(m.weight) for m in embeds if m.sparse}
     params = [p for p in model.parameters() if p.requires_grad]
     dense = torch.optim.AdamW(
-        param_groups([p for p in params if id(p) not in sparse_ids], {id(m.weight) for m in embeds},
-                     cfg.weight_decay),
-        lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+        param_groups([p for p in params if id(p) not in sparse_ids], {id(m.weight) for m in embeds}, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=tuple(cfg.betas),
+        eps=cfg.eps,
     )
     sparse = [p for p in params if id(p) in sparse_ids]
     if not sparse:
@@ -72,9 +73,11 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
     for p in params:
         if p.grad.is_sparse:
             p.grad = p.grad.coalesce()  # once: repeated rows summed, so values() are the row grads
-    total = torch.linalg.vector_norm(torch.stack([
-        torch.linalg.vector_norm((p.grad.values() if p.grad.is_sparse else p.grad).float()) for p in params
-    ]))
+    total = torch.linalg.vector_norm(
+        torch.stack(
+            [torch.linalg.vector_norm((p.grad.values() if p.grad.is_sparse else p.grad).float()) for p in params]
+        )
+    )
     if max_norm > 0:
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for p in params:

@@ -71,8 +71,9 @@ def activation_bytes(cfg: Config, dtype: str) -> float:
     return total + B * T * VOCAB_SIZE * 4 * 2  # fp32 logits and their gradient
 
 
-def stage_memory(params: int, world: int, stage: int, dtype: str, offload_optimizer: bool,
-                 offload_params: bool, activations: float) -> StageMemory:
+def stage_memory(
+    params: int, world: int, stage: int, dtype: str, offload_optimizer: bool, offload_params: bool, activations: float
+) -> StageMemory:
     w, g, o = (4, 4, 8) if dtype == "fp32" else (2, 2, 12)
     weights, grads, optim = params * w, params * g, params * o
     if stage >= 1:
@@ -96,12 +97,22 @@ def make_plan(cfg: Config, nodes: int, procs_per_node: int, gpu: bool = True) ->
     total, non_embed = count_params(cfg)
     act = activation_bytes(cfg, dtype)
     d = cfg.distributed
-    stages = [stage_memory(total, world, s, dtype, d.offload_optimizer != "none", d.offload_params != "none", act)
-              for s in range(4)]
-    return {"nodes": nodes, "procs_per_node": procs_per_node, "world_size": world, "dtype": dtype,
-            "params": total, "params_non_embedding": non_embed,
-            "bytes_per_step": world * cfg.training.batch_size * cfg.training.grad_accum * cfg.data.seq_len,
-            "gpu": gpu, "deepspeed_config": deepspeed_config(cfg, world, dtype, gpu), "stages": stages}
+    stages = [
+        stage_memory(total, world, s, dtype, d.offload_optimizer != "none", d.offload_params != "none", act)
+        for s in range(4)
+    ]
+    return {
+        "nodes": nodes,
+        "procs_per_node": procs_per_node,
+        "world_size": world,
+        "dtype": dtype,
+        "params": total,
+        "params_non_embedding": non_embed,
+        "bytes_per_step": world * cfg.training.batch_size * cfg.training.grad_accum * cfg.data.seq_len,
+        "gpu": gpu,
+        "deepspeed_config": deepspeed_config(cfg, world, dtype, gpu),
+        "stages": stages,
+    }
 
 
 def format_plan(plan: dict, gpu_mem_gb: float, chosen_stage: int) -> str:
@@ -111,13 +122,18 @@ def format_plan(plan: dict, gpu_mem_gb: float, chosen_stage: int) -> str:
         f"parameters {plan['params']:,} ({plan['params_non_embedding']:,} non-embedding)",
         "derived DeepSpeed config:",
         json.dumps(plan["deepspeed_config"], indent=1),
-        (f"memory per GPU (GiB; budget {gpu_mem_gb:g} GB, runtime overhead not counted):" if plan["gpu"] else
-         f"memory per process (GiB; budget {gpu_mem_gb:g} GB, runtime overhead not counted):"),
+        (
+            f"memory per GPU (GiB; budget {gpu_mem_gb:g} GB, runtime overhead not counted):"
+            if plan["gpu"]
+            else f"memory per process (GiB; budget {gpu_mem_gb:g} GB, runtime overhead not counted):"
+        ),
         f"  {'ZeRO':<6}{'weights':>9}{'grads':>9}{'optim':>9}{'activ.':>9}{'total':>9}{'CPU/proc':>10}  fits",
     ]
     for s in plan["stages"]:
         fits = "yes" if s.total < gpu_mem_gb * 1e9 else "NO"
         mark = " <- distributed.zero_stage" if s.stage == chosen_stage else ""
-        lines.append(f"  {s.stage:<6}{s.weights / GiB:>9.2f}{s.grads / GiB:>9.2f}{s.optimizer / GiB:>9.2f}"
-                     f"{s.activations / GiB:>9.2f}{s.total / GiB:>9.2f}{s.cpu_offloaded / GiB:>10.2f}  {fits}{mark}")
+        lines.append(
+            f"  {s.stage:<6}{s.weights / GiB:>9.2f}{s.grads / GiB:>9.2f}{s.optimizer / GiB:>9.2f}"
+            f"{s.activations / GiB:>9.2f}{s.total / GiB:>9.2f}{s.cpu_offloaded / GiB:>10.2f}  {fits}{mark}"
+        )
     return "\n".join(lines)

@@ -60,14 +60,18 @@ def compute_entropies(out: Path, model: str, seq_len: int, batch: int, world) ->
     patcher = entropy_patcher(model, world.local_rank)
     store = EntropyStore(data, model_fingerprint(patcher.model), seq_len, str(Path(model).resolve()))
     if world.is_main:
-        log(f"entropies: {len(store.missing())} of {len(data.shards)} shards to compute on {world.world_size} "
-            f"rank(s) -> {store.dir}")
+        log(
+            f"entropies: {len(store.missing())} of {len(data.shards)} shards to compute on {world.world_size} "
+            f"rank(s) -> {store.dir}"
+        )
     done = store.compute(patcher, world.rank, world.world_size, batch=batch, log=log)
     done = int(world.all_sum([done])[0]) if world.active else done
     world.barrier()
     if store.missing():
-        raise DataError(f"entropies of {len(store.missing())} shards of '{out}' are still missing; rerun the "
-                        "same command to compute them")
+        raise DataError(
+            f"entropies of {len(store.missing())} shards of '{out}' are still missing; rerun the "
+            "same command to compute them"
+        )
     return {"entropies": str(store.dir), "entropy_bytes_computed": done}
 
 
@@ -83,16 +87,30 @@ def run(args) -> None:
     world = _world()
     report: dict = {}
     if args.sources:
+
         def build():
-            return prepare(args.sources, args.out, settings, workers=args.workers, part=args.part,
-                           shard_mb=args.shard_mb, progress=sys.stderr.isatty(), log=log)
+            return prepare(
+                args.sources,
+                args.out,
+                settings,
+                workers=args.workers,
+                part=args.part,
+                shard_mb=args.shard_mb,
+                progress=sys.stderr.isatty(),
+                log=log,
+            )
 
         manifest = world.on_main_first(build, share=True)
         if "shards" not in manifest:  # one part of several, not all done: no entropies yet
             print(json.dumps({"out": args.out, "part": manifest["part"], "of": manifest["of"]}))
             return
-        report = {"out": args.out, "train_bytes": manifest["train"]["tokens"], "val_bytes": manifest["val"]["tokens"],
-                  "documents": manifest["train"]["docs"] + manifest["val"]["docs"], "shards": len(manifest["shards"])}
+        report = {
+            "out": args.out,
+            "train_bytes": manifest["train"]["tokens"],
+            "val_bytes": manifest["val"]["tokens"],
+            "documents": manifest["train"]["docs"] + manifest["val"]["docs"],
+            "shards": len(manifest["shards"]),
+        }
     if args.entropy_model:
         report.update(compute_entropies(Path(args.out), args.entropy_model, args.seq_len or 1024, args.batch, world))
     if world.is_main:

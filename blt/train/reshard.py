@@ -57,12 +57,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq")
 @dataclass(frozen=True)
 class Layout:
     """How a checkpoint was written, or how a job trains: what its optimizer files depend on."""
+
     engine: str  # "local" or "deepspeed" (accelerate runs DeepSpeed: "deepspeed")
     zero_stage: int | None  # None for the local engine
     world_size: int
 
     @classmethod
-    def of_state(cls, state: dict) -> "Layout":
+    def of_state(cls, state: dict) -> Layout:
         engine = state.get("engine", "local")
         return cls(engine, state.get("zero_stage") if engine != "local" else None, int(state.get("world_size", 1)))
 
@@ -107,8 +108,10 @@ def _convert_once(step_dir: Path, out: Path, log) -> Path:
         if log is not None:
             log(f"the universal form '{out}' is damaged ({damage}); converting {step_dir.name} again")
     elif out.exists() and not (out / MARKER).is_file():
-        raise CheckpointError(f"'{out}' holds files blt did not write (no {MARKER}); move it away, then run again "
-                              f"(blt writes the universal form of '{step_dir.name}' there)")
+        raise CheckpointError(
+            f"'{out}' holds files blt did not write (no {MARKER}); move it away, then run again "
+            f"(blt writes the universal form of '{step_dir.name}' there)"
+        )
     layout = checkpoint_layout(step_dir)
     tmp = out.with_name(out.name + ".tmp")
     start = time.perf_counter()
@@ -122,8 +125,10 @@ def _convert_once(step_dir: Path, out: Path, log) -> Path:
         _for_every_stage(tmp, step_dir)
         damage = _damage(tmp, step_dir)
         if damage is not None:
-            raise CheckpointError(f"converting '{step_dir}' ({layout}) to a universal checkpoint left it incomplete "
-                                  f"({damage}); the checkpoint is unchanged: resume it as {layout}")
+            raise CheckpointError(
+                f"converting '{step_dir}' ({layout}) to a universal checkpoint left it incomplete "
+                f"({damage}); the checkpoint is unchanged: resume it as {layout}"
+            )
         (tmp / MARKER).write_text(json.dumps({"format": FORMAT, "from": str(layout), "source": _fingerprint(step_dir)}))
         shutil.rmtree(out, ignore_errors=True)  # one an older blt made, or a damaged one
         os.replace(tmp, out)
@@ -136,16 +141,20 @@ def _convert_once(step_dir: Path, out: Path, log) -> Path:
     except Exception as e:  # DeepSpeed's converter asserts; every rank must hear of it as one line
         _discard(tmp)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"converting '{step_dir}' ({layout}) to a universal checkpoint failed ({first}); "
-                              f"the checkpoint is unchanged: resume it as {layout}") from None
+        raise CheckpointError(
+            f"converting '{step_dir}' ({layout}) to a universal checkpoint failed ({first}); "
+            f"the checkpoint is unchanged: resume it as {layout}"
+        ) from None
     if log is not None:
         log(f"converted {step_dir.name} ({layout}) to a universal checkpoint in {time.perf_counter() - start:.1f} s")
     return out
 
 
 def _unwritable(step_dir: Path, e: OSError) -> CheckpointError:
-    return CheckpointError(f"cannot write the universal form of '{step_dir}' beside it ({e.strerror}); copy the "
-                           "checkpoint somewhere writable and resume from the copy")
+    return CheckpointError(
+        f"cannot write the universal form of '{step_dir}' beside it ({e.strerror}); copy the "
+        "checkpoint somewhere writable and resume from the copy"
+    )
 
 
 # DeepSpeed's universal loader reads the engine's counters under the name the *loading* stage
@@ -258,16 +267,20 @@ def _whole_optimizer_state(step_dir: Path, layout: Layout) -> dict:
     if layout.engine == "local":
         path = step_dir / "optimizer.pt"
         if not path.is_file():
-            raise CheckpointError(f"checkpoint '{step_dir}' has no optimizer.pt, so it cannot be resumed "
-                                  "on another layout (its weights load anywhere: training.init_from)")
+            raise CheckpointError(
+                f"checkpoint '{step_dir}' has no optimizer.pt, so it cannot be resumed "
+                "on another layout (its weights load anywhere: training.init_from)"
+            )
         return load_pt(path)
     with safe_shards(step_dir):
         states = torch.load(step_dir / "mp_rank_00_model_states.pt", map_location="cpu")
     opt = states.get("optimizer") if isinstance(states, dict) else None
     if not isinstance(opt, dict) or "param_groups" not in opt:
-        raise CheckpointError(f"checkpoint '{step_dir}' ({layout}) keeps its optimizer in a form only the same "
-                              "layout reads (ZeRO-0 in bf16/fp16); resume it with the same engine, stage and "
-                              "process count")
+        raise CheckpointError(
+            f"checkpoint '{step_dir}' ({layout}) keeps its optimizer in a form only the same "
+            "layout reads (ZeRO-0 in bf16/fp16); resume it with the same engine, stage and "
+            "process count"
+        )
     return opt
 
 
@@ -311,22 +324,39 @@ def _convert_whole(step_dir: Path, tmp: Path, layout: Layout) -> None:
         torch.save({"param": w.float(), "cat_dim": 0}, d / "fp32.pt")
         for key in MOMENTS:  # a parameter the optimizer never updated has zero moments
             m = moments.get(name, {}).get(key)
-            torch.save({"param": (m.to_dense() if m is not None else torch.zeros_like(w)).float(), "cat_dim": 0},
-                       d / f"{key}.pt")
+            torch.save(
+                {"param": (m.to_dense() if m is not None else torch.zeros_like(w)).float(), "cat_dim": 0},
+                d / f"{key}.pt",
+            )
         torch.save(torch.tensor(float(step)), d / "step.pt")
     cfg = checkpoint_config(step_dir)
     deepspeed = import_deepspeed()
     # what DeepSpeed's universal loader reads besides the parameter files: the group settings and
     # clipping (the loop sets the learning rate every step), and the engine's counters
-    torch.save({"ds_version": deepspeed.__version__, "param_groups": groups, "clip_grad": cfg.optimizer.grad_clip},
-               zero / "optimizer_state.pt")
+    torch.save(
+        {"ds_version": deepspeed.__version__, "param_groups": groups, "clip_grad": cfg.optimizer.grad_clip},
+        zero / "optimizer_state.pt",
+    )
     global_batch = cfg.training.batch_size * cfg.training.grad_accum * layout.world_size
     done = int(read_state_json(step_dir)["step"])
-    torch.save({"module": {}, "buffer_names": [], "optimizer": None, "lr_scheduler": None, "data_sampler": None,
-                "random_ltd": None, "sparse_tensor_module_names": [], "skipped_steps": 0,
-                "global_steps": done, "global_samples": done * global_batch,
-                "dp_world_size": layout.world_size, "mp_world_size": 1, "ds_version": deepspeed.__version__},
-               tmp / "mp_rank_00_model_states.pt")
+    torch.save(
+        {
+            "module": {},
+            "buffer_names": [],
+            "optimizer": None,
+            "lr_scheduler": None,
+            "data_sampler": None,
+            "random_ltd": None,
+            "sparse_tensor_module_names": [],
+            "skipped_steps": 0,
+            "global_steps": done,
+            "global_samples": done * global_batch,
+            "dp_world_size": layout.world_size,
+            "mp_world_size": 1,
+            "ds_version": deepspeed.__version__,
+        },
+        tmp / "mp_rank_00_model_states.pt",
+    )
 
 
 def load_universal(model: nn.Module, optimizer, udir: Path) -> int:
@@ -340,20 +370,26 @@ def load_universal(model: nn.Module, optimizer, udir: Path) -> int:
         for name, p in model.named_parameters():
             d = udir / "zero" / name
             if not (d / "fp32.pt").is_file():
-                raise CheckpointError(f"the universal checkpoint '{udir}' has no parameter {name}; "
-                                      "resume with the model config it was trained with")
+                raise CheckpointError(
+                    f"the universal checkpoint '{udir}' has no parameter {name}; "
+                    "resume with the model config it was trained with"
+                )
             w = torch.load(d / "fp32.pt", map_location="cpu")["param"]
             if tuple(w.shape) != tuple(p.shape):
-                raise CheckpointError(f"'{d / 'fp32.pt'}' is {tuple(w.shape)} but the model's {name} is "
-                                      f"{tuple(p.shape)}; resume with the model config it was trained with")
+                raise CheckpointError(
+                    f"'{d / 'fp32.pt'}' is {tuple(w.shape)} but the model's {name} is "
+                    f"{tuple(p.shape)}; resume with the model config it was trained with"
+                )
             with torch.no_grad():
                 p.copy_(w.to(p.device, p.dtype))
             step = int(float(torch.load(d / "step.pt"))) if (d / "step.pt").is_file() else 0
             opt = owner.get(id(p))
             if opt is None:
                 continue
-            st = {k: torch.load(d / f"{k}.pt", map_location="cpu")["param"].to(p.device).view_as(p).clone()
-                  for k in MOMENTS}
+            st = {
+                k: torch.load(d / f"{k}.pt", map_location="cpu")["param"].to(p.device).view_as(p).clone()
+                for k in MOMENTS
+            }
             sparse = isinstance(opt, torch.optim.SparseAdam)
             opt.state[p] = {"step": step if sparse else torch.tensor(float(step)), **st}
     return step
@@ -371,6 +407,9 @@ def describe_change(step_dir: Path, saved: Layout, now: Layout, cfg) -> str:
     old = checkpoint_config(step_dir).training
     before = old.batch_size * old.grad_accum * saved.world_size
     after = cfg.training.batch_size * cfg.training.grad_accum * now.world_size
-    batch = ("the same global batch" if before == after else
-             f"the global batch changes from {before} to {after} sequences per step (the data stream continues)")
+    batch = (
+        "the same global batch"
+        if before == after
+        else f"the global batch changes from {before} to {after} sequences per step (the data stream continues)"
+    )
     return f"resuming a checkpoint of {saved} as {now}; {batch}"

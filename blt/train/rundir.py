@@ -18,11 +18,11 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from blt.config import Config, ConfigError, config_to_dict
-from blt.errors import UserError
-from blt.disk import make_dirs
 from blt.artifacts.checkpoints import CheckpointError, checkpoint_config, find_checkpoint, has_checkpoints
 from blt.artifacts.exports import is_export
+from blt.config import Config, ConfigError, config_to_dict
+from blt.disk import make_dirs
+from blt.errors import UserError
 
 
 class RunDirError(UserError):
@@ -36,6 +36,7 @@ RUN_MARKERS = ("checkpoints", "metrics.jsonl", "model_info.json")  # what only a
 class RunDir:
     """The run directory of one start, checked before anything is written. `create` makes it when
     the run is about to write; `discard` takes back what a start that completed no step wrote."""
+
     path: Path
     resume_from: Path | None  # the checkpoint to continue from; None = a fresh start
     fresh: bool  # absent or empty before this start: all it will hold is this start's
@@ -76,26 +77,34 @@ def prepare_run_dir(cfg: Config) -> RunDir:
     if not entries:
         return RunDir(run_dir, find_checkpoint(source) if source else None, fresh=True, existed=existed)
     if is_export(run_dir):
-        raise RunDirError(f"run directory '{run_dir}' is an export (it holds export.json), not a run; train into a "
-                          f"new run_dir=PATH (to fine-tune the export: training.init_from={run_dir}); "
-                          "nothing was written")
+        raise RunDirError(
+            f"run directory '{run_dir}' is an export (it holds export.json), not a run; train into a "
+            f"new run_dir=PATH (to fine-tune the export: training.init_from={run_dir}); "
+            "nothing was written"
+        )
     if not has_checkpoints(run_dir):
         ours = [m for m in RUN_MARKERS if (run_dir / m).exists()]
         if ours:
-            raise RunDirError(f"run directory '{run_dir}' holds a run that stopped before its first checkpoint "
-                              f"({', '.join(ours)}); delete it to start again, or pick a new run_dir=PATH "
-                              "(nothing was overwritten)")
+            raise RunDirError(
+                f"run directory '{run_dir}' holds a run that stopped before its first checkpoint "
+                f"({', '.join(ours)}); delete it to start again, or pick a new run_dir=PATH "
+                "(nothing was overwritten)"
+            )
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
-        raise RunDirError(f"run directory '{run_dir}' is not empty ({shown}) and holds no blt run; pick a new or "
-                          "empty run_dir=PATH (nothing was written)")
+        raise RunDirError(
+            f"run directory '{run_dir}' is not empty ({shown}) and holds no blt run; pick a new or "
+            "empty run_dir=PATH (nothing was written)"
+        )
     if resume == "none":
         raise RunDirError(
             f"run directory '{run_dir}' already holds checkpoints; continue it with checkpoint.resume=auto "
             "or pick a new run_dir=PATH (nothing was overwritten)"
         )
     if source is not None and not source.resolve().is_relative_to(run_dir.resolve()):
-        raise RunDirError(f"run directory '{run_dir}' already holds another run; resume '{resume}' into a new "
-                          "run_dir=PATH, or continue this run with checkpoint.resume=auto (nothing was overwritten)")
+        raise RunDirError(
+            f"run directory '{run_dir}' already holds another run; resume '{resume}' into a new "
+            "run_dir=PATH, or continue this run with checkpoint.resume=auto (nothing was overwritten)"
+        )
     return RunDir(run_dir, find_checkpoint(source or run_dir), fresh=False, existed=True)
 
 
@@ -104,12 +113,16 @@ def resume_source(value: str) -> Path:
     path = Path(os.path.expanduser(value))
     if not path.exists():
         if "/" in value or value.startswith(("~", ".")):
-            raise ConfigError(f"checkpoint.resume: '{value}' does not exist (checkpoint.resume must be auto | none | "
-                              "PATH of a run or checkpoint directory)")
+            raise ConfigError(
+                f"checkpoint.resume: '{value}' does not exist (checkpoint.resume must be auto | none | "
+                "PATH of a run or checkpoint directory)"
+            )
         raise ConfigError(f"checkpoint.resume must be auto | none | PATH, got '{value}'")
     if is_export(path):
-        raise ConfigError(f"checkpoint.resume: '{value}' is an export (weights only, no optimizer or data "
-                          f"position); start from its weights with training.init_from={value}")
+        raise ConfigError(
+            f"checkpoint.resume: '{value}' is an export (weights only, no optimizer or data "
+            f"position); start from its weights with training.init_from={value}"
+        )
     return path
 
 
@@ -122,8 +135,7 @@ def check_writable(run_dir: Path) -> None:
     if not p.is_dir():
         raise RunDirError(f"run directory '{run_dir}' is not writable ('{p}' is not a directory); set run_dir=PATH")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise RunDirError(f"run directory '{run_dir}' is not writable (no write permission on '{p}'); "
-                          "set run_dir=PATH")
+        raise RunDirError(f"run directory '{run_dir}' is not writable (no write permission on '{p}'); set run_dir=PATH")
 
 
 def config_diff(a: dict, b: dict, prefix: str) -> list[tuple[str, object, object]]:
@@ -140,6 +152,7 @@ def config_diff(a: dict, b: dict, prefix: str) -> list[tuple[str, object, object
 
 def describe_diff(diff: list[tuple[str, object, object]], a_name: str, b_name: str, limit: int = 6) -> str:
     """'model.global_model.layers: 4 in the checkpoint, 2 in the config, ...' (the first `limit`)."""
+
     def show(v) -> str:
         text = repr(v)
         return text if len(text) <= 40 else text[:37] + "..."
@@ -163,4 +176,5 @@ def check_resumable(cfg: Config, step_dir: Path) -> None:
     if diff:
         raise CheckpointError(
             f"checkpoint '{step_dir}' was trained with another model config "
-            f"({describe_diff(diff, 'the checkpoint', 'the config')}); use its model config or a new run_dir")
+            f"({describe_diff(diff, 'the checkpoint', 'the config')}); use its model config or a new run_dir"
+        )

@@ -61,8 +61,15 @@ class TaskEval:
         saved = (rng_state(), random.getstate(), np.random.get_state())
         model.eval()
         try:
-            lm = BltLM.from_model(model, self.patcher, c.data.seq_len, c.eval.batch_size, engine.amp_dtype,
-                                  dist=self.world, cached=not engine.partitioned)
+            lm = BltLM.from_model(
+                model,
+                self.patcher,
+                c.data.seq_len,
+                c.eval.batch_size,
+                engine.amp_dtype,
+                dist=self.world,
+                cached=not engine.partitioned,
+            )
             results = run_tasks(lm, self.tasks, c.eval.tasks_limit, c.eval.tasks_num_fewshot)
         finally:
             set_rng_state(saved[0])

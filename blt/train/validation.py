@@ -34,8 +34,12 @@ def combine(results: list[dict]) -> dict:
     nbytes = sum(r["bytes"] for r in results)
     nats = sum(r["loss"] * r["bytes"] for r in results)
     patches = sum(r["bytes"] / r["avg_patch_size"] for r in results)
-    return {"bpb": nats / nbytes / math.log(2), "loss": nats / nbytes, "bytes": nbytes,
-            "avg_patch_size": nbytes / patches}
+    return {
+        "bpb": nats / nbytes / math.log(2),
+        "loss": nats / nbytes,
+        "bytes": nbytes,
+        "avg_patch_size": nbytes / patches,
+    }
 
 
 class Validation:
@@ -49,10 +53,22 @@ class Validation:
     def run(self, step: int, metrics: MetricsLogger) -> dict:
         """Validation BPB at `step` (all ranks share the work), logged; then the pictures."""
         c, w, engine = self.cfg, self.world, self.engine
-        per_source = {name: evaluate(engine.model, self.patcher, tokens, c.data.seq_len, c.eval.batch_size,
-                                     c.eval.max_bytes, engine.device, engine.amp_dtype, w.rank, w.world_size,
-                                     w.all_sum)
-                      for name, tokens in self.val}
+        per_source = {
+            name: evaluate(
+                engine.model,
+                self.patcher,
+                tokens,
+                c.data.seq_len,
+                c.eval.batch_size,
+                c.eval.max_bytes,
+                engine.device,
+                engine.amp_dtype,
+                w.rank,
+                w.world_size,
+                w.all_sum,
+            )
+            for name, tokens in self.val
+        }
         result = combine(list(per_source.values()))
         extra = {f"val/bpb/{name}": r["bpb"] for name, r in per_source.items()} if len(per_source) > 1 else {}
         metrics.log({"step": step, **{f"val_{k}": v for k, v in result.items()}, **extra})
@@ -68,9 +84,19 @@ class Validation:
             ids = snippet_ids(self.val_tokens, min(160, c.data.seq_len)).to(engine.device)  # (1, T) bytes
             snip = patch_snippet(model, self.patcher, ids)
             if metrics.enabled:
-                metrics.image(step, "patches", draw_patches(snip, step),
-                              f"{len(snip['bytes'])} validation bytes, {int(snip['starts'].sum())} patches")
+                metrics.image(
+                    step,
+                    "patches",
+                    draw_patches(snip, step),
+                    f"{len(snip['bytes'])} validation bytes, {int(snip['starts'].sum())} patches",
+                )
         if c.logging.samples > 0:
-            rows = generate_samples(model, self.patcher, sample_prompts(self.val_tokens, c.logging.samples),
-                                    c.logging.sample_bytes, c.data.seq_len, cached=not engine.partitioned)
+            rows = generate_samples(
+                model,
+                self.patcher,
+                sample_prompts(self.val_tokens, c.logging.samples),
+                c.logging.sample_bytes,
+                c.data.seq_len,
+                cached=not engine.partitioned,
+            )
             metrics.table(step, "samples", ["prompt", "output", "settings"], rows)
