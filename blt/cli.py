@@ -1,6 +1,7 @@
 """The `blt` command line.
 
     blt train configs/tiny.yaml [key=value ...]         # run dir: config.yaml, metrics.jsonl, checkpoints/
+    blt train tiny                                      # a config shipped with blt, by name (entropy_tiny, blt_1b, ...)
     blt prepare corpus/ --out data/corpus --workers 8   # files -> shards (+ --entropy-model: entropies)
     blt eval runs/tiny [--data FILE ...]                 # one JSON line: bpb, bytes, loss, avg_patch_size
     blt generate runs/tiny --prompt TEXT --max-bytes N --seed S [--temperature T --top-k K --top-p P --stop S]
@@ -193,7 +194,11 @@ def _cmd_info(args) -> None:
     from blt.model.flops import model_info
 
     run = Path(args.config)
-    if run.is_dir():  # a run dir: its config, and FLOPs at the mean patch size it measured in training
+    try:
+        is_run = run.is_dir()
+    except OSError:  # a name too long for the file system: load_config says so in one line
+        is_run = False
+    if is_run:  # a run dir: its config, and FLOPs at the mean patch size it measured in training
         cfg = load_config(run / "config.yaml", args.overrides)
         print(
             json.dumps(
@@ -325,12 +330,15 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+CONFIG_HELP = "a YAML file, or the name of a config shipped with blt (tiny, entropy_tiny, blt_1b, ...)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="blt", description="Byte Latent Transformer trainer")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model from a YAML config")
-    t.add_argument("config")
+    t.add_argument("config", help=CONFIG_HELP)
     t.add_argument("overrides", nargs="*", help="key=value overrides, e.g. training.steps=100")
     t.set_defaults(func=_cmd_train)
 
@@ -380,12 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
         "info",
         help="parameter count and FLOPs per byte of a config, or of a run dir (at the mean patch size it measured)",
     )
-    i.add_argument("config")
+    i.add_argument("config", help=f"{CONFIG_HELP}, or a run dir")
     i.add_argument("overrides", nargs="*")
     i.set_defaults(func=_cmd_info)
 
     pl = sub.add_parser("plan", help="world size, DeepSpeed config and memory per ZeRO stage, no allocation")
-    pl.add_argument("config")
+    pl.add_argument("config", help=CONFIG_HELP)
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--nodes", type=int, default=1)
     pl.add_argument("--procs-per-node", type=int, default=1, help="processes (GPUs) per node")

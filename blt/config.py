@@ -1,6 +1,7 @@
 """One typed config tree for every `blt` job: defaults < YAML < `a.b=c` overrides.
 
     cfg = load_config("configs/tiny.yaml", ["training.steps=50", "model.global_model.layers=2"])
+    cfg = load_config("tiny")   # a config shipped with blt, by name (shipped_configs() lists them)
 
 Unknown keys, wrong types and values out of range raise ConfigError with a one-line message
 naming the key. A field's range sits beside its declaration (`lr: PosFloat`, a `Range` in
@@ -11,6 +12,7 @@ checks that relate several fields.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,14 +281,45 @@ def config_from_dict(values: dict) -> Config:
     return build(Config, values)
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with blt, by name: {"tiny": .../tiny.yaml, ...}. Installed, they are the
+    package data blt/configs/ (pyproject.toml maps the top-level configs/ there); in a checkout,
+    configs/ beside blt/."""
+    here = Path(__file__).resolve().parent
+    folder = here / "configs" if (here / "configs").is_dir() else here.parent / "configs"
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_file(path: str | Path) -> Path:
+    """The YAML file a CONFIG argument names: a path that exists, as given; a bare name (no '/',
+    no .yaml) that is not a file is a shipped config, `tiny` -> .../configs/tiny.yaml."""
+    text = str(path)
+    try:
+        exists = Path(text).exists()
+    except OSError as e:  # a name too long for the file system
+        raise ConfigError(f"config file '{text}' cannot be read: {e.strerror or e}") from None
+    if exists or "/" in text or os.sep in text or text.endswith((".yaml", ".yml")):
+        return Path(path)
+    shipped = shipped_configs()
+    if text not in shipped:
+        raise ConfigError(
+            f"config '{text}' is neither a file nor a shipped config (shipped: {', '.join(shipped)}; "
+            "or pass the path of a YAML file)"
+        )
+    return shipped[text]
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Defaults < YAML file < overrides; validated, then cross-checked."""
+    """Defaults < YAML file (a path, or a shipped config's name) < overrides; validated, then cross-checked."""
     values: dict = {}
     if path is not None:
-        p = Path(path)
+        path = p = config_file(path)
         if not p.is_file():
             what = "is a directory" if p.is_dir() else "not found"
-            raise ConfigError(f"config file '{p}' {what} (pass a YAML file such as configs/tiny.yaml)")
+            raise ConfigError(
+                f"config file '{p}' {what} (pass a YAML file, or a shipped config's name: "
+                f"{', '.join(shipped_configs())})"
+            )
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:

@@ -23,5 +23,6 @@ def require_extra(extra: str, *modules: str) -> None:
             importlib.import_module(name)
         except ImportError as e:
             raise UserError(
-                f"{e.name or name} is not installed: pip install -e \".[{extra}]\" (the '{extra}' extra)"
+                f"{e.name or name} is not installed: install the '{extra}' extra (pip install -e \".[{extra}]\" in "
+                f'a checkout, or pip install "WHEEL[{extra}]")'
             ) from None

@@ -67,9 +67,7 @@ def build_patcher(cfg: Config, device="cpu") -> Patcher:
     try:
         ent = load_model(p.entropy_model, device, patcher=False)
     except CheckpointError as e:
-        raise ConfigError(
-            f"patching.entropy_model: {e} (train one with `blt train configs/entropy_tiny.yaml`)"
-        ) from None
+        raise ConfigError(f"patching.entropy_model: {e} (train one with `blt train entropy_tiny`)") from None
     if ent.cfg.model.arch != "byte_lm":
         raise ConfigError(
             f"patching.entropy_model '{p.entropy_model}' is a {ent.cfg.model.arch} model; it must be a byte_lm"

@@ -73,7 +73,7 @@ class Entropy(Mode):
         if arch == "blt" and not cfg.entropy_model:
             return (
                 "patching.mode=entropy needs patching.entropy_model (train one with "
-                "`blt train configs/entropy_tiny.yaml`, then set patching.entropy_model=runs/entropy_tiny)"
+                "`blt train entropy_tiny`, then set patching.entropy_model=runs/entropy_tiny)"
             )
         return None
 
