@@ -1,12 +1,19 @@
 """The contract every bad input is held to, in one place: run `blt ARGS` as a user does (a real
 child process), expect exit code 2, exactly one line on stderr starting with `blt <verb>: error:`,
 no traceback, and every file that existed before byte-identical afterwards (nothing overwritten,
-nothing half-written left behind where nothing was there)."""
+nothing half-written left behind where nothing was there).
+
+The rows run in one warm child process (tests/answerer.py: blt's command line, as `python -m blt`
+runs it, with a fresh working directory, environment and warnings for each row), which saves a
+torch import per row; a row with its own environment, or fresh=True, gets a new process.
+tests/e2e/test_answerer.py checks that both give the same answers."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -44,6 +51,40 @@ def run_blt(
     )
 
 
+class Answerer:
+    """The warm `blt` process (tests/answerer.py), started at its first row and kept for the session."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+
+    def run(self, args, cwd: Path | None, timeout: int) -> subprocess.CompletedProcess:
+        """`blt ARGS` in `cwd`, answered by the warm process: its exit code, stdout and stderr bytes."""
+        argv = [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]  # raw bytes as sys.argv has them
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("answerer.py"))],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"},
+            )
+        self.proc.stdin.write(json.dumps({"argv": argv, "cwd": str(cwd) if cwd else None}) + "\n")
+        self.proc.stdin.flush()
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:  # it hung or died: the next row starts a new one
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"`blt {' '.join(argv)}` gave no answer within {timeout} s (the warm process)")
+        got = json.loads(line)
+        return subprocess.CompletedProcess(
+            ["blt", *argv], got["code"], got["stdout"].encode("latin-1"), got["stderr"].encode("latin-1")
+        )
+
+
+ANSWERER = Answerer()
+
+
 def assert_user_error(
     args,
     watch=(),
@@ -52,16 +93,21 @@ def assert_user_error(
     contains: str | None = None,
     timeout: int = 300,
     progress: tuple[str, ...] = (),
+    fresh: bool = False,
 ) -> str:
     """Run `blt *args`; assert the one-line-error contract; returns the error line.
 
     watch: paths whose files must be byte-identical after the command (and nothing new appears
     under a watched dir). progress: prefixes of progress lines a job may print before its error
-    (`blt train` resuming says which data it reuses before it reads the checkpoint)."""
+    (`blt train` resuming says which data it reuses before it reads the checkpoint). fresh: run it
+    in a new process (as one with an `env` is) instead of the warm one."""
     args = list(args)
     verb = str(args[0])
     before = snapshot(*watch)
-    proc = run_blt(*args, cwd=cwd, env=env, timeout=timeout)
+    if env is None and not fresh:
+        proc = ANSWERER.run(args, cwd, timeout)
+    else:
+        proc = run_blt(*args, cwd=cwd, env=env, timeout=timeout)
     err = proc.stderr.decode("utf-8", errors="replace")
     lines = [ln for ln in err.splitlines() if ln.strip() and not (progress and ln.startswith(progress))]
     shown = f"`blt {' '.join(map(str, args))}` -> rc {proc.returncode}, stderr:\n{err}"

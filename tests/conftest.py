@@ -1,4 +1,6 @@
-"""Shared fixtures: tiny configs that train in seconds on 2 CPU cores, and a trained entropy model."""
+"""Shared fixtures for the three tiers (tests/unit: in process; tests/e2e: real `blt` processes;
+tests/dist: several processes): tiny configs that train in seconds on 2 CPU cores, and the runs and
+prepared sources that many tests only read, each made once per session."""
 
 from __future__ import annotations
 
@@ -105,3 +107,20 @@ def static_run(tmp_path_factory, cache_dir) -> Path:
     )
     assert out.returncode == 0, out.stderr.decode()
     return run
+
+
+@pytest.fixture(scope="session")
+def three(tmp_path_factory) -> list:
+    """Three prepared sources of different sizes (the stream and mixture tests)."""
+    from blt.data.prepare import prepare
+    from blt.data.shards import Prepared
+
+    import corpora
+
+    root = tmp_path_factory.mktemp("three")
+    dirs = []
+    for i, (files, size) in enumerate([(30, 4000), (10, 3000), (4, 2000)]):
+        src = corpora.make_corpus(root / f"src{i}", files, size, seed=i)
+        prepare([str(src)], root / f"p{i}", shard_mb=0.03, log=corpora.quiet)
+        dirs.append(Prepared.open(root / f"p{i}"))
+    return dirs

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # A real one-node SLURM cluster (munged + slurmctld + slurmd, Debian's slurm-wlm 22.05) for
-# tests/test_slurm.py, with no systemd and no cgroups (containers, CI VMs). Needs root.
+# tests/dist/test_slurm.py, with no systemd and no cgroups (containers, CI VMs). Needs root.
 #
 #   bash tests/slurm/cluster.sh install   # apt-get install slurm-wlm munge (skipped when slurmctld exists)
 #   bash tests/slurm/cluster.sh start     # start the daemons (idempotent); waits until the node is idle

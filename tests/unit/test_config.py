@@ -57,7 +57,7 @@ def test_hf_compat_needs_split_first_byte_and_no_space_patching():
 
 
 def test_entropy_mode_needs_an_entropy_model():
-    with pytest.raises(ConfigError, match="blt train configs/entropy_tiny.yaml"):
+    with pytest.raises(ConfigError, match="blt train entropy_tiny"):
         load_config(None, ["patching.mode=entropy"])
 
 

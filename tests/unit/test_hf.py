@@ -382,7 +382,7 @@ def test_shipped_hf_config_exports_with_our_logits(tmp_path):
     from blt.config import load_config
     from blt.hf import PROJ
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     cfg, ecfg = load_config(root / "tiny_hf.yaml", ["model.hash_buckets=1024"]), load_config(root / "entropy_tiny.yaml")
     torch.manual_seed(0)
     model, lm = perturbed(build_model(cfg.model), 0), perturbed(build_model(ecfg.model), 1)

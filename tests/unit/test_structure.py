@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "blt"
+PKG = Path(__file__).resolve().parents[2] / "blt"
 
 
 def modules(pkg: Path = PKG) -> dict[str, Path]:

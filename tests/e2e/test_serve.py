@@ -333,7 +333,7 @@ def test_serve_needs_its_extra(monkeypatch, tmp_path):
     from blt.serve.server import serve
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
-    with pytest.raises(UserError, match=r'uvicorn is not installed: pip install -e "\.\[serve\]"'):
+    with pytest.raises(UserError, match=r'uvicorn is not installed: install the .serve. extra \(pip install -e "'):
         serve(str(tmp_path / "not_loaded"))  # refused before any model is looked for
 
 

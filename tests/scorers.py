@@ -1,0 +1,47 @@
+"""Tiny random BLTs wrapped in lm-eval's Scorer, for the scoring tests (tests/unit/test_scoring.py) and
+the harness tests (tests/e2e/test_harness.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from blt.config import config_from_dict
+from blt.harness.scoring import Scorer
+from blt.model import build_model
+from blt.patching import Patcher
+
+# random tiny models (as tests/unit/test_generate.py); a large init spreads the logits, so greedy choices are clear-cut
+BLT = {
+    "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
+    "global_model": {"dim": 64, "layers": 2, "heads": 2},
+    "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
+    "cross_attn_k": 2,
+    "cross_attn_heads": 2,
+    "hash_ngram_sizes": [3, 4],
+    "hash_buckets": 64,
+    "init_std": 0.3,
+}
+
+
+def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: int = 96) -> Scorer:
+    torch.manual_seed(0)
+    lm = build_model(
+        config_from_dict(
+            {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
+        ).model
+    ).eval()
+    cfg = config_from_dict(
+        {
+            "model": {**BLT, "hf_compat": hf},
+            "patching": {
+                "mode": mode,
+                "patch_size": 3,
+                "max_patch_length": 6,
+                "threshold": None if mode == "learned" else 4.0,
+                "split_first_byte": hf,
+                "entropy_model": "unused",
+            },
+        }
+    )
+    model = build_model(cfg.model, cfg.patching).eval()
+    return Scorer(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context, batch_size)
