@@ -31,7 +31,7 @@ from blt.model import build_model
 
 from badinput import assert_user_error, run_blt
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
-from scorers import random_scorer
+from random_models import random_scorer
 
 COLOURS = TASKS_DIR / "data" / "colours_train.jsonl"
 FACTS = {

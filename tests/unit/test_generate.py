@@ -14,43 +14,14 @@ from blt.generation.incremental import IncrementalBLT
 from blt.model import build_model
 from blt.patching import Patcher, patch_ids_from_starts, patch_starts
 
-# random tiny models; a large init spreads the logits so that greedy choices are clear-cut
-BLT = {
-    "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
-    "global_model": {"dim": 64, "layers": 2, "heads": 2},
-    "decoder": {"dim": 32, "layers": 2, "heads": 2, "window": 8},
-    "cross_attn_k": 2,
-    "cross_attn_heads": 2,
-    "hash_ngram_sizes": [3, 4],
-    "hash_buckets": 64,
-    "init_std": 0.3,
-}
+from random_models import BLT, random_blt
+
 # prompts that end mid-patch and in the middle of a UTF-8 character (the first byte of "é")
 PROMPTS = [b"h\xc3", "The cat sat on", "", "d"]
 
 
 def make(mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_layers: bool = False) -> Generator:
-    torch.manual_seed(seed)
-    lm = build_model(
-        config_from_dict(
-            {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
-        ).model
-    ).eval()
-    cfg = config_from_dict(
-        {
-            "model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
-            "patching": {
-                "mode": mode,
-                "patch_size": 3,
-                "max_patch_length": 6,
-                "threshold": None if mode == "learned" else 4.0,
-                "split_first_byte": hf,
-                "entropy_model": "unused",
-            },
-        }
-    )
-    model = build_model(cfg.model, cfg.patching).eval()
-    return Generator(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context)
+    return Generator(*random_blt(mode, hf, all_layers, seed), context)
 
 
 @pytest.mark.parametrize(

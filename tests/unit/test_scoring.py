@@ -14,7 +14,7 @@ from blt.generation import Generator
 from blt.harness.scoring import BatchTooLargeError, Scorer, continuation_pieces
 from blt.tokens import BOS_ID, EOS_ID, OFFSET
 
-from scorers import random_scorer
+from random_models import random_scorer
 
 MODES = [
     ("static", False),

@@ -1,5 +1,5 @@
-"""Tiny random BLTs wrapped in lm-eval's Scorer, for the scoring tests (tests/unit/test_scoring.py) and
-the harness tests (tests/e2e/test_harness.py)."""
+"""Tiny random BLTs for the generation and scoring tests (tests/unit/test_generate.py,
+tests/unit/test_scoring.py, tests/e2e/test_harness.py): `random_blt` and `random_scorer`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from blt.harness.scoring import Scorer
 from blt.model import build_model
 from blt.patching import Patcher
 
-# random tiny models (as tests/unit/test_generate.py); a large init spreads the logits, so greedy choices are clear-cut
+# a large init spreads the logits, so greedy choices are clear-cut
 BLT = {
     "encoder": {"dim": 32, "layers": 1, "heads": 2, "window": 8},
     "global_model": {"dim": 64, "layers": 2, "heads": 2},
@@ -23,8 +23,9 @@ BLT = {
 }
 
 
-def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: int = 96) -> Scorer:
-    torch.manual_seed(0)
+def random_blt(mode: str, hf: bool = False, all_layers: bool = False, seed: int = 0) -> tuple:
+    """A random tiny BLT in patching `mode` and its Patcher (with a random entropy model for entropy)."""
+    torch.manual_seed(seed)
     lm = build_model(
         config_from_dict(
             {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
@@ -32,7 +33,7 @@ def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: in
     ).eval()
     cfg = config_from_dict(
         {
-            "model": {**BLT, "hf_compat": hf},
+            "model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
             "patching": {
                 "mode": mode,
                 "patch_size": 3,
@@ -44,4 +45,8 @@ def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: in
         }
     )
     model = build_model(cfg.model, cfg.patching).eval()
-    return Scorer(model, Patcher(cfg.patching, lm if mode == "entropy" else None), context, batch_size)
+    return model, Patcher(cfg.patching, lm if mode == "entropy" else None)
+
+
+def random_scorer(mode: str, hf: bool = False, batch_size: int = 16, context: int = 96) -> Scorer:
+    return Scorer(*random_blt(mode, hf), context, batch_size)
