@@ -83,6 +83,17 @@ class StopRequest:
             signal.signal(sig, old)
 
 
+def _finish_the_error_message() -> None:
+    """A process of a job that is already failing ignores SIGTERM from here on: a launcher that saw
+    another process die (torchrun) stops the rest with SIGTERM, and the default action would end this
+    one silently between leaving the training loop and printing why (its group teardown takes a
+    while). The launcher's SIGKILL after its grace period (torchrun: 30 s) still bounds the exit."""
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    except ValueError:  # not the main thread
+        pass
+
+
 class Trainer:
     """One run of `blt train`: built step by step (blt/train/build.py), then trained by `run`."""
 
@@ -249,6 +260,8 @@ class Trainer:
         try:
             return self._run()
         except BaseException as e:
+            if self.world.world_size > 1:
+                _finish_the_error_message()
             self.discard_if_untrained()
             if isinstance(e, Exception) and self.world.world_size > 1 and is_peer_failure(e):
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0]
