@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from blt.train.distributed import free_port  # noqa: E402
+from blt.net import free_port  # noqa: E402
 
 
 def peak_mem(run_dir: Path) -> float:

@@ -323,7 +323,7 @@ def train_until(overrides: list[str], steps: int, limit: float, run: Path) -> li
 
 
 def part_zero2(dry: bool, device: str, out: Path, limit: float, emit) -> None:
-    from blt.train.distributed import free_port
+    from blt.net import free_port
 
     run = out / "zero2"
     shutil.rmtree(run, ignore_errors=True)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from blt.config import load_config  # noqa: E402
-from blt.train.distributed import free_port  # noqa: E402
+from blt.net import free_port  # noqa: E402
 from blt.train.plan import count_params  # noqa: E402
 
 COMMON = [

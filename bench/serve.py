@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,10 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from blt.net import free_port  # noqa: E402
+
 PROMPTS = [
     "ROMEO.",
     "JULIET.",
@@ -44,12 +47,6 @@ PROMPTS = [
     "LADY",
     "Come, come",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def one(url: str, model: str, i: int, max_tokens: int) -> tuple[float, float, int]:

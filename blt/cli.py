@@ -23,6 +23,7 @@ ends any verb quietly with status 141, as SIGPIPE ends Unix tools.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
@@ -44,33 +45,31 @@ def _cmd_train(args) -> None:
 
 
 def _cmd_prepare(args) -> None:
-    from blt.train.prepare_job import run
+    from blt.train.prepare_job import PrepareOptions, run
+    from blt.typed import from_args
 
-    run(args)
+    run(from_args(PrepareOptions, args))
 
 
 def add_prepare_parser(sub) -> None:
+    """The flags of PrepareOptions (blt/train/prepare_job.py), which holds their defaults: a flag
+    left out is absent here (SUPPRESS) and keeps the field's default, data.*'s for the data settings."""
     pr = sub.add_parser("prepare", help="files -> shards (and their entropies) for training at scale")
     pr.add_argument(
         "sources", nargs="*", help="files, directories, globs (txt, jsonl, json, parquet; .gz/.zst), or hub:NAME"
     )
     pr.add_argument("--out", required=True, help="the prepared directory (created; rerun to update it)")
-    pr.add_argument("--workers", type=int, default=1, help="processes reading and packing shards")
-    pr.add_argument(
-        "--part",
-        default=None,
-        help="K/N: prepare part K of N (several machines); the last part to finish writes the manifest",
-    )
-    pr.add_argument("--shard-mb", type=float, default=64, help="input MB per shard")
-    pr.add_argument("--val-fraction", type=float, default=0.05, help="documents held out for validation")
-    pr.add_argument("--text-field", default="text", help="the text column of json/jsonl/parquet")
-    pr.add_argument("--sample-by", default="document", help="plain text: document, paragraph or line")
-    pr.add_argument("--seed", type=int, default=0, help="which documents are held out")
-    pr.add_argument("--entropy-model", default=None, help="compute float16 entropies with this byte_lm run")
-    pr.add_argument(
-        "--seq-len", type=int, default=None, help="the training data.seq_len the entropies are for (default 1024)"
-    )
-    pr.add_argument("--batch", type=int, default=16, help="windows per entropy-model forward")
+    opt = functools.partial(pr.add_argument, default=argparse.SUPPRESS)
+    opt("--workers", type=int, help="processes reading and packing shards")
+    opt("--part", help="K/N: prepare part K of N (several machines); the last part to finish writes the manifest")
+    opt("--shard-mb", type=float, help="input MB per shard")
+    opt("--val-fraction", type=float, help="documents held out for validation (default: data.val_fraction's)")
+    opt("--text-field", help="the text column of json/jsonl/parquet (default: data.text_field's)")
+    opt("--sample-by", help="plain text: document, paragraph or line (default: data.sample_by's)")
+    opt("--seed", type=int, help="which documents are held out (default: data.seed's)")
+    opt("--entropy-model", help="compute float16 entropies with this byte_lm run")
+    opt("--seq-len", type=int, help="the training data.seq_len the entropies are for (default: data.seq_len's)")
+    opt("--batch", type=int, help="windows per entropy-model forward")
     pr.set_defaults(func=_cmd_prepare)
 
 
@@ -79,26 +78,26 @@ def _cmd_eval(args) -> None:
 
     from blt.artifacts import load_model
     from blt.data import encode_files, prepare_data
-    from blt.evaluate import check_device, check_eval_options, evaluate
+    from blt.evaluate import EvalOptions, evaluate
+    from blt.typed import from_args
 
-    check_eval_options(args.batch_size, args.max_bytes, flag=True)  # before the (slow) load
-    device = check_device(args.device, "--device")
-    loaded = load_model(args.checkpoint, device)
+    opts = from_args(EvalOptions, args).checked()  # before the (slow) load
+    loaded = load_model(opts.checkpoint, opts.device)
     model, cfg, patcher, step_dir = loaded.model, loaded.cfg, loaded.patcher, loaded.where
-    if args.data:
-        tokens = encode_files(args.data, cfg.data.text_field, cfg.data.sample_by)
-        source = args.data
+    if opts.data:
+        tokens = encode_files(opts.data, cfg.data.text_field, cfg.data.sample_by)
+        source = opts.data
     else:
-        val = prepare_data(cfg.data, log=log).val_tokens(args.max_bytes)
+        val = prepare_data(cfg.data, log=log).val_tokens(opts.max_bytes)
         tokens = np.concatenate([t[0 : len(t)] for _, t in val])
         source = "validation split of the run's data config"
-    result = evaluate(model, patcher, tokens, cfg.data.seq_len, args.batch_size, args.max_bytes, device)
+    result = evaluate(model, patcher, tokens, cfg.data.seq_len, opts.batch_size, opts.max_bytes, opts.device)
     print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
 
 
 def _cmd_generate(args) -> None:
+    from blt.device import check_device
     from blt.errors import UserError
-    from blt.evaluate import check_device
     from blt.generation import Generator, stream_text
     from blt.generation.sampling import check_sampling
 
@@ -148,7 +147,8 @@ def _cmd_patch(args) -> None:
     ids = torch.from_numpy(encode(text, bos=True, eos=False).astype("int64"))  # (T,)
     window = cfg.data.seq_len  # a longer text is patched in the windows training reads
     starts, signal = patcher.explain_windows(loaded.model, ids, window)
-    key = "probabilities" if patcher.learned else "entropies"  # what decided each byte's start
+    about = patcher.signal  # what decided each byte's start: its name, the mode's rule
+    key = about.key
     bounds = torch.nonzero(starts).flatten().tolist() + [len(ids)]
     patches = []
     for a, b in zip(bounds[:-1], bounds[1:]):
@@ -167,8 +167,7 @@ def _cmd_patch(args) -> None:
             )
         )
         return
-    th = f", threshold {patcher.threshold:.3f}" if patcher.threshold is not None else ""
-    th = ", a patch starts where the router's probability is >= 0.5" if patcher.learned else th
+    th = f", {about.rule}" if about.rule else ""
     windows = (
         f"; in {-(-len(ids) // window)} windows of data.seq_len={window} bytes, each starting a patch, "
         "as training reads text"
@@ -268,25 +267,14 @@ def _cmd_import_hf(args) -> None:
 
 
 def _cmd_serve(args) -> None:
-    from blt.serve.server import serve
+    from blt.serve.server import ServeOptions, serve
+    from blt.typed import from_args
 
-    serve(
-        args.checkpoint,
-        args.host,
-        args.port,
-        args.max_batch,
-        args.max_queue,
-        args.max_tokens,
-        args.device,
-        args.api_key,
-        args.name,
-        args.drain,
-        args.threads,
-    )
+    serve(from_args(ServeOptions, args))
 
 
 def _cmd_lm_eval(args) -> None:
-    from blt.evaluate import check_device
+    from blt.device import check_device
     from blt.typed import NonNegInt, PosInt, check_option
 
     check_option("limit", args.limit, PosInt, optional=True, flag=True)  # before anything slow
@@ -346,10 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on held-out text")
     e.add_argument("checkpoint", help="run dir or checkpoint dir")
-    e.add_argument("--data", nargs="+", help="text/jsonl/parquet files or globs (default: the run's validation split)")
-    e.add_argument("--batch-size", type=int, default=8)
-    e.add_argument("--max-bytes", type=int, default=None)
-    e.add_argument("--device", default="cpu")
+    opt = functools.partial(e.add_argument, default=argparse.SUPPRESS)  # defaults: EvalOptions' (blt/evaluate.py)
+    opt("--data", nargs="+", help="text/jsonl/parquet files or globs (default: the run's validation split)")
+    opt("--batch-size", type=int)
+    opt("--max-bytes", type=int)
+    opt("--device")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="sample bytes from a checkpoint")
@@ -443,18 +432,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (the serve extra)")
     s.add_argument("checkpoint", help="run dir, checkpoint dir or export dir")
-    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--max-batch", type=int, default=16, help="sequences generated together, at most")
-    s.add_argument("--max-queue", type=int, default=256, help="sequences waiting for the batch; more: HTTP 429")
-    s.add_argument("--max-tokens", type=int, default=4096, help="the most bytes one request may ask for")
-    s.add_argument("--device", default="cpu")
-    s.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set BLT_API_KEY)")
-    s.add_argument("--name", default=None, help="the model's name in the API (default: the MODEL dir's name)")
-    s.add_argument("--drain", type=float, default=5.0, help="seconds Ctrl-C lets running requests finish")
-    s.add_argument(
-        "--threads", type=int, default=None, help="CPU threads for the model (default on CPU: one fewer than the cores)"
-    )
+    opt = functools.partial(s.add_argument, default=argparse.SUPPRESS)  # defaults: ServeOptions' (blt/serve/server.py)
+    opt("--host", help="address to bind (default: this machine only)")
+    opt("--port", type=int, help="TCP port (0: any free one)")
+    opt("--max-batch", type=int, help="sequences generated together, at most")
+    opt("--max-queue", type=int, help="sequences waiting for the batch; more: HTTP 429")
+    opt("--max-tokens", type=int, help="the most bytes one request may ask for")
+    opt("--device", help="cpu, cuda, cuda:N, mps or auto")
+    opt("--api-key", help="require 'Authorization: Bearer KEY' (or set BLT_API_KEY)")
+    opt("--name", help="the model's name in the API (default: the MODEL dir's name)")
+    opt("--drain", type=float, help="seconds Ctrl-C lets running requests finish")
+    opt("--threads", type=int, help="CPU threads for the model (default on CPU: one fewer than the cores)")
     s.set_defaults(func=_cmd_serve)
     return p
 

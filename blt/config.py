@@ -118,6 +118,10 @@ class SourceConfig:
     weight: NonNegFloat = 1.0  # sampling weight; weights are normalised over the sources
 
 
+SampleBy = Literal["document", "paragraph", "line"]  # also `blt prepare --sample-by`'s
+SeqLen = Annotated[int, Range(ge=2)]  # also `blt prepare --seq-len`'s
+
+
 @dataclass
 class DataConfig:
     sources: list[SourceConfig] = field(
@@ -130,8 +134,8 @@ class DataConfig:
     val_fraction: Fraction = 0.05  # share of documents held out when val is empty (deterministic by seed)
     hub_dataset: str | None = None  # a HF hub dataset name (needs a network); used instead of train
     text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
-    sample_by: Literal["document", "paragraph", "line"] = "document"  # what one plain-text document is
-    seq_len: Annotated[int, Range(ge=2)] = 1024  # bytes per training sequence
+    sample_by: SampleBy = "document"  # what one plain-text document is
+    seq_len: SeqLen = 1024  # bytes per training sequence
     cache_dir: str | None = None  # where files are prepared into shards; None = ~/.cache/blt
     workers: NonNegInt = 0  # processes preparing files into the cache; 0 = one per CPU core
     seed: Seed = 0  # data order and split seed

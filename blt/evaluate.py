@@ -3,64 +3,39 @@
     blt eval runs/tiny --data held_out.txt      # prints {"bpb": ..., "bytes": ..., ...}
 
 BPB = total next-byte loss (nats) on real byte targets / (ln 2 * number of those bytes); the
-BOS/EOS markers and right padding are not counted. `check_device` is the --device check of every
-inference verb (eval, generate).
+BOS/EOS markers and right padding are not counted. EvalOptions are `blt eval`'s flags; evaluate()
+checks its sizes against the same fields.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from blt.data import OFFSET, PAD_ID, DataError, eval_windows
+from blt.device import autocast_ctx, check_device
 from blt.patching import Patcher
-from blt.typed import OptionError, PosInt, check_option
+from blt.typed import PosInt, check_field, check_fields
 
 
-def check_device(device: str, name: str = "device") -> str:
-    """`device` (cpu, cuda, cuda:N, mps, or auto = cuda when visible) checked against this machine
-    and this torch build; returns the device to use. `name` is how the caller spells the option
-    (device, --device); an OptionError names the fix."""
-    fix = f"{name} cpu" if name.startswith("-") else f"{name}='cpu'"
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
-        raise OptionError(f"{name} {device!r} is not a device: use cpu, cuda, cuda:N, mps or auto")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        why = (
-            f"this torch ({torch.__version__}) is built without CUDA"
-            if torch.version.cuda is None
-            else "no CUDA device is visible"
-        )
-        raise OptionError(f"{name} {device}: {why}; use {fix}")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise OptionError(
-            f"{name} {device}: only {torch.cuda.device_count()} CUDA device(s) are visible "
-            f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
-        )
-    if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise OptionError(f"{name} {device}: no MPS device is visible; use {fix}")
-    return device
+@dataclass(frozen=True)
+class EvalOptions:
+    """`blt eval`'s flags (the same names)."""
 
+    checkpoint: str  # run dir, checkpoint dir or export dir
+    data: list[str] | None = None  # text/jsonl/parquet files or globs; None: the run's validation split
+    batch_size: PosInt = 8  # windows per forward
+    max_bytes: PosInt | None = None  # bytes scored at most; None: all
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
 
-def check_eval_options(batch_size: int, max_bytes: int | None, flag: bool = False) -> None:
-    """batch_size >= 1 and max_bytes >= 1 or None, named as Python (or, flag=True, the CLI) spells them."""
-    check_option("batch_size", batch_size, PosInt, flag=flag)
-    check_option("max_bytes", max_bytes, PosInt, optional=True, flag=flag)
-
-
-def autocast_ctx(device: torch.device | str, dtype: torch.dtype | None):
-    dev = torch.device(device)
-    if dtype is None or dtype == torch.float32:
-        return torch.autocast(dev.type, enabled=False)
-    return torch.autocast(dev.type, dtype=dtype)
+    def checked(self) -> EvalOptions:
+        """Each flag checked (a one-line error naming it) before the (slow) load; device resolved."""
+        opts = check_fields(self, flag=True)
+        return replace(opts, device=check_device(opts.device, "--device"))
 
 
 @torch.no_grad()
@@ -80,7 +55,8 @@ def evaluate(
     """BPB over every byte of `tokens` (up to max_bytes). In a job of world_size processes, rank r
     scores batches r, r + world_size, ... and `reduce` (a sum over ranks) combines the counts; every
     rank runs the same number of forwards (padding batches score nothing), as ZeRO-3 needs."""
-    check_eval_options(batch_size, max_bytes)
+    for name, value in (("batch_size", batch_size), ("max_bytes", max_bytes)):
+        check_field(EvalOptions, name, value)  # named as Python spells them
     was_training = model.training
     model.eval()
     num_targets = max(0, min(len(tokens) - 1, max_bytes if max_bytes is not None else len(tokens)))

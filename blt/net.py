@@ -1,6 +1,8 @@
-"""Checks for the verbs that serve on a TCP port (`blt dashboard`, `blt serve`).
+"""TCP ports on this machine: the check of the verbs that serve on one (`blt dashboard`, `blt serve`),
+and a free one for a process group's rendezvous, a test's server or a benchmark's.
 
 check_bindable("127.0.0.1", 8000)   # AddressError (one line naming the fix) if it cannot bind
+port = free_port()                  # a port no one listens on now, on 127.0.0.1
 """
 
 from __future__ import annotations
@@ -39,3 +41,10 @@ def check_bindable(host: str, port: int) -> None:
             else:
                 fix = "give --host an address of this machine, e.g. 127.0.0.1"
             raise AddressError(f"cannot serve on {host}:{port} ({e.strerror}); {fix}") from None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Place:
+    """Where this process sits in its job; blt.train.distributed.Dist is a Place that also runs
+    the job's collectives."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0

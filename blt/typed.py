@@ -1,12 +1,14 @@
 """Typed, range-checked values: the one check every config field and every command or API option
 goes through. A value's range sits in its annotation (`Annotated[float, Range(gt=0)]`, the
 aliases below); `coerce` checks a value against an annotation (type, then range; every float
-finite), `build` makes a dataclass from a dict of such values, naming an unknown key, and
-`check_option` checks one option outside the config.
+finite), `build` makes a dataclass from a dict of such values, naming an unknown key,
+`check_option` checks one option outside the config, and `check_fields` checks a verb's options,
+a dataclass of such fields (ServeOptions, PrepareOptions), as the config's are checked.
 
     lr = coerce("3e-4", PosFloat, "optimizer.lr")          # 0.0003; ConfigError naming the key if not
     cfg = build(Config, {"training": {"steps": 10}})      # nested dataclasses, field by field
     check_option("top_p", 1.5, Annotated[float, Range(gt=0, le=1)])   # OptionError: top_p must be in (0, 1]
+    opts = check_fields(from_args(ServeOptions, args), flag=True)     # OptionError: --max-batch must be >= 1
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ class Range:
     ge: float | None = None
     lt: float | None = None
     le: float | None = None
+    says: str | None = None  # the rule in a message's words instead of the bounds (a non-finite value too)
 
     def __contains__(self, v) -> bool:
         return (
@@ -47,6 +50,9 @@ class Range:
         )
 
     def __str__(self) -> str:  # "> 0", ">= 1", "in [0, 1)", "in [0, 2**32)"
+        if self.says:
+            return self.says
+
         def num(b):
             return f"2**{b.bit_length() - 1}" if isinstance(b, int) and b >= 2**16 and not b & (b - 1) else str(b)
 
@@ -104,7 +110,13 @@ def coerce(value: Any, tp: Any, key: str, subject: str = "config key '{}'") -> A
         return build(tp, value, key + ".")
     if origin is Annotated:
         base, *rules = typing.get_args(tp)
-        value = coerce(value, base, key, subject)
+        try:
+            value = coerce(value, base, key, subject)
+        except _OutOfRange:  # nan, inf: a rule that says its words says them for these too
+            said = [str(r) for r in rules if isinstance(r, Range) and r.says]
+            if not said:
+                raise
+            raise _OutOfRange(who, said[0], value) from None
         for rule in rules:
             if isinstance(rule, Range) and value not in rule:
                 raise _OutOfRange(who, str(rule), value)
@@ -169,6 +181,36 @@ def check_option(name: str, value: Any, tp: Any, optional: bool = False, flag: b
         return coerce(value, tp, "--" + name.replace("_", "-") if flag else name, subject="{}")
     except ConfigError as e:
         raise OptionError(str(e)) from None
+
+
+def _without_none(tp: Any) -> tuple[Any, bool]:
+    """(X, True) for `X | None`, so that a message says X's rule alone; (tp, False) otherwise."""
+    arms = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else ()
+    if len(arms) == 2 and type(None) in arms:
+        return next(a for a in arms if a is not type(None)), True
+    return tp, False
+
+
+def check_field(cls: type, name: str, value: Any, flag: bool = False) -> Any:
+    """`value` checked against the annotation of field `name` of the dataclass `cls`, as
+    check_option checks it (None passes where the annotation allows it)."""
+    tp, optional = _without_none(typing.get_type_hints(cls, include_extras=True)[name])
+    return check_option(name, value, tp, optional=optional, flag=flag)
+
+
+def check_fields(options: Any, flag: bool = False) -> Any:
+    """A copy of the options dataclass `options` with every field checked in order (check_field);
+    an OptionError names the first bad one as Python spells it or, flag=True, as the CLI does."""
+    cls = type(options)
+    checked = {f.name: check_field(cls, f.name, getattr(options, f.name), flag) for f in dataclasses.fields(cls)}
+    return dataclasses.replace(options, **checked)
+
+
+def from_args(cls: type, args: Any) -> Any:
+    """The options dataclass `cls` from an argparse namespace. A flag the command line left out
+    (its parser declares it with default=argparse.SUPPRESS) keeps the field's default, so the
+    dataclass holds the one set of defaults."""
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
 
 
 def build(cls: type, values: dict, prefix: str = "") -> Any:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from blt.config import DataConfig
 from blt.data.documents import (
     HUB_PREFIX,
     DataError,
@@ -70,12 +71,13 @@ class NoDataError(DataError):
 
 @dataclass(frozen=True)
 class Settings:
-    """What decides the content of the shards besides the input files."""
+    """What decides the content of the shards besides the input files: data.* fields, with the
+    data config's defaults."""
 
-    text_field: str = "text"  # column holding text in json/jsonl/parquet/hub data
-    sample_by: str = "document"  # plain text: one document per file, paragraph or line
-    val_fraction: float = 0.05  # share of each shard's documents held out for validation (1.0: all)
-    seed: int = 0  # which documents are held out
+    text_field: str = DataConfig.text_field  # column holding text in json/jsonl/parquet/hub data
+    sample_by: str = DataConfig.sample_by  # plain text: one document per file, paragraph or line
+    val_fraction: float = DataConfig.val_fraction  # share of each shard's documents held out (1.0: all)
+    seed: int = DataConfig.seed  # which documents are held out
 
     def check(self) -> None:
         if not 0.0 <= self.val_fraction <= 1.0:

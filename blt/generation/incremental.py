@@ -6,15 +6,16 @@ blt/patching/streaming.py `StreamingStarts`); every component keeps its own KV c
 - when a patch is complete (the next one has started) it is pooled from the cached encoder states
   and the global Transformer runs once for it, extending its patch-level cache;
 - the decoder reads each byte's source patch from the cached global states.
-With learned patching the starts are not known before the encoder has run: `starts` is then a
-function of the router's probabilities for the new bytes (blt/model/router.py), and each completed
-patch's global state is smoothed with the one before, as the full forward does.
+A model that cuts its own patches (a router: learned patching) decides the starts from the
+encoder's states: `starts` is then a function of the router's probabilities for the new bytes,
+and each completed patch's global state is smoothed with the one before, as its forward does (the
+model's `route_step`, `confidence_step` and `smooth_step`).
 Each feed returns the next-byte logits, equal (up to float rounding) to the full forward on the
 whole sequence at the last byte.
 
     inc = IncrementalBLT(model, batch=2, capacity=1024)
     logits = inc.feed(tokens, starts, valid)   # (B, n) new bytes, (B, n) starts, (B,) how many -> (B, V)
-    logits = inc.feed(tokens, decide, valid)   # learned: decide((B, n) probabilities) -> (B, n) starts
+    logits = inc.feed(tokens, decide, valid)   # decide((B, n) router probabilities or None) -> (B, n) starts
 """
 
 from __future__ import annotations
@@ -23,14 +24,10 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from blt.generation.kv_cache import CacheFullError, KVCache
 from blt.generation.static_step import OneByteSteps
-from blt.generation.steps import hash_rows_at_end, transformer_step
-from blt.model.attention import patch_state_attention
-from blt.model.router import confidence, smooth_step
-from blt.patching.learned import BOUNDARY
+from blt.model.attention import one_patch_attention, patch_state_attention, source_patches_at
 
 
 def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
@@ -38,19 +35,9 @@ def _arange_rows(start: torch.Tensor, n: int) -> torch.Tensor:
     return start[:, None] + torch.arange(n, device=start.device)[None]
 
 
-def _masked_pool_kernel(q, k, v, mask, cross_k):
-    """Patch queries (N, H, k, hd) over their own bytes (N, H, L, hd); mask (N, L) marks the bytes."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
-
-
-def _one_patch_kernel(q, k, v, ids, cross_k):
-    """One byte (B, H, 1, hd) attending to its patch's cross_k states (B, H, cross_k, hd)."""
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 def _steps_for(tf, steps: OneByteSteps | None) -> OneByteSteps | None:
     """`steps` where this Transformer's one-byte step can run compiled (no sparse pattern), else None."""
-    return steps if steps is not None and (not len(tf.layers) or tf.layers[0].self_attn.pattern is None) else None
+    return steps if steps is not None and tf.pattern is None else None
 
 
 class IncrementalByteLM:
@@ -81,8 +68,7 @@ class IncrementalByteLM:
         m = self.model
         if self.steps is not None and tokens.shape[1] == 1:
             return self.steps.byte_lm(m, tokens, self.cache, valid)
-        h = transformer_step(m.transformer, m.embed_tokens(tokens), self.cache, valid)  # (B, n, D) byte-level
-        return m.lm_head(m.norm(h))
+        return m.step(tokens, self.cache, valid)
 
 
 class IncrementalBLT:
@@ -90,13 +76,12 @@ class IncrementalBLT:
 
     def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None):
         p = next(model.parameters())
-        dev, dt = p.device, p.dtype
+        dev, dt, cfg = p.device, p.dtype, model.cfg
         self.model, self.capacity = model, capacity
         enc, dec = model.local_encoder, model.local_decoder
         # the compiled one-byte steps (static_step.py), per component that can use them
         self.enc_steps, self.dec_steps = _steps_for(enc.transformer, steps), _steps_for(dec.transformer, steps)
-        self.k, self.hf = enc.k, dec.hf_compat
-        D = enc.embed_tokens.embedding_dim
+        self.k, self.hf, D = cfg.cross_attn_k, cfg.hf_compat, cfg.encoder.dim
         self.enc_cache = KVCache.for_transformer(enc.transformer, batch, capacity, dev, dt)
         self.dec_cache = KVCache.for_transformer(dec.transformer, batch, capacity, dev, dt)
         self.glob_cache = KVCache.for_transformer(model.global_transformer.transformer, batch, capacity, dev, dt)
@@ -105,20 +90,18 @@ class IncrementalBLT:
         self.h = torch.zeros(batch, capacity, D, device=dev, dtype=dt)  # (B, C, D) encoder states, byte-level
         self.patch_start = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) first byte of patch p
         # every decoder cross-attention's keys and values of every patch, computed once per patch
-        self.cross = [dec.cross_attn, *dec.layer_cross_attn]
-        Dd = dec.lm_head.in_features
-        self.dec_k = [torch.zeros(batch, capacity, self.k, Dd, device=dev, dtype=dt) for _ in self.cross]  # patch-level
+        self.dec_k = [
+            torch.zeros(batch, capacity, self.k, cfg.decoder.dim, device=dev, dtype=dt) for _ in dec.cross_attns
+        ]  # patch-level
         self.dec_v = [torch.zeros_like(t) for t in self.dec_k]
         self.lens = torch.zeros(batch, dtype=torch.long, device=dev)  # bytes fed per row
         self.done = torch.zeros(batch, dtype=torch.long, device=dev)  # patches with a global state per row
         self.cur_pid = torch.full((batch,), -1, dtype=torch.long, device=dev)  # patch of each row's last byte
+        self.routed = False  # the model cuts its own patches (it has a router)
         self.global_calls = 0  # global Transformer steps (one per batch of newly completed patches)
         self.global_patches = 0  # patches the global Transformer processed
-        self.router = getattr(model, "router", None)  # learned patching
         self.patch_conf = torch.ones(batch, capacity, device=dev)  # (B, C) router confidence of patch p's start
-        self.smoothed = torch.zeros(
-            batch, model.global_transformer.transformer.cfg.dim, device=dev, dtype=dt
-        )  # (B, Dg)
+        self.smoothed = torch.zeros(batch, cfg.global_model.dim, device=dev, dtype=dt)  # (B, Dg)
 
     _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid", "patch_conf", "smoothed")
 
@@ -163,11 +146,11 @@ class IncrementalBLT:
         real = torch.arange(n, device=tokens.device)[None] < valid[:, None]  # (B, n)
         self.tokens.scatter_(1, slots, tokens)
         h = self._encode(tokens, slots, valid)  # (B, n, D): the encoder reads bytes only
-        conf = None
-        if self.router is not None:
-            probs = self._route(h, slots)  # (B, n)
+        probs = self._route(h, slots)  # (B, n) the router's probabilities, None without a router
+        self.routed = probs is not None  # completed patches' global states are smoothed
+        if callable(starts):
             starts = starts(probs)
-            conf = confidence(probs, starts, probs >= BOUNDARY)  # (B, n); slot 0 has p = 1
+        conf = None if probs is None else self.model.confidence_step(probs, starts)  # (B, n); slot 0 has p = 1
         pids = self.cur_pid[:, None] + (starts & real).long().cumsum(1)  # (B, n)
         self.cur_pid = pids[:, -1] if n == 1 else pids.gather(1, (valid - 1).clamp(min=0)[:, None])[:, 0]
         self.patch_ids.scatter_(1, slots, pids)
@@ -187,47 +170,32 @@ class IncrementalBLT:
         return logits
 
     def _encode(self, tokens: torch.Tensor, slots: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """(B, n) new bytes (already in self.tokens at `slots`) -> (B, n, D) their encoder states."""
         enc = self.model.local_encoder
-        B, n = tokens.shape
+        n = tokens.shape[1]
+        pos = _arange_rows(self.lens - enc.reach, enc.reach + n)  # (B, reach + n) the n-grams' bytes, new ones last
+        context = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)  # (B, reach + n) byte ids
         if self.enc_steps is not None and n == 1:
-            back = max(enc.hash_embed.sizes) if enc.hash_embed is not None else 1
-            pos = _arange_rows(self.lens - back + 1, back)  # (B, back) byte slots of the n-grams, the new one last
-            history = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)  # (B, back) byte ids
-            h = self.enc_steps.encode(enc, tokens, history, self.enc_cache, valid)  # (B, 1, D)
-            self.h.scatter_(1, slots[..., None].expand_as(h), h)
-            return h
-        x = enc.embed_tokens(tokens)  # (B, n, D) byte-level
-        if enc.hash_embed is not None and n == 1:  # one byte per row: hash in plain Python
-            back = max(enc.hash_embed.sizes)
-            rows = [
-                hash_rows_at_end(enc.hash_embed, self.tokens[b, max(0, s - back + 1) : s + 1].tolist())
-                for b, s in enumerate(self.lens.tolist())
-            ]  # the new byte is already in self.tokens
-            x = x + enc.hash_embed.embedding(torch.tensor(rows, device=x.device)).sum(1)[:, None]
-        elif enc.hash_embed is not None:  # n-grams reach back max(sizes) - 1 bytes into the cache
-            back = max(enc.hash_embed.sizes) - 1
-            pos = _arange_rows(self.lens - back, back + n)  # (B, back + n)
-            ctx = torch.where(pos >= 0, self.tokens.gather(1, pos.clamp(min=0)), 0)
-            x = x + enc.hash_embed(ctx)[:, back:]
-        h = transformer_step(enc.transformer, x, self.enc_cache, valid)  # (B, n, D)
+            h = self.enc_steps.encode(enc, tokens, context, self.enc_cache, valid)  # (B, 1, D)
+        else:
+            h = enc.step(tokens, context, self.enc_cache, valid)  # (B, n, D)
         self.h.scatter_(1, slots[..., None].expand_as(h), h)
         return h
 
-    def _route(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    def _route(self, h: torch.Tensor, slots: torch.Tensor) -> torch.Tensor | None:
         """(B, n, D) new byte states at `slots` (B, n) -> (B, n) the router's probabilities (1 at
-        slot 0), each against the state of the byte before (already in self.h)."""
+        slot 0; None without a router), each against the state of the byte before (in self.h)."""
         before = self.h.gather(1, (slots - 1).clamp(min=0)[..., None].expand_as(h))  # (B, n, D)
-        probs = self.router.pair(h, before)
-        return torch.where(slots == 0, torch.ones_like(probs), probs)
+        return self.model.route_step(h, before, slots == 0)
 
     def _smooth(self, g: torch.Tensor, todo: torch.Tensor) -> torch.Tensor:
-        """Learned patching: the new patches' global states g (B, m, Dg) smoothed in order, each
-        with the one before (router.smooth_patches, one step at a time)."""
+        """The new patches' global states g (B, m, Dg) smoothed in order, each with the one before,
+        as the model's forward does (a model with a router: learned patching)."""
         out = g.clone()
         for j in range(g.shape[1]):
             pid = (self.done + j).clamp(max=self.capacity - 1)  # (B,) patch j of this call
             P = self.patch_conf.gather(1, pid[:, None])[:, 0]
-            s = smooth_step(g[:, j], P, self.smoothed)  # (B, Dg)
+            s = self.model.smooth_step(g[:, j], P, self.smoothed)  # (B, Dg)
             self.smoothed = torch.where((todo > j)[:, None], s, self.smoothed)
             out[:, j] = s
         return out
@@ -256,28 +224,21 @@ class IncrementalBLT:
         idx = _arange_rows(lo_t, L).clamp(max=self.capacity - 1)  # (N, L) byte slots of each patch
         mask = torch.arange(L, device=idx.device)[None] < (torch.tensor(hi, device=idx.device) - lo_t)[:, None]
         rows_t = torch.tensor(rows, device=idx.device)
-        hp = self.h[rows_t[:, None], idx]  # (N, L, D) the patches' bytes
-        N, _, D = hp.shape
-        pooled = hp.masked_fill(~mask[..., None], float("-inf")).amax(1)  # (N, D)
-        queries = enc.patch_embedding_projection(pooled).view(N, self.k, D)  # (N, k, D)
-        summaries = enc.cross_attn(queries, hp, _masked_pool_kernel, mask, self.k).view(N, self.k * D)
+        summaries = enc.pool_step(self.h[rows_t[:, None], idx], mask)  # (N, k*D) from the patches' bytes
         # pack per row (B, m, k*D) and step the global model: one call for every new patch
         m = int(todo.max())
         order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
-        packed = summaries.new_zeros(len(todo), m, self.k * D)
+        packed = summaries.new_zeros(len(todo), m, summaries.shape[-1])
         packed[rows_t, order] = summaries
-        g = transformer_step(
-            glob.transformer, glob.token_embedding_projection(packed), self.glob_cache, todo
-        )  # (B, m, Dg)
-        if self.router is not None:
+        g = glob.step(packed, self.glob_cache, todo)  # (B, m, Dg)
+        if self.routed:
             g = self._smooth(g, todo)
-        kv = dec.patch_embedding_projection(g[rows_t, order]).view(N, self.k, -1)  # (N, k, D) decoder context
         pids_t = torch.tensor(pids, device=idx.device)
-        for cross, keys, values in zip(self.cross, self.dec_k, self.dec_v):
-            keys[rows_t, pids_t], values[rows_t, pids_t] = cross.keys_values(kv)
+        for (keys, values), (k_new, v_new) in zip(zip(self.dec_k, self.dec_v), dec.patch_context(g[rows_t, order])):
+            keys[rows_t, pids_t], values[rows_t, pids_t] = k_new, v_new  # (N, k, D) each
         self.done = self.done + todo
         self.global_calls += 1
-        self.global_patches += N
+        self.global_patches += len(rows)
 
     def _decode_one(self, h: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """_decode for one new byte per row, each reading the patch before its own (all exist);
@@ -286,20 +247,8 @@ class IncrementalBLT:
         at = (torch.arange(B, device=h.device), self.cur_pid - 1)
         kv = [(keys[at], values[at]) for keys, values in zip(self.dec_k, self.dec_v)]  # (B, k, D) each
         if self.dec_steps is not None:
-            return self.dec_steps.decode(dec, self.cross, h, kv, self.dec_cache, valid, self.k, _one_patch_kernel)
-        x = self._run_decoder(h, kv, _one_patch_kernel, None, None)  # (B, 1, D)
-        return dec.lm_head(dec.norm(x[:, 0]))  # (B, V)
-
-    def _run_decoder(self, h: torch.Tensor, kv: list, kernel, ids, count) -> torch.Tensor:
-        """The decoder's cross-attention(s), reading each byte's gathered patch keys/values `kv`
-        (one pair per cross-attention), around its Transformer stepped with `count` new bytes per row."""
-        x = self.cross[0].attend(h, *kv[0], kernel, ids, self.k)  # (B, n, D) byte-level
-        more = (
-            None
-            if len(kv) == 1
-            else (lambda i, y: y if i == 0 else self.cross[i].attend(y, *kv[i], kernel, ids, self.k))
-        )
-        return transformer_step(self.model.local_decoder.transformer, x, self.dec_cache, count, more)
+            return self.dec_steps.decode(dec, h, kv, self.dec_cache, valid, one_patch_attention)
+        return dec.logits(dec.step(h, kv, one_patch_attention, None, self.dec_cache)[:, 0])  # (B, V)
 
     def _decode(self, new_lens: torch.Tensor, valid: torch.Tensor, every: bool = False) -> torch.Tensor:
         dec = self.model.local_decoder
@@ -312,19 +261,12 @@ class IncrementalBLT:
         n2 = int(count.max())
         slots = _arange_rows(first, n2).clamp(max=self.capacity - 1)  # (B, n2)
         h = self.h.gather(1, slots[..., None].expand(-1, -1, self.h.shape[-1]))  # (B, n2, D)
-        pid = self.patch_ids.gather(1, slots)
-        if self.hf:  # patch_id[min(t + 1, T - 1)] - 1 (first patch has length 1)
-            nxt = torch.minimum(slots + 1, (new_lens - 1).clamp(min=0)[:, None])
-            src = (self.patch_ids.gather(1, nxt) - 1).clamp(min=0)
-        else:
-            src = pid - 1
+        src = source_patches_at(self.patch_ids, slots, new_lens, self.hf)  # (B, n2) the patch each byte reads
         B = h.shape[0]
         at = (torch.arange(B, device=h.device)[:, None], src.clamp(min=0))  # each byte's source patch
         kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
         local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
-        x = self._run_decoder(h, kv, partial(patch_state_attention, valid=src >= 0), local, count)  # (B, n2, D)
+        x = dec.step(h, kv, partial(patch_state_attention, valid=src >= 0), local, self.dec_cache, count)  # (B, n2, D)
         if every:  # not HF: the n2 decoded bytes are the new ones (padding past valid[b])
-            return dec.lm_head(dec.norm(x))  # (B, n2, V) byte-level
-        last = (count - 1).clamp(min=0)
-        x_last = x[torch.arange(B, device=h.device), last]  # (B, D)
-        return dec.lm_head(dec.norm(x_last))  # (B, V)
+            return dec.logits(x)  # (B, n2, V) byte-level
+        return dec.logits(x[torch.arange(B, device=h.device), (count - 1).clamp(min=0)])  # (B, V)

@@ -8,9 +8,10 @@ patch are the same call. Rows can be dropped, reordered or copied (`take`) and a
 added (`append`), so a server's batch can change between steps:
 
     cache = KVCache.for_transformer(model.transformer, batch=2, capacity=1024)
-    y = transformer_step(model.transformer, x, cache, valid)   # x (B, n, D) new positions -> (B, n, D)
+    y = model.transformer.step(x, cache, valid)   # x (B, n, D) new positions -> (B, n, D)
 
 Every step first plans its slots and mask once (`begin`), then each layer writes and reads (`write`).
+`FixedSlots` is the same interface at fixed shapes, for compiled one-position steps.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ class KVCache:
         self.k = torch.zeros(layers, batch, heads, capacity, head_dim, device=device, dtype=dtype)
         self.v = torch.zeros_like(self.k)
         self.lens = torch.zeros(batch, dtype=torch.long, device=device)  # cached positions per row
-        self.tables = None  # the Transformer's per-cache constants (RoPE tables, stacked weights)
+        self.tables = None  # the Transformer's step_constants (RoPE tables, stacked weights), made on first use
         self.pos, self.L, self.lo, self.in_step = None, 0, 0, True  # the current step's plan (`begin`)
         self.steps = torch.arange(capacity, device=device)
         self.dense = None  # a sparse pattern's mask over the whole capacity
@@ -98,3 +99,39 @@ class KVCache:
     def rewind(self, counts: torch.Tensor) -> None:
         """Forget the last counts[b] positions of every row (they will be written again)."""
         self.lens -= torch.minimum(counts, self.lens)
+
+
+class FixedSlots:
+    """KVCache's step interface at fixed shapes, for one new position per row (compiled steps,
+    static_step.py): the position is written at slot lens[b] of per-layer tensors (B, H, C, hd) in
+    place, and attention reads every slot under a mask (slots <= lens[b]), or, under a window, each
+    row's last `window` slots, gathered (a windowed model reads W slots, not C). `advance` does
+    nothing: the caller advances its KVCache after the compiled call."""
+
+    def __init__(self, k, v, lens: torch.Tensor, tables: tuple):
+        self.k, self.v, self.lens, self.tables = k, v, lens, tables  # per layer (B, H, C, hd); (B,)
+        self.capacity = k[0].shape[2]
+        self.rows = torch.arange(lens.shape[0], device=lens.device)
+        self.pos, self.slots = lens[:, None], None  # (B, 1) the new position of every row
+
+    def begin(self, n: int, window: int | None, pattern=None) -> torch.Tensor:
+        if window is not None and window < self.capacity:  # each row's last W slots (before slot 0: masked)
+            wanted = self.lens[:, None] - window + 1 + torch.arange(window, device=self.lens.device)[None]  # (B, W)
+            self.slots, seen = wanted.clamp(min=0), wanted >= 0
+        else:
+            seen = torch.arange(self.capacity, device=self.lens.device)[None] <= self.lens[:, None]  # (B, C)
+        return seen[:, None, None, :]  # (B, 1, 1, W or C)
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # an index_put on each layer's own tensor: inductor writes it in place (a scatter into a
+        # slice of the stacked cache would copy the whole cache every step)
+        self.k[layer][self.rows, :, self.lens] = k[:, :, 0].to(self.k[layer].dtype)  # (B, H, hd)
+        self.v[layer][self.rows, :, self.lens] = v[:, :, 0].to(self.v[layer].dtype)
+        if self.slots is None:
+            return self.k[layer], self.v[layer]  # (B, H, C, hd)
+        B, H, _, hd = k.shape
+        at = self.slots[:, None, :, None].expand(B, H, -1, hd)
+        return self.k[layer].gather(2, at), self.v[layer].gather(2, at)  # (B, H, W, hd)
+
+    def advance(self, valid) -> None:
+        pass

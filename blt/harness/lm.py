@@ -78,7 +78,7 @@ class BltLM(LM):
         if dtype not in DTYPES:
             raise OptionError(f"dtype {dtype!r}: use float32 or bfloat16")
         from blt.artifacts import load_model
-        from blt.evaluate import check_device
+        from blt.device import check_device
 
         batch = as_batch_size(batch_size)
         max_gen = check_option("max_gen_bytes", max_gen_bytes, PosInt)

@@ -27,7 +27,8 @@ on bytes up to t, and the model is causal.
   float rounding), for groups of at least 2 continuations no longer than the context that fit in
   the model's context together with it; not for HF-compatible models (whose byte reads the patch
   its next byte closes), amp autocast or `cached=False`, which score every request as above.
-- generate: greedy (or sampled) bytes from the cached Generator, cut before the first stop string.
+- generate: greedy (or sampled) bytes from the one generation loop (as `blt generate` and the
+  server), cut before the first stop string.
 
 `sync` (optional) makes every rank of a job run the same number of forwards, as ZeRO-3 needs: it
 maps this rank's count to the largest count over ranks; the ranks short of it run padding forwards.
@@ -35,13 +36,16 @@ maps this rank's count to the largest count over ranks; the ranks short of it ru
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
+from blt.device import autocast_ctx
 from blt.errors import UserError
-from blt.evaluate import autocast_ctx
+from blt.generation.cached import CachedState
+from blt.generation.engine import Engine, Params, Row
 from blt.generation.sampling import byte_logits
 from blt.tokens import BOS_ID, OFFSET, PAD_ID, encode
 
@@ -144,46 +148,24 @@ class Scorer:
     def generate(
         self, contexts: Sequence[bytes], until: Sequence[bytes], max_bytes: int, temperature: float = 0.0, seed: int = 0
     ) -> list[bytes]:
-        """Bytes generated after each context (cached Generator; greedy at temperature 0), each cut
-        before the first stop string it produced; at most max_bytes."""
-        from blt.generation import Generator
-
-        stops = [s for s in until if s]
-        if not self.cached:
-            outs = self._generate_in_step(list(contexts), stops, max_bytes)
-        else:
-            gen = Generator(self.model, self.patcher, self.context)
-            outs = gen.generate(list(contexts), max_bytes=max_bytes, temperature=temperature, seed=seed, stop=stops)
-        return [cut_at_stop(o, until) for o in outs]
-
-    def _generate_in_step(self, contexts: list[bytes], stops: list[bytes], max_bytes: int) -> list[bytes]:
-        """Greedy, uncached: one forward of every unfinished row's last `context` bytes per new byte,
-        and (with `sync`) one per step on every rank until all ranks are done, as ZeRO-3 needs."""
-        rows = [[BOS_ID] + _ids(c) for c in contexts]
-        outs, active = [bytearray() for _ in contexts], [True] * len(contexts)
-        for _ in range(max_bytes):
-            live = [r for r in range(len(rows)) if active[r]]
-            if (self.sync(int(bool(live))) if self.sync is not None else int(bool(live))) == 0:
-                break
-            if not live:
-                self._forward(torch.full((1, 1), BOS_ID, dtype=torch.long))
-                continue
-            tails = [rows[r][-self.context :] for r in live]
-            ids = torch.full((len(live), max(map(len, tails))), PAD_ID, dtype=torch.long)  # (b, T) bytes
-            for j, t in enumerate(tails):
-                ids[j, : len(t)] = torch.tensor(t)
-            last = torch.tensor([len(t) - 1 for t in tails])
-            logits = self._forward(ids)[torch.arange(len(live)), last.to(self.device)]  # (b, V)
-            nxt = byte_logits(logits).argmax(-1).tolist()
-            for r, tok in zip(live, nxt):
-                if tok < OFFSET:  # EOS
-                    active[r] = False
-                    continue
-                rows[r].append(tok)
-                outs[r].append(tok - OFFSET)
-                if any(outs[r].endswith(s) for s in stops):
-                    active[r] = False
-        return [bytes(o) for o in outs]
+        """Bytes generated after each context by the one generation loop (blt/generation/engine.py;
+        greedy at temperature 0), each cut before the first stop string it produced; at most
+        max_bytes. Uncached (`cached=False`), every rank runs as many forwards per step as the rank
+        with the most unfinished rows (padding forwards), as ZeRO-3 needs."""
+        params = Params(max_bytes, temperature, seed=seed, stop=[s for s in until if s])
+        rows = [Row([BOS_ID] + _ids(c), params) for c in contexts]
+        engine = Engine(self.model, self.patcher, self.context, cached=self.cached, forward=self._forward)
+        with torch.inference_mode() if self.cached else contextlib.nullcontext():
+            engine.add(rows)
+            while True:
+                live = len(engine.rows)
+                most = self.sync(live) if self.sync is not None and not self.cached else live
+                if most == 0:
+                    break
+                engine.step()
+                for _ in range(most - live):  # this rank's rows ended first: keep in step with the others
+                    self._forward(torch.full((1, 1), BOS_ID, dtype=torch.long))
+        return [cut_at_stop(bytes(r.out), until) for r in rows]
 
     # ------------------------------------------------------------------------- shared contexts
 
@@ -224,8 +206,6 @@ class Scorer:
     ) -> dict[int, tuple[float, bool]]:
         """One cached state: [BOS] + each context (ragged), its rows copied once per continuation,
         then the continuations (ragged) with the logits at every byte."""
-        from blt.generation.generator import CachedState
-
         contexts = [[BOS_ID] + _ids(requests[g[0]][0]) for g in groups]
         conts = [_ids(requests[i][1]) for g in groups for i in g]
         width = max(map(len, contexts)) + max(map(len, conts))  # every row's padding goes in the cache too

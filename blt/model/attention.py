@@ -118,6 +118,20 @@ def previous_patch_attention(
     return patch_state_attention(q, k, v, patch_ids - 1, cross_k)
 
 
+def masked_pool_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, cross_k: int
+) -> torch.Tensor:
+    """patch_pooling_attention for patches gathered one per row (generation): queries (N, H, k, hd)
+    over their patch's bytes (N, H, L, hd); mask (N, L) marks the bytes (the rest is padding)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :])
+
+
+def one_patch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ids, cross_k: int) -> torch.Tensor:
+    """patch_state_attention for one byte per row whose patch is gathered (generation): the byte
+    (B, H, 1, hd) over its source patch's cross_k states (B, H, cross_k, hd)."""
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 def decoder_source_patches(patch_ids: torch.Tensor, hf_compat: bool) -> torch.Tensor:
     """(B, T) patch index of every byte -> (B, T) index of the patch whose global state it reads.
 
@@ -133,6 +147,19 @@ def decoder_source_patches(patch_ids: torch.Tensor, hf_compat: bool) -> torch.Te
     first_len = (patch_ids == 0).sum(1, keepdim=True)  # (B, 1) L0
     pos = (torch.arange(T, device=patch_ids.device)[None] + first_len).clamp(max=T - 1)  # (B, T)
     return (patch_ids.gather(1, pos) - 1).clamp(min=0)
+
+
+def source_patches_at(
+    patch_ids: torch.Tensor, slots: torch.Tensor, lens: torch.Tensor, hf_compat: bool
+) -> torch.Tensor:
+    """decoder_source_patches for some bytes of rows being generated: patch_ids (B, C) of every
+    byte so far, slots (B, n) the bytes asked for, lens (B,) each row's length -> (B, n); -1 = no
+    patch. HF's rule with split_first_byte (the only HF-compatible patching generation meets):
+    patch_id[min(t + 1, len - 1)] - 1, at least 0."""
+    if not hf_compat:
+        return patch_ids.gather(1, slots) - 1
+    nxt = torch.minimum(slots + 1, (lens - 1).clamp(min=0)[:, None])
+    return (patch_ids.gather(1, nxt) - 1).clamp(min=0)
 
 
 # ----------------------------------------------------------------------------- dense references

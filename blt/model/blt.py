@@ -4,6 +4,9 @@
     logits = model(tokens, patch_ids)   # tokens (B, T) byte ids, patch_ids (B, T) -> (B, T, 260)
     logits, routing = model(tokens, None, routing=True)   # patching.mode=learned: the model cuts its patches
 
+Each module has its training `forward` and its generation `step` side by side (blt/model/layers.py
+says how a step meets its KV cache; blt/generation drives the steps).
+
 Logits at byte t predict byte t+1 and depend only on bytes <= t: the encoder is causal, a patch
 summary pools only its own bytes, and a byte reads only the global state of the patch before its
 own (which has seen nothing past that patch's end). Module names follow HF transformers'
@@ -19,11 +22,24 @@ import torch
 import torch.nn as nn
 
 from blt.config import ModelConfig, PatchingConfig
-from blt.model.attention import decoder_source_patches, patch_pooling_attention, patch_state_attention
+from blt.model.attention import (
+    decoder_source_patches,
+    masked_pool_attention,
+    patch_pooling_attention,
+    patch_state_attention,
+)
 from blt.model.hash_embed import HashNgramEmbedding
 from blt.model.layers import RMSNorm, Transformer
-from blt.model.router import BoundaryRouter, Routing, confidence, patch_confidence, smooth_patches, straight_through
-from blt.patching.learned import router_starts
+from blt.model.router import (
+    BoundaryRouter,
+    Routing,
+    confidence,
+    patch_confidence,
+    smooth_patches,
+    smooth_step,
+    straight_through,
+)
+from blt.patching.learned import BOUNDARY, router_starts
 from blt.patching.registry import mode_of, patch_starts
 from blt.patching.rules import patch_ids_from_starts
 from blt.tokens import VOCAB_SIZE
@@ -105,6 +121,19 @@ class LocalEncoder(nn.Module):
             h = h + self.hash_embed(tokens)
         return self.transformer(h)  # (B, T, D) byte-level
 
+    @property
+    def reach(self) -> int:
+        """How many bytes before the new ones a step reads (its hash n-grams reach back)."""
+        return self.hash_embed.width - 1 if self.hash_embed is not None else 0
+
+    def step(self, tokens: torch.Tensor, context: torch.Tensor, cache, valid=None) -> torch.Tensor:
+        """byte_states for n new bytes per row: tokens (B, n), context (B, reach + n) the ids ending
+        with them (zeros before a row's first byte) -> (B, n, D) byte-level."""
+        h = self.embed_tokens(tokens)  # (B, n, D) byte-level
+        if self.hash_embed is not None:
+            h = h + self.hash_embed.step(context, tokens.shape[1])
+        return self.transformer.step(h, cache, valid)  # (B, n, D) byte-level
+
     def pool(self, h: torch.Tensor, patch_ids: torch.Tensor, num_patches: int) -> torch.Tensor:
         """(B, T, D) byte states -> (B, P, k*D) patch summaries, each pooled from its own bytes."""
         B, T, D = h.shape
@@ -115,6 +144,14 @@ class LocalEncoder(nn.Module):
         queries = self.patch_embedding_projection(pooled).view(B, num_patches * self.k, D)  # (B, P*k, D)
         patches = self.cross_attn(queries, h, patch_pooling_attention, patch_ids, self.k)  # (B, P*k, D)
         return patches.view(B, num_patches, self.k * D)  # (B, P, k*D) patch-level
+
+    def pool_step(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """pool for N complete patches gathered one per row: h (N, L, D) their byte states, mask
+        (N, L) which are theirs (the rest is padding) -> (N, k*D) patch summaries."""
+        N, _, D = h.shape
+        pooled = h.masked_fill(~mask[..., None], float("-inf")).amax(1)  # (N, D)
+        queries = self.patch_embedding_projection(pooled).view(N, self.k, D)  # (N, k, D)
+        return self.cross_attn(queries, h, masked_pool_attention, mask, self.k).view(N, self.k * D)
 
 
 class LocalDecoder(nn.Module):
@@ -144,13 +181,42 @@ class LocalDecoder(nn.Module):
         src = decoder_source_patches(patch_ids, self.hf_compat)  # (B, T) the patch each byte reads
         h = self.cross_attn(h, kv, patch_state_attention, src, self.k, gate)  # (B, T, D) byte-level
         h = self.transformer(h, self.before_layer(kv, patch_state_attention, src, gate))
-        return self.lm_head(self.norm(h))  # (B, T, V)
+        return self.logits(h)  # (B, T, V)
 
     def before_layer(self, kv: torch.Tensor, kernel, src: torch.Tensor, gate: torch.Tensor | None = None):
         """The cross-attention before decoder layers 1.. (None without cross_attn_all_layers_decoder)."""
         if len(self.layer_cross_attn) == 0:
             return None
         return lambda i, h: h if i == 0 else self.layer_cross_attn[i - 1](h, kv, kernel, src, self.k, gate)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., D) decoder states -> (..., V) next-byte logits."""
+        return self.lm_head(self.norm(h))
+
+    def patch_context(self, g: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(N, Dg) global states of N patches -> for every cross-attention (the first, then one per
+        later layer) its keys and values of them (N, k, D): generation computes them once per patch."""
+        kv = self.patch_embedding_projection(g).view(len(g), self.k, -1)  # (N, k, D) patch-level
+        return [cross.keys_values(kv) for cross in self.cross_attns]
+
+    @property
+    def cross_attns(self) -> tuple:
+        """Every cross-attention: before layer 0, then before each later layer (if any)."""
+        return (self.cross_attn, *self.layer_cross_attn)
+
+    def step(self, h: torch.Tensor, kv: list, kernel, ids, cache, count=None) -> torch.Tensor:
+        """forward's states for n new bytes per row: h (B, n, D) encoder states, `kv` per
+        cross-attention the (keys, values) of the patches the bytes read, gathered for them, read by
+        `kernel` with `ids` -> (B, n, D) decoder states (`logits` makes logits of them); the first
+        count[b] bytes of row b stay in the cache."""
+        x = self.cross_attn.attend(h, *kv[0], kernel, ids, self.k)  # (B, n, D) byte-level
+        more = None
+        if len(kv) > 1:
+
+            def more(i, y):
+                return y if i == 0 else self.layer_cross_attn[i - 1].attend(y, *kv[i], kernel, ids, self.k)
+
+        return self.transformer.step(x, cache, count, more)
 
 
 class GlobalTransformer(nn.Module):
@@ -163,6 +229,10 @@ class GlobalTransformer(nn.Module):
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
         return self.transformer(self.token_embedding_projection(patches))  # (B, P, Dg) patch-level
+
+    def step(self, patches: torch.Tensor, cache, valid=None) -> torch.Tensor:
+        """forward for m new patches per row (B, m, k*D) -> (B, m, Dg) patch-level."""
+        return self.transformer.step(self.token_embedding_projection(patches), cache, valid)
 
 
 class BLT(nn.Module):
@@ -203,6 +273,22 @@ class BLT(nn.Module):
             gate = straight_through(conf) if torch.is_grad_enabled() else None  # (B, T, 1), exactly 1
         logits = self.local_decoder(h, g, patch_ids, gate)
         return (logits, route) if routing else logits
+
+    def route_step(self, h: torch.Tensor, before: torch.Tensor, first: torch.Tensor) -> torch.Tensor | None:
+        """route's probabilities for new bytes (B, n, D), the states one byte before (B, n, D) and
+        which are a row's byte 0 (B, n) -> (B, n); None for a model without a router."""
+        return None if self.router is None else self.router.step(h, before, first)
+
+    def confidence_step(self, probs: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """forward's confidence of the router's decisions for new bytes: (B, n) probabilities and
+        the starts used (the shared rules included) -> (B, n)."""
+        return confidence(probs, starts, probs >= BOUNDARY)
+
+    def smooth_step(self, g: torch.Tensor, P: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+        """forward's smoothing for one new patch per row: (B, Dg) its global state, (B,) the
+        confidence of its first byte, (B, Dg) the smoothed state of the patch before -> (B, Dg)
+        (g itself for a model without a router)."""
+        return g if self.router is None else smooth_step(g, P, before)
 
     def route(self, tokens: torch.Tensor, h: torch.Tensor) -> Routing:
         """The router's probabilities on byte states h (B, T, D) and the patches they cut, with the

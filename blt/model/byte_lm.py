@@ -34,3 +34,7 @@ class ByteLM(nn.Module):
         (logits, None) (the same call as BLT)."""
         logits = self.lm_head(self.norm(self.transformer(self.embed_tokens(tokens))))
         return (logits, None) if routing else logits
+
+    def step(self, tokens: torch.Tensor, cache, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """forward for n new bytes per row (B, n) against a KV cache -> (B, n, V) next-byte logits."""
+        return self.lm_head(self.norm(self.transformer.step(self.embed_tokens(tokens), cache, valid)))

@@ -1,6 +1,16 @@
 """Transformer building blocks shared by the local encoder/decoder, the global model and the
-byte LM: RMSNorm, RoPE, SwiGLU, causal (sliding-window) self-attention, and a block stack. Their
-incremental (KV-cached) forward for generation is in blt/generation/steps.py."""
+byte LM: RMSNorm, RoPE, SwiGLU, causal (sliding-window) self-attention, and a block stack.
+
+Each module defines its math once, with two entry points side by side: `forward` (training and
+full recomputation: a whole sequence) and `step` (generation: n new positions of every row against
+a KV cache). The cache decides which slots a step writes and sees (blt/generation/kv_cache.py:
+`KVCache` grows with the sequence, `FixedSlots` keeps every shape fixed for torch.compile); it
+implements `begin(n, window, pattern) -> mask`, `pos` (B, n), `write(layer, k, v) -> (keys,
+values)`, `advance(valid)` and holds the Transformer's `step_constants` in `tables`.
+
+    y = transformer(x)                      # (B, L, D), L bytes or patches
+    y = transformer.step(x, cache, valid)   # (B, n, D) new positions of each row -> (B, n, D)
+"""
 
 from __future__ import annotations
 
@@ -30,19 +40,22 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (..., head_dim/2) for integer `positions` (T,) or (B, n)."""
+    """cos and signed sin tables (..., head_dim) for integer `positions` (T,) or (B, n), float32:
+    cos of each angle twice, sin as (-sin, sin), one per half of a head (what apply_rope reads)."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
     ang = positions.float()[..., None] * inv  # (..., hd/2)
-    return ang.cos(), ang.sin()
+    cos, sin = ang.cos(), ang.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate (B, H, T, hd) by position; pairs are (first half, second half) as in HF Llama (HF's
-    BLT rotates interleaved pairs: blt/hf.py permutes q/k rows when converting)."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h].float(), x[..., h:].float()
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.type_as(x)
+    """Rotate (B, H, T, hd) by position, in float32: pairs are (first half, second half) as in HF
+    Llama (HF's BLT rotates interleaved pairs: blt/hf.py permutes q/k rows when converting), so
+    x * cos + (second half, first half) * (-sin, sin)."""
+    if x.dtype == torch.float32:
+        return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
+    xf = x.float()
+    return (xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin).to(x.dtype)
 
 
 def ffn_hidden(dim: int, mult: float) -> int:
@@ -56,8 +69,17 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden, bias=False)
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, w_gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """`w_gate_up`: the gate and up projections stacked (`stacked`), one matmul instead of two
+        (generation's steps; training keeps two, whose gradients land in each weight directly)."""
+        if w_gate_up is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate, up = F.linear(x, w_gate_up).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat([self.gate_proj.weight, self.up_proj.weight])
 
 
 class SelfAttention(nn.Module):
@@ -71,17 +93,40 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
+    def qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_qkv: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> q, k, v (B, H, T, hd), q and k rotated by RoPE (cos/sin broadcast to
+        (B, H, T, hd)). `w_qkv`: the three projections stacked (`stacked`), one matmul (generation)."""
+        B, T, _ = x.shape
+        H, hd = self.heads, self.head_dim
+        if w_qkv is None:
+            q, k, v = (p(x).view(B, T, H, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+        qkv = F.linear(x, w_qkv).view(B, T, 3 * H, hd).transpose(1, 2)  # (B, 3H, T, hd): q, k, v heads
+        q, k = apply_rope(qkv[:, : 2 * H], cos, sin).chunk(2, dim=1)  # q and k rotated together
+        return q, k, qkv[:, 2 * H :]
+
+    def stacked(self) -> torch.Tensor:
+        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+
+    def out(self, y: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, hd) attention output -> (B, T, D)."""
+        B, H, T, hd = y.shape
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        B, T, D = x.shape
-        q = self.q_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = self.k_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = self.qkv(x, cos, sin)  # (B, H, T, hd)
         if self.pattern is not None:
-            y = sparse_attention(q, k, v, self.pattern, self.backend)  # (B, H, T, hd)
-        else:
-            y = causal_self_attention(q, k, v, self.window)  # (B, H, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, D))
+            return self.out(sparse_attention(q, k, v, self.pattern, self.backend))
+        return self.out(causal_self_attention(q, k, v, self.window))
+
+    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, w_qkv: torch.Tensor) -> torch.Tensor:
+        """n new positions per row (B, n, D) against the cache's layer `layer`; rope = (cos, sin)
+        (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen)."""
+        q, k, v = self.qkv(x, *rope, w_qkv)
+        keys, values = cache.write(layer, k, v)  # (B, H, L, hd) every slot these positions may see
+        return self.out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
 
 
 class Block(nn.Module):
@@ -99,6 +144,12 @@ class Block(nn.Module):
         x = x + self.dropout(self.self_attn(self.input_layernorm(x), cos, sin))
         return x + self.dropout(self.mlp(self.post_attention_layernorm(x)))
 
+    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, stacked: tuple) -> torch.Tensor:
+        """forward for n new positions per row against the cache; `stacked` = (q/k/v, gate/up) weights."""
+        w_qkv, w_gate_up = stacked
+        x = x + self.self_attn.step(self.input_layernorm(x), rope, cache, layer, mask, w_qkv)
+        return x + self.mlp.forward(self.post_attention_layernorm(x), w_gate_up)  # (a step runs no module hooks)
+
 
 class Transformer(nn.Module):
     """A stack of causal blocks over one sequence axis (bytes or patches), RoPE on positions 0..T-1."""
@@ -114,8 +165,41 @@ class Transformer(nn.Module):
         `before(i, x)`, if given, transforms x before block i (the decoder's cross-attention)."""
         x = self.dropout(x)
         T = x.shape[1]
-        cos, sin = rope_tables(torch.arange(T, device=x.device), self.cfg.dim // self.cfg.heads, self.rope_theta)
+        cos, sin = rope_tables(torch.arange(T, device=x.device), self.head_dim, self.rope_theta)  # (T, hd)
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
             x = layer(x, cos, sin)
+        return x
+
+    @property
+    def head_dim(self) -> int:
+        return self.cfg.dim // self.cfg.heads
+
+    @property
+    def pattern(self):
+        """The sparse attention pattern of its blocks (None: dense or windowed)."""
+        return self.layers[0].self_attn.pattern if len(self.layers) else None
+
+    def step_constants(self, capacity: int, device) -> tuple:
+        """What every step of one cache reads: RoPE cos/sin of positions 0..capacity-1 (C, 1, hd),
+        and every block's stacked weights (made once per cache: the weights do not change while
+        generating)."""
+        cos, sin = rope_tables(torch.arange(capacity, device=device), self.head_dim, self.rope_theta)  # (C, hd)
+        stacked = [(b.self_attn.stacked(), b.mlp.stacked()) for b in self.layers]
+        return cos[:, None], sin[:, None], stacked
+
+    def step(self, x: torch.Tensor, cache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
+        """forward for new positions: (B, n, D) -> (B, n, D), the values the full forward gives at
+        those positions; the first valid[b] (default n) of row b are kept in the cache. Run under
+        torch.no_grad() or torch.inference_mode()."""
+        n = x.shape[1]
+        mask = cache.begin(n, self.cfg.window if self.pattern is None else None, self.pattern)
+        if cache.tables is None:
+            cache.tables = self.step_constants(cache.capacity, x.device)
+        cos_t, sin_t, stacked = cache.tables
+        rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2))  # (B, 1, n, hd)
+        for i, layer in enumerate(self.layers):
+            x = x if before is None else before(i, x)
+            x = layer.step(x, rope, cache, i, mask, stacked[i])
+        cache.advance(n if valid is None else valid)
         return x

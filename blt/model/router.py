@@ -56,6 +56,12 @@ class BoundaryRouter(nn.Module):
         ones = torch.ones_like(h[:, :1, 0], dtype=torch.float32)  # (B, 1)
         return torch.cat([ones, self.pair(h[:, 1:], h[:, :-1])], 1)
 
+    def step(self, h: torch.Tensor, before: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """forward for new bytes (B, n, D), the states one byte before each (B, n, D) and which are a
+        row's byte 0 (B, n) -> (B, n) probabilities."""
+        probs = self.pair(h, before)
+        return torch.where(first, torch.ones_like(probs), probs)
+
     def pair(self, h: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
         """(..., D) states and the states one byte earlier -> (...) boundary probabilities (float32)."""
         q = F.normalize(self.q_proj(h).float(), dim=-1)

@@ -1,9 +1,9 @@
 """What a validation shows besides numbers: a snippet of validation text with a curve per byte
 and the patch boundaries drawn on it, and generated samples.
 
-The curve is what decided the boundaries where there is one: the entropy model's next-byte
-entropy (entropy patching), the router's boundary probability (learned patching); else the
-model's own next-byte entropy, so the picture is informative for every patching mode.
+The curve is what decided the boundaries where there is one (the patching mode names it: the entropy
+model's next-byte entropy, the router's boundary probability); else the model's own next-byte
+entropy, so the picture is informative for every patching mode.
 """
 
 from __future__ import annotations
@@ -31,10 +31,8 @@ def patch_snippet(model, patcher, ids: torch.Tensor) -> dict:
     was_training = model.training
     model.eval()
     starts, signal = patcher.explain(model, ids)  # (1, T) bool, (1, T) or None
-    if patcher.learned:
-        curve, label, threshold = signal, "boundary probability (router)", 0.5
-    elif signal is not None:
-        curve, label, threshold = signal, "next-byte entropy (entropy model), nats", patcher.threshold
+    if signal is not None:  # what decided the starts, as the patching mode describes it
+        curve, label, threshold = signal, patcher.signal.label, patcher.signal.threshold
     else:
         logits = model(ids, patch_ids_from_starts(starts))
         curve, label, threshold = entropy_from_logits(logits.float()), "next-byte entropy (this model), nats", None

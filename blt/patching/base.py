@@ -1,5 +1,6 @@
 """What a patching mode is: the rule that cuts a whole sequence, the same rule one byte at a time,
-and what the rest of blt needs to know about it (config checks, FLOPs, HF export, calibration).
+and what the rest of blt needs to know about it (config checks, FLOPs, HF export, calibration,
+its extra training loss and metrics, what its per-byte signal means for pictures and `blt patch`).
 Each mode is one module (static.py, space.py, entropy.py, learned.py) holding one subclass, listed once in
 registry.py. `cfg` is the `patching` section of the config (blt.config.PatchingConfig).
 
@@ -9,7 +10,19 @@ applied around a mode's own rule by registry.patch_starts and streaming.Streamin
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class Signal:
+    """What the per-byte signal that decided the starts (Patcher.explain) is, for the reader."""
+
+    key: str  # its name in `blt patch --json`
+    label: str  # the label of its curve in a patch picture
+    threshold: float | None  # where the rule cuts it (a dashed line in the picture), if it has one
+    rule: str  # the rule in a few words for `blt patch` ("" when there is nothing to say)
 
 
 class Mode:
@@ -46,6 +59,18 @@ class Mode:
     def hf_refusal(self, cfg) -> tuple[str, str] | None:
         """(key, why) when HF transformers' BltPatcher cannot express this mode, else None."""
         return None
+
+    def signal(self, cfg, threshold: float | None) -> Signal:
+        """What Patcher.explain's signal is: here the entropy model's next-byte entropies (a patcher
+        with an entropy model explains by them, whatever the mode)."""
+        rule = f"threshold {threshold:.3f}" if threshold is not None else ""
+        return Signal("entropies", "next-byte entropy (entropy model), nats", threshold, rule)
+
+    def training_terms(self, cfg, routing, inputs: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """For one training micro-batch of `inputs` (B, T), with the model's Routing (None without a
+        router): this mode's extra loss, weighted and with gradient (None: none), and its metrics
+        {name: value without gradient}, which metrics.jsonl logs as means over micro-batches and ranks."""
+        return None, {}
 
 
 class StreamRule:

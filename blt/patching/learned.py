@@ -10,14 +10,17 @@ bytes that start a patch and G the mean p over those bytes,
     ratio_loss = N / (N - 1) * ((N - 1) * F * G + (1 - F) * (1 - G))
 
 is smallest (1) at F = G = 1/N. F carries no gradient; G does. The other gradient paths to the
-router (the confidence gate and the smoothing of patch states) are in the model.
+router (the confidence gate and the smoothing of patch states) are in the model. Training adds
+`ratio_loss_weight` times it to the LM loss and logs ratio_loss, boundary_rate (the fraction of
+real bytes where p_t >= 0.5) and router_prob (G).
 """
 
 from __future__ import annotations
 
 import torch
 
-from blt.patching.base import Mode, StreamRule
+from blt.patching.base import Mode, Signal, StreamRule
+from blt.tokens import PAD_ID
 
 BOUNDARY = 0.5  # p_t >= BOUNDARY starts a patch
 
@@ -84,6 +87,17 @@ class Learned(Mode):
             "HF transformers' BLT has no learned patcher (its patcher reads entropies); "
             "use the default export format (safetensors, with the router)"
         )
+
+    def signal(self, cfg, threshold) -> Signal:
+        rule = f"a patch starts where the router's probability is >= {BOUNDARY}"
+        return Signal("probabilities", "boundary probability (router)", BOUNDARY, rule)
+
+    def training_terms(self, cfg, routing, inputs):
+        real = inputs != PAD_ID  # (B, T)
+        loss, _, mean_prob = ratio_loss(routing.probs, routing.starts, real, cfg.target_patch_size)
+        rate = (routing.router_starts & real).sum() / real.sum().clamp(min=1)
+        metrics = {"ratio_loss": loss.detach(), "boundary_rate": rate, "router_prob": mean_prob.detach()}
+        return cfg.ratio_loss_weight * loss, metrics
 
 
 class _RouterRule(StreamRule):

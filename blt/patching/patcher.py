@@ -6,7 +6,9 @@ one from a config, with its entropy model (`build_patcher`).
     patcher.calibrate(sample_tokens)      # a mode with a data-derived threshold and threshold=None
     ids = patcher(tokens)                 # (B, T) -> (B, T) patch index of every byte
     logits, ids, routing = patcher.forward(model, tokens)   # every mode, learned included
+    extra, metrics = patcher.training_terms(routing, tokens)  # the mode's extra loss and metrics
     starts, signal = patcher.explain_windows(model, ids, 1024)   # (T,) any length, for `blt patch`
+    about = patcher.signal                # what that signal is: its key, label, threshold and rule
 
 With learned patching the model's own router cuts the patches inside its forward, so `patcher(...)`
 and `starts` refuse; `forward` runs the model either way.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from blt.patching.base import Signal
 from blt.patching.registry import mode_of, patch_starts
 from blt.patching.rules import entropy_from_logits, patch_ids_from_starts
 
@@ -27,7 +30,7 @@ class Patcher:
         self.model = entropy_model
         self.source = entropy_source  # identifies the entropy model (for cache keys)
         self.threshold = cfg.threshold
-        self.learned = self.mode.needs_router  # the model cuts its own patches
+        self.learned = self.mode.needs_router  # the model cuts its own patches (read within blt/patching)
 
     @torch.no_grad()
     def entropies(self, tokens: torch.Tensor, chunk: int = 16) -> torch.Tensor:
@@ -50,16 +53,34 @@ class Patcher:
     def __call__(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor:
         return patch_ids_from_starts(self.starts(tokens, entropies))
 
-    def forward(self, model, tokens: torch.Tensor, entropies: torch.Tensor | None = None):
+    def cut(self, tokens: torch.Tensor, entropies: torch.Tensor | None = None) -> torch.Tensor | None:
+        """(B, T) patch ids decided before the model runs, or None where the model's router cuts them."""
+        return None if self.learned else self(tokens, entropies)
+
+    def forward(
+        self,
+        model,
+        tokens: torch.Tensor,
+        entropies: torch.Tensor | None = None,
+        patch_ids: torch.Tensor | None = None,
+    ):
         """Run `model(tokens, patch_ids, routing=True)` (a model, or an engine's forward) on `tokens`
-        (B, T) cut by this patcher, or by the model's router (learned) -> (logits (B, T, V), patch
-        ids (B, T), Routing or None)."""
-        if self.learned:
-            logits, routing = model(tokens, None, routing=True)
-            return logits, routing.patch_ids, routing
-        patch_ids = self(tokens, entropies)
-        logits, _ = model(tokens, patch_ids, routing=True)
-        return logits, patch_ids, None
+        (B, T) cut by this patcher (or given `patch_ids` from `cut`), or by the model's router
+        (learned) -> (logits (B, T, V), patch ids (B, T), Routing or None)."""
+        if patch_ids is None:
+            patch_ids = self.cut(tokens, entropies)
+        logits, routing = model(tokens, patch_ids, routing=True)
+        return logits, patch_ids if routing is None else routing.patch_ids, routing
+
+    def training_terms(self, routing, inputs: torch.Tensor) -> tuple[torch.Tensor | None, dict]:
+        """The mode's extra loss (weighted, with gradient, or None) and metrics {name: value} for one
+        training micro-batch `inputs` (B, T) that `forward` gave `routing` for (base.Mode.training_terms)."""
+        return self.mode.training_terms(self.cfg, routing, inputs)
+
+    @property
+    def signal(self) -> Signal:
+        """What `explain`'s per-byte signal is: its `blt patch` key, picture label, threshold and rule."""
+        return self.mode.signal(self.cfg, self.threshold)
 
     @torch.no_grad()
     def explain(self, model, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:

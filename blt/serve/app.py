@@ -30,7 +30,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from blt.serve.batcher import Batcher, QueueFull, Row
+from blt.generation.engine import Row
+from blt.serve.batcher import Batcher, QueueFull
 from blt.serve.protocol import ChatRequest, CompletionRequest, Limits, RequestError, chat_jobs, completion_jobs
 from blt.serve.text import ChoiceText
 from blt.tokens import BOS_ID, OFFSET

@@ -25,8 +25,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from blt.generation.engine import Params
 from blt.generation.sampling import check_sampling
-from blt.serve.batcher import Params
 from blt.typed import OptionError
 
 CHAT_STOP = "\nUser:"

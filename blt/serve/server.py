@@ -2,6 +2,7 @@
 
     blt serve exports/tiny                                   # http://127.0.0.1:8000/v1
     blt serve runs/tiny --port 8001 --max-batch 16 --api-key "$KEY"
+    serve(ServeOptions("runs/tiny", port=8001, max_batch=16))   # the same, from Python
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
@@ -15,45 +16,42 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 from blt.errors import require_extra
-from blt.typed import OptionError, PosInt, check_option
+from blt.typed import PosInt, Range, check_fields
 
 
-def check_serve_options(
-    max_batch: int, max_queue: int, max_tokens: int, drain: float, threads: int | None = None
-) -> None:
-    """The sizes, checked before anything is loaded (named as the CLI spells them)."""
-    for name, value in (("max_batch", max_batch), ("max_queue", max_queue), ("max_tokens", max_tokens)):
-        check_option(name, value, PosInt, flag=True)
-    check_option("threads", threads, PosInt, optional=True, flag=True)
-    if not 0 <= drain < float("inf"):
-        raise OptionError(f"--drain must be a number of seconds >= 0, got {drain}")
+@dataclass(frozen=True)
+class ServeOptions:
+    """What `blt serve` takes, named as its flags are; serve() checks each (one line naming the
+    flag) before anything is loaded."""
+
+    checkpoint: str  # run dir, checkpoint dir or export dir
+    host: str = "127.0.0.1"  # address to bind (default: this machine only)
+    port: int = 8000  # 0: any free port; blt.net.check_bindable checks the range and binds it once
+    max_batch: PosInt = 16  # sequences generated together, at most
+    max_queue: PosInt = 256  # sequences waiting for the batch; more: HTTP 429
+    max_tokens: PosInt = 4096  # the most bytes one request may ask for
+    device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto (blt.device.check_device)
+    api_key: str | None = None  # require 'Authorization: Bearer KEY'; None: $BLT_API_KEY if set
+    name: str | None = None  # the model's name in the API; None: the checkpoint dir's name
+    drain: Annotated[float, Range(ge=0, says="a number of seconds >= 0")] = 5.0  # Ctrl-C lets requests finish
+    threads: PosInt | None = None  # CPU threads for the model; None on CPU: one fewer than the cores
 
 
-def serve(
-    path: str,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    max_batch: int = 16,
-    max_queue: int = 256,
-    max_tokens: int = 4096,
-    device: str = "cpu",
-    api_key: str | None = None,
-    name: str | None = None,
-    drain: float = 5.0,
-    threads: int | None = None,
-) -> None:
-    """Load the model at `path` and serve it until Ctrl-C (see the module docstring)."""
-    check_serve_options(max_batch, max_queue, max_tokens, drain, threads)
+def serve(opts: ServeOptions) -> None:
+    """Load the model at `opts.checkpoint` and serve it until Ctrl-C (see the module docstring)."""
+    opts = check_fields(opts, flag=True)
     require_extra("serve", "fastapi", "uvicorn")
-    from blt.evaluate import check_device
+    from blt.device import check_device
     from blt.net import check_bindable
 
-    device = check_device(device, "--device")
-    check_bindable(host, port)
-    api_key = api_key if api_key is not None else os.environ.get("BLT_API_KEY") or None
+    device = check_device(opts.device, "--device")
+    check_bindable(opts.host, opts.port)
+    api_key = opts.api_key if opts.api_key is not None else os.environ.get("BLT_API_KEY") or None
 
     import torch
     import uvicorn
@@ -63,24 +61,28 @@ def serve(
     from blt.serve.batcher import Batcher
     from blt.serve.protocol import Limits
 
+    threads = opts.threads
     if threads is None and device == "cpu":  # leave a core to the HTTP side: spinning model threads
         threads = max(1, len(os.sched_getaffinity(0)) - 1)  # that share it slow both down many times
     if threads is not None:
         torch.set_num_threads(threads)
-    loaded = load_model(path, device)
-    name = name or Path(path).resolve().name
-    batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, max_batch, max_queue)
+    loaded = load_model(opts.checkpoint, device)
+    name = opts.name or Path(opts.checkpoint).resolve().name
+    batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, opts.max_batch, opts.max_queue)
     batcher.start()
-    app = create_app(batcher, name, Limits(max_tokens=max_tokens, max_n=max_batch), api_key)
+    app = create_app(batcher, name, Limits(max_tokens=opts.max_tokens, max_n=opts.max_batch), api_key)
+    url = f"{opts.host}:{opts.port}"
     print(
-        f"blt serve: http://{host}:{port}/ serves '{name}' from {loaded.where} (OpenAI base URL "
-        f"http://{host}:{port}/v1; batch {max_batch}, {torch.get_num_threads()} CPU threads, "
+        f"blt serve: http://{url}/ serves '{name}' from {loaded.where} (OpenAI base URL "
+        f"http://{url}/v1; batch {opts.max_batch}, {torch.get_num_threads()} CPU threads, "
         f"{'bearer key required' if api_key else 'no key'}); Ctrl-C stops it",
         flush=True,
     )
-    config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=drain + 5, log_level="info")
+    config = uvicorn.Config(
+        app, host=opts.host, port=opts.port, timeout_graceful_shutdown=opts.drain + 5, log_level="info"
+    )
     try:
-        _run(uvicorn, config, batcher, drain)
+        _run(uvicorn, config, batcher, opts.drain)
     finally:
         batcher.stop()
 

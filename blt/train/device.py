@@ -1,6 +1,6 @@
 """Where a process trains and in what precision: its device, the training dtype (training.dtype
-resolved for that device), its CPU threads, and its peak memory. The one place `training.dtype=auto`
-is decided, for the trainer, the DeepSpeed config and `blt plan` alike.
+resolved for that device) and its CPU threads. The one place `training.dtype=auto` is decided, for
+the trainer, the DeepSpeed config and `blt plan` alike (facts about any device: blt/device.py).
 
     device, amp_dtype = resolve_device(cfg, world.local_rank)   # cuda:local_rank or cpu; bf16 / None
     resolved_dtype(cfg, gpu=True)                                # "bf16" (auto on a GPU), "fp16" or "fp32"
@@ -44,12 +44,3 @@ def cpu_threads(cfg: Config, world: Dist) -> int:
     if os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return max(1, (os.cpu_count() or 1) // max(1, world.local_world_size))
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """This process's peak memory so far: GPU memory allocated by torch, or CPU resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KB

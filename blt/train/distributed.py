@@ -12,8 +12,7 @@ This module uses torch.distributed only; DeepSpeed lives in blt/train/deepspeed_
 from __future__ import annotations
 
 import os
-import socket
-from dataclasses import dataclass
+from dataclasses import asdict
 from datetime import timedelta
 
 import torch
@@ -21,19 +20,17 @@ import torch.distributed as td
 
 from blt.config import Config, ConfigError
 from blt.errors import UserError
-from blt.proc import launched
+from blt.net import free_port
+from blt.proc import Place, launched
 
 
 class PeerLostError(UserError):
     """Another process of the job died or stopped answering; one-line message."""
 
 
-@dataclass
-class Dist:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
+class Dist(Place):
+    """This process's place in the job (blt.proc.Place: rank, world_size, local_rank,
+    local_world_size) and the collectives among the job's processes."""
 
     @property
     def is_main(self) -> bool:
@@ -54,6 +51,25 @@ class Dist:
         t = torch.tensor(values, dtype=torch.float64, device=self._device())
         td.all_reduce(t)
         return t.tolist()
+
+    def all_sum_named(self, values: dict) -> dict:
+        """`all_sum` of named numbers in one collective: a name holds a number, a list of numbers or
+        another such dict. Every rank passes the same names in the same order; the sums come back in
+        the shape given."""
+
+        def leaves(v) -> list:
+            if isinstance(v, dict):
+                return [x for item in v.values() for x in leaves(item)]
+            return list(v) if isinstance(v, list) else [v]
+
+        sums = iter(self.all_sum(leaves(values)))
+
+        def shape(v):
+            if isinstance(v, dict):
+                return {name: shape(item) for name, item in v.items()}
+            return [next(sums) for _ in v] if isinstance(v, list) else next(sums)
+
+        return shape(values)
 
     def all_gather_object(self, obj) -> list:
         if not self.active:
@@ -97,8 +113,7 @@ class Dist:
 
 def launched_world() -> Dist:
     """The job as the launcher's environment describes it (no process group is joined)."""
-    p = launched()
-    return Dist(p.rank, p.world_size, p.local_rank, p.local_world_size)
+    return Dist(**asdict(launched()))
 
 
 def choose_engine(cfg: Config, world: Dist) -> str:
@@ -115,12 +130,6 @@ def choose_engine(cfg: Config, world: Dist) -> str:
             "in one; use distributed.engine=deepspeed (or auto)"
         )
     return engine
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def backend_for(cfg: Config, device: torch.device) -> str:

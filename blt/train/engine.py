@@ -24,8 +24,8 @@ import torch.nn as nn
 from blt.artifacts.checkpoints import load_weights, read_state_json
 from blt.artifacts.files import load_pt
 from blt.config import Config, ConfigError
+from blt.device import autocast_ctx
 from blt.errors import UserError
-from blt.evaluate import autocast_ctx
 from blt.proc import log
 from blt.train.checkpoint import load_training_state, save_checkpoint, set_rng_state
 from blt.train.distributed import Dist

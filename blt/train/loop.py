@@ -6,7 +6,8 @@ byte, checkpoints, resume, metrics.jsonl and a progress bar.
 SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption) finishes the current step, saves a
 checkpoint and exits; `checkpoint.resume=auto` (the default) continues from it. A second Ctrl-C
 stops at once. A failure after a step completed saves that step first (a non-finite loss, which
-every process sees, in a job of any size; any other error in a one-process run), then stops.
+every process sees, in a job of any size; any other error in a one-process run), then stops
+(that bookkeeping: blt/train/recovery.py).
 
 The run directory is only created once everything that can be checked has been, and a start that
 fails before completing a step takes back what it wrote: a failed start leaves nothing behind.
@@ -15,7 +16,6 @@ fails before completing a step takes back what it wrote: a failed start leaves n
 from __future__ import annotations
 
 import math
-import re
 import signal
 import time
 from pathlib import Path
@@ -24,10 +24,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from blt.artifacts.checkpoints import is_complete
 from blt.config import Config
 from blt.data import PAD_ID
-from blt.patching import patch_sizes, ratio_loss
+from blt.device import peak_memory_gb
+from blt.patching import patch_sizes
 from blt.proc import log
 from blt.train.build import (
     build_data,
@@ -43,12 +43,11 @@ from blt.train.build import (
     start_line,
     start_run_files,
 )
-from blt.train.checkpoint import rng_state, set_rng_state
-from blt.train.device import peak_memory_gb
-from blt.train.distributed import PeerLostError, choose_engine, is_peer_failure, launched_world, shutdown
+from blt.train.distributed import choose_engine, is_peer_failure, launched_world, shutdown
 from blt.train.engine import DivergedError
 from blt.train.metrics import MetricsLogger
 from blt.train.optim import lr_at
+from blt.train.recovery import Recovery, finish_the_error_message, peer_lost
 from blt.train.tasks import TaskEval, find_eval_tasks
 from blt.train.validation import Validation
 
@@ -83,17 +82,6 @@ class StopRequest:
             signal.signal(sig, old)
 
 
-def _finish_the_error_message() -> None:
-    """A process of a job that is already failing ignores SIGTERM from here on: a launcher that saw
-    another process die (torchrun) stops the rest with SIGTERM, and the default action would end this
-    one silently between leaving the training loop and printing why (its group teardown takes a
-    while). The launcher's SIGKILL after its grace period (torchrun: 30 s) still bounds the exit."""
-    try:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    except ValueError:  # not the main thread
-        pass
-
-
 class Trainer:
     """One run of `blt train`: built step by step (blt/train/build.py), then trained by `run`."""
 
@@ -114,23 +102,21 @@ class Trainer:
         self.step, self.state = resume_or_calibrate(cfg, self.engine, self.loader, self.patcher, resume_from)
         self.validation = Validation(cfg, world, self.engine, self.patcher, val)
         self.task_eval = TaskEval(cfg, world, self.engine, self.patcher, tasks) if tasks else None
-        # what the last checkpoint holds, and what a failure would need to give back to save this step
-        self.start_step = self.saved_step = self.step
-        self.saved_path = resume_from
+        self.start_step = self.step
+        self.recovery = Recovery(self.loader, self.save, self.step, resume_from)  # what a failure saves
         self.last_val: dict = self.state.get("last_val", {})
         self.last_val_step: int = self.state.get("last_val_step", self.step)
-        self._rewind: tuple[dict, dict] | None = None  # (data position, RNG) before the step under way
-        self._updating = False  # inside the optimizer update: the weights are between two steps
         self.meter, peak = build_meter(cfg, world, self.device, self.engine.amp_dtype, info)
         self.trace = start_run_files(cfg, world, self.rundir, self.step, {**info, **peak})  # the first write
         log(start_line(cfg, world, self.engine, info, self.data, self.run_dir))
 
     def accumulate(self) -> dict:
-        """Forward and backward over grad_accum micro-batches; returns this rank's sums for the metrics."""
-        self._rewind = (self.loader.state_dict(), rng_state())
-        loss_sum, nbytes, npatches, windows = 0.0, 0, 0, []
+        """Forward and backward over grad_accum micro-batches -> "sums": this rank's numbers for the
+        step's metrics, by name (summed over ranks as they are); "times"; the "windows" it read."""
+        self.recovery.step_begins()
+        means = {"loss": 0.0}  # name -> sum over micro-batches of each one's mean: the loss, the mode's metrics
+        nbytes, npatches, windows = 0, 0, []
         per_source = np.zeros(len(self.loader.sources))  # windows of each source in this rank's micro-batches
-        route_sums = [0.0, 0.0, 0.0]  # learned patching: ratio loss, boundary rate, mean probability
         times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
         for _ in range(self.cfg.training.grad_accum):
             t0 = time.perf_counter()
@@ -139,53 +125,30 @@ class Trainer:
             per_source += np.bincount(batch.sources, minlength=len(per_source))
             inputs, targets = batch.tokens[:, :-1].to(self.device), batch.tokens[:, 1:].to(self.device)  # (B, T) bytes
             ent = batch.entropies.to(self.device) if batch.entropies is not None else None  # (B, T) precomputed
-            patch_ids = None if self.patcher.learned else self.patcher(inputs, ent)  # (B, T); learned: the model's
+            patch_ids = self.patcher.cut(inputs, ent)  # (B, T), or None where the model's router cuts them
             t1 = time.perf_counter()
-            logits, routing = self.engine.forward(inputs, patch_ids, routing=True)
-            patch_ids = patch_ids if routing is None else routing.patch_ids
+            logits, patch_ids, routing = self.patcher.forward(self.engine.forward, inputs, patch_ids=patch_ids)
             loss = lm_loss(logits, targets)
-            total = loss
-            if routing is not None:  # learned patching: the ratio loss holds the mean patch size
-                total = loss + self.cfg.patching.ratio_loss_weight * self.routing_terms(routing, inputs, route_sums)
-            self.engine.backward(total)
-            loss_sum += float(loss.detach())  # waits for the device: the timing below is honest
+            extra, mode_metrics = self.patcher.training_terms(routing, inputs)  # the patching mode's own terms
+            self.engine.backward(loss if extra is None else loss + extra)
+            means["loss"] += float(loss.detach())  # waits for the device: the timing below is honest
+            for name, value in mode_metrics.items():
+                means[name] = means.get(name, 0.0) + float(value)
             times["data"] += t1 - t0
             times["fwd_bwd"] += time.perf_counter() - t1
             nbytes += inputs.numel()
             npatches += int(patch_ids[:, -1].sum()) + len(patch_ids)
             self.meter.add_patch_lengths(patch_sizes(patch_ids).cpu().numpy())
-        return {
-            "loss_sum": loss_sum,
-            "bytes": nbytes,
-            "patches": npatches,
-            "times": times,
-            "windows": windows,
-            "per_source": per_source.tolist(),
-            "routing": route_sums,
-        }
-
-    def routing_terms(self, routing, inputs: torch.Tensor, sums: list[float]) -> torch.Tensor:
-        """The ratio loss of one micro-batch (with gradient); adds it, the router's boundary rate
-        and its mean probability (over real bytes) to `sums`."""
-        real = inputs != PAD_ID
-        loss, _, mean_prob = ratio_loss(routing.probs, routing.starts, real, self.cfg.patching.target_patch_size)
-        rate = (routing.router_starts & real).sum() / real.sum().clamp(min=1)
-        for i, v in enumerate((loss, rate, mean_prob)):
-            sums[i] += float(v.detach())
-        return loss
+        sums = {"means": means, "bytes": nbytes, "patches": npatches, "per_source": per_source.tolist()}
+        return {"sums": sums, "times": times, "windows": windows}
 
     def update(self, lr: float, out: dict) -> float:
         """The optimizer step that completes step self.step + 1; returns the grad norm. After it the
         weights, optimizer, data position and step number agree again."""
         t = time.perf_counter()
-        self._updating = True
-        try:
+        with self.recovery.update():
             grad_norm = self.engine.step(lr)
-        except DivergedError:  # raised before anything was updated
-            self._updating = False
-            raise
-        self.step += 1
-        self._rewind, self._updating = None, False
+            self.step += 1
         out["times"]["optimizer"] = time.perf_counter() - t
         if self.trace is not None:
             self.trace.write(self.step, out["windows"])
@@ -209,45 +172,19 @@ class Trainer:
             },
             prune,
         )
-        self.saved_step, self.saved_path = self.step, path
+        self.recovery.saved(self.step, path)
         return path
 
-    def save_last_good(self, elapsed: float) -> Path | None:
-        """After a failure: save the last completed step (its weights, optimizer, data position and
-        RNG), keeping every older checkpoint. None when it is saved already, or when the failure
-        came inside the optimizer update (the weights are then between two steps)."""
-        if self.step == self.saved_step or self._updating:
-            return None
-        if self._rewind is not None:  # a step was under way: give back the batches and random numbers it took
-            data, rng = self._rewind
-            self.loader.load_state_dict(data)
-            set_rng_state(rng)
-            self._rewind = None
-        return self.save(elapsed, prune=False)
-
-    def diverged(self, err: DivergedError, elapsed: float) -> DivergedError:
-        """Save the last completed step; the one-line error says where to go from there. Resuming
-        that step repeats the loss whatever the lr (the lr only enters the update after it), so
-        it points to a checkpoint before the divergence."""
-        what = f"{err} at step {self.step + 1}; lower optimizer.lr"
-        try:
-            saved = self.save_last_good(elapsed) or (self.saved_path if self.saved_step == self.step else None)
-        except Exception as save_err:  # noqa: BLE001 - say both in the one line
-            return DivergedError(
-                f"{what} (saving step {self.step} failed: {type(save_err).__name__}: {str(save_err).strip()[:120]})"
-            )
-        if saved is None:  # no step completed: nothing to go back to (the run dir is taken back)
-            return DivergedError(what)
-        earlier = [d for d in sorted(Path(saved).parent.glob("step_*")) if is_complete(d) and d.name < Path(saved).name]
-        where = (
-            f"resume from before the divergence with checkpoint.resume={earlier[-1]}"
-            if earlier
-            else "start again in a new run_dir, as no checkpoint precedes the divergence"
+    def log(self, metrics: MetricsLogger, lr: float, grad_norm: float, elapsed: float) -> None:
+        """The log line of the steps since the last one (means, rates, bytes per source) and their
+        patch-size histogram; the meter starts a new interval."""
+        record = self.meter.record(self.step, lr, grad_norm)
+        seen = (
+            {f"data/bytes/{k}": v for k, v in self.loader.bytes_seen().items()} if len(self.loader.sources) > 1 else {}
         )
-        return DivergedError(
-            f"{what} and {where} (step {self.step} is saved in {saved}, but resuming it gives "
-            "the same result whatever the lr)"
-        )
+        metrics.log({**record, **seen, "peak_mem_gb": peak_memory_gb(self.device), "elapsed": elapsed})
+        metrics.histogram(self.step, "patch_size", self.meter.hist.tolist())
+        self.meter.reset()
 
     def discard_if_untrained(self) -> None:
         """After a failure before any step completed: a fresh run dir is removed again with all
@@ -261,16 +198,10 @@ class Trainer:
             return self._run()
         except BaseException as e:
             if self.world.world_size > 1:
-                _finish_the_error_message()
+                finish_the_error_message()
             self.discard_if_untrained()
             if isinstance(e, Exception) and self.world.world_size > 1 and is_peer_failure(e):
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-                first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:160]  # drop gloo's "[file.cc:537]" prefix
-                raise PeerLostError(
-                    f"rank {self.world.rank} lost another process of the job at step {self.step} ({first}); "
-                    f"rerun the same command to resume from the newest complete checkpoint in "
-                    f"{self.run_dir / 'checkpoints'}"
-                ) from None
+                raise peer_lost(e, self.world.rank, self.step, self.run_dir) from None
             raise
 
     def _run(self) -> dict:
@@ -300,43 +231,20 @@ class Trainer:
                     lr = lr_at(self.step, c.training.steps, c.optimizer.lr, c.schedule)
                     out = self.accumulate()
                     timed_out = c.training.max_minutes is not None and elapsed() > 60 * c.training.max_minutes
-                    # one collective, before the update: metric sums, and whether any rank was told to stop
-                    # (all stop together) or met a non-finite loss (all skip the update together)
-                    loss_sum, nbytes, npatches, stops, timeouts, *rest = world.all_sum(
-                        [
-                            out["loss_sum"],
-                            out["bytes"],
-                            out["patches"],
-                            stop.reason is not None,
-                            timed_out,
-                            *out["routing"],
-                            *out["per_source"],
-                        ]
-                    )
-                    route, per_source = rest[: len(out["routing"])], rest[len(out["routing"]) :]
-                    loss = loss_sum / (c.training.grad_accum * world.world_size)
-                    if not math.isfinite(loss):
-                        raise DivergedError(f"loss became {loss}")
+                    # one collective, before the update: the metrics' sums by name, and whether any rank was
+                    # told to stop (all stop together) or met a non-finite loss (all skip the update together)
+                    sums = world.all_sum_named({**out["sums"], "stops": stop.reason is not None, "timeouts": timed_out})
+                    means = {k: v / (c.training.grad_accum * world.world_size) for k, v in sums["means"].items()}
+                    if not math.isfinite(means["loss"]):
+                        raise DivergedError(f"loss became {means['loss']}")
                     grad_norm = self.update(lr, out)
-                    self.loader.record(per_source)  # windows per source of this step, all ranks
-                    stop_reason = (stop.reason or "SIGTERM") if stops else None
-                    timed_out = timeouts > 0
+                    self.loader.record(sums["per_source"])  # windows per source of this step, all ranks
+                    stop_reason = (stop.reason or "SIGTERM") if sums["stops"] else None
+                    timed_out = sums["timeouts"] > 0
                     metrics.advance()
-                    self.meter.add_step(loss, nbytes, npatches, out["times"])
-                    if self.patcher.learned:
-                        self.meter.add_routing(*(v / (c.training.grad_accum * world.world_size) for v in route))
+                    self.meter.add_step(means, sums["bytes"], sums["patches"], out["times"])
                     if self.step % c.logging.every == 0 or self.step == c.training.steps:
-                        record = self.meter.record(self.step, lr, grad_norm)
-                        seen = (
-                            {f"data/bytes/{k}": v for k, v in self.loader.bytes_seen().items()}
-                            if len(self.loader.sources) > 1
-                            else {}
-                        )
-                        metrics.log(
-                            {**record, **seen, "peak_mem_gb": peak_memory_gb(self.device), "elapsed": elapsed()}
-                        )
-                        metrics.histogram(self.step, "patch_size", self.meter.hist.tolist())
-                        self.meter.reset()
+                        self.log(metrics, lr, grad_norm, elapsed())
                     last = self.step == c.training.steps or timed_out or stop_reason is not None
                     if (last and stop_reason is None) or (c.eval.every and self.step % c.eval.every == 0):
                         t_eval = time.time()
@@ -355,40 +263,16 @@ class Trainer:
                         metrics.print(f"{stop_reason}: saved {path}; run the same command to resume")
                         break
         except DivergedError as e:  # every process of a job sees it at once, so all save together
-            raise self.diverged(e, elapsed()) from None
+            raise self.recovery.diverged(e, self.step, elapsed()) from None
         except Exception as e:
             if world.world_size == 1:  # in a job, a lost peer would leave the others waiting in the save
-                self.save_after_failure(e, metrics, elapsed())
+                self.recovery.save_after_failure(e, self.step, elapsed(), metrics.print)
             raise
         finally:
             metrics.close()
             if self.trace is not None:
                 self.trace.close()
         return {"step": self.step, **self.last_val}
-
-    def save_after_failure(self, err: Exception, metrics: MetricsLogger, elapsed: float) -> None:
-        """Save the last completed step before the error goes on, and say where in one line."""
-        try:
-            path = self.save_last_good(elapsed)
-        except Exception as save_err:  # noqa: BLE001 - the original error matters more
-            metrics.print(
-                f"could not save step {self.step} after {type(err).__name__} "
-                f"({type(save_err).__name__}: {str(save_err).strip()[:160]})"
-            )
-            return
-        name = type(err).__name__
-        if path is not None:
-            metrics.print(f"{name} after step {self.step}: saved {path}; rerun the same command to resume from it")
-        elif self._updating:
-            metrics.print(
-                f"{name} inside the update of step {self.step + 1}: its weights are between two steps "
-                f"and were not saved; the newest checkpoint is {self.saved_path}"
-            )
-        elif self.saved_path is not None:
-            metrics.print(
-                f"{name} in step {self.step + 1}: step {self.step} is saved in {self.saved_path}; rerun "
-                "the same command to resume from it"
-            )
 
 
 def train(cfg: Config) -> dict:

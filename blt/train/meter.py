@@ -1,7 +1,8 @@
 """The numbers of the steps between two log lines: loss and bits per byte, throughput in bytes and
 patches per second, model FLOP utilisation (at the mean patch size measured in the interval), the
-step time split into data / forward+backward / optimizer, the histogram of patch sizes, and for
-learned patching the ratio loss, the router's boundary rate and its mean probability."""
+step time split into data / forward+backward / optimizer, the histogram of patch sizes, and the
+mean of every other named per-step mean it is given (a patching mode's metrics, such as learned
+patching's ratio_loss, boundary_rate and router_prob)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 
 class StepMeter:
-    """Sums since the last log line (this rank's timings; loss, bytes and patches over all ranks)."""
+    """Sums since the last log line (this rank's timings; named means, bytes and patches over all ranks)."""
 
     def __init__(self, flops_at: Callable[[float], float], peak_flops: float, world_size: int):
         """flops_at(mean patch size) -> training FLOPs per byte."""
@@ -24,24 +25,21 @@ class StepMeter:
     def reset(self) -> None:
         """Start a new log interval (its clock too)."""
         self.t0 = time.time()
-        self.steps, self.loss, self.bytes, self.patches = 0, 0.0, 0, 0
+        self.steps, self.bytes, self.patches = 0, 0, 0
+        self.means = {"loss": 0.0}  # name -> sum over the interval's steps of each step's mean
         self.times = {"data": 0.0, "fwd_bwd": 0.0, "optimizer": 0.0}
-        self.routing: list[float] | None = None  # sums of ratio loss, boundary rate, mean probability
         self.hist[:] = 0
 
-    def add_step(self, loss: float, nbytes: float, npatches: float, times: dict) -> None:
-        """One optimizer step: its mean loss, bytes and patches over all ranks, this rank's timings."""
+    def add_step(self, means: dict[str, float], nbytes: float, npatches: float, times: dict) -> None:
+        """One optimizer step: its named means over micro-batches and ranks ("loss" and any other),
+        its bytes and patches over all ranks, this rank's timings."""
         self.steps += 1
-        self.loss += loss
+        for key, value in means.items():
+            self.means[key] = self.means.get(key, 0.0) + value
         self.bytes += nbytes
         self.patches += npatches
         for key, value in times.items():
             self.times[key] += value
-
-    def add_routing(self, ratio_loss: float, boundary_rate: float, mean_prob: float) -> None:
-        """One step's learned-patching means (over micro-batches and ranks)."""
-        step = [ratio_loss, boundary_rate, mean_prob]
-        self.routing = step if self.routing is None else [a + b for a, b in zip(self.routing, step)]
 
     def add_patch_lengths(self, lengths: np.ndarray) -> None:
         """Count patches of each length (bytes) into the histogram, growing it as needed."""
@@ -58,11 +56,12 @@ class StepMeter:
         """The metrics.jsonl record of this interval: means per step, rates per second."""
         dt = max(time.time() - self.t0, 1e-9)
         n = max(1, self.steps)
-        mean = self.loss / n
+        means = {key: value / n for key, value in self.means.items()}
+        mean = means.pop("loss")
         bytes_per_s = self.bytes / dt
         patch_size = self.bytes / max(1, self.patches)
         achieved = self.flops_at(patch_size) * bytes_per_s  # all ranks together
-        record = {
+        return {
             "step": step,
             "loss": mean,
             "bpb": mean / math.log(2),
@@ -75,8 +74,5 @@ class StepMeter:
             "mfu": achieved / (self.peak_flops * self.world_size),
             "step_time_s": dt / n,
             **{f"time_{k}_s": v / n for k, v in self.times.items()},
+            **means,  # a patching mode's metrics, after the rest
         }
-        if self.routing is not None:
-            names = ("ratio_loss", "boundary_rate", "router_prob")
-            record.update({k: v / n for k, v in zip(names, self.routing)})
-        return record

@@ -14,14 +14,49 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Annotated
 
+from blt.config import DataConfig, SampleBy, SeqLen
 from blt.data.documents import DataError
-from blt.data.prepare import Settings, check_options, prepare
+from blt.data.prepare import SHARD_MB, Settings, parse_part, prepare
 from blt.data.shards import Prepared
-from blt.proc import launched, log
-from blt.typed import PosInt, check_option
+from blt.proc import log
+from blt.typed import PosFloat, PosInt, Range, Seed, check_fields
+
+
+@dataclass(frozen=True)
+class PrepareOptions:
+    """`blt prepare`'s flags (the same names). The shard settings and seq_len are data.* fields:
+    the data config's defaults and ranges (val_fraction may also be 1: a held-out-only directory)."""
+
+    out: str  # the prepared directory
+    sources: list[str] = field(default_factory=list)  # files, directories, globs or hub:NAME
+    workers: PosInt = 1  # processes reading and packing shards
+    part: str | None = None  # K/N: part K of N (several machines)
+    shard_mb: PosFloat = SHARD_MB  # input MB per shard
+    val_fraction: Annotated[float, Range(ge=0, le=1)] = DataConfig.val_fraction  # documents held out
+    text_field: str = DataConfig.text_field  # the text column of json/jsonl/parquet
+    sample_by: SampleBy = DataConfig.sample_by  # plain text: document, paragraph or line
+    seed: Seed = DataConfig.seed  # which documents are held out
+    entropy_model: str | None = None  # compute float16 entropies with this byte_lm run
+    seq_len: SeqLen = DataConfig.seq_len  # the training data.seq_len the entropies are for
+    batch: PosInt = 16  # windows per entropy-model forward
+
+    @property
+    def settings(self) -> Settings:
+        return Settings(self.text_field, self.sample_by, self.val_fraction, self.seed)
+
+    def checked(self) -> PrepareOptions:
+        """These options, each checked (a one-line error naming its flag) before anything is read."""
+        self.settings.check()  # in the words prepare() uses for the shard settings
+        opts = check_fields(self, flag=True)
+        if not opts.sources and not opts.entropy_model:
+            raise DataError("nothing to do: pass SOURCES to prepare and/or --entropy-model MODEL to compute entropies")
+        parse_part(opts.part)
+        return opts
 
 
 def _world():
@@ -29,11 +64,10 @@ def _world():
     (the ranks only wait for each other; the entropy model runs on each rank's own device)."""
     import torch.distributed as td
 
-    from blt.train.distributed import Dist
+    from blt.train.distributed import launched_world
 
-    p = launched()
-    world = Dist(p.rank, p.world_size, p.local_rank, p.local_world_size)
-    if p.world_size > 1 and not td.is_initialized():
+    world = launched_world()
+    if world.world_size > 1 and not td.is_initialized():
         td.init_process_group("gloo", timeout=timedelta(hours=2))
     return world
 
@@ -75,43 +109,36 @@ def compute_entropies(out: Path, model: str, seq_len: int, batch: int, world) ->
     return {"entropies": str(store.dir), "entropy_bytes_computed": done}
 
 
-def run(args) -> None:
-    if args.seq_len is not None and args.seq_len < 2:
-        raise DataError(f"--seq-len must be >= 2, got {args.seq_len}")
-    if not args.sources and not args.entropy_model:
-        raise DataError("nothing to do: pass SOURCES to prepare and/or --entropy-model MODEL to compute entropies")
-    check_option("batch", args.batch, PosInt, flag=True)
-    settings = Settings(args.text_field, args.sample_by, args.val_fraction, args.seed)
-    if args.sources:
-        check_options(settings, args.workers, args.shard_mb, args.part)  # before a process group is joined
+def run(opts: PrepareOptions) -> None:
+    opts = opts.checked()  # before a process group is joined
     world = _world()
     report: dict = {}
-    if args.sources:
+    if opts.sources:
 
         def build():
             return prepare(
-                args.sources,
-                args.out,
-                settings,
-                workers=args.workers,
-                part=args.part,
-                shard_mb=args.shard_mb,
+                opts.sources,
+                opts.out,
+                opts.settings,
+                workers=opts.workers,
+                part=opts.part,
+                shard_mb=opts.shard_mb,
                 progress=sys.stderr.isatty(),
                 log=log,
             )
 
         manifest = world.on_main_first(build, share=True)
         if "shards" not in manifest:  # one part of several, not all done: no entropies yet
-            print(json.dumps({"out": args.out, "part": manifest["part"], "of": manifest["of"]}))
+            print(json.dumps({"out": opts.out, "part": manifest["part"], "of": manifest["of"]}))
             return
         report = {
-            "out": args.out,
+            "out": opts.out,
             "train_bytes": manifest["train"]["tokens"],
             "val_bytes": manifest["val"]["tokens"],
             "documents": manifest["train"]["docs"] + manifest["val"]["docs"],
             "shards": len(manifest["shards"]),
         }
-    if args.entropy_model:
-        report.update(compute_entropies(Path(args.out), args.entropy_model, args.seq_len or 1024, args.batch, world))
+    if opts.entropy_model:
+        report.update(compute_entropies(Path(opts.out), opts.entropy_model, opts.seq_len, opts.batch, world))
     if world.is_main:
-        print(json.dumps({"out": args.out, **report}))
+        print(json.dumps({"out": opts.out, **report}))

@@ -18,7 +18,7 @@ import torch
 
 from blt.artifacts.checkpoints import checkpoint_config
 from blt.model import build_model
-from blt.train.distributed import free_port
+from blt.net import free_port
 
 from badinput import kill_midway
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_distributed import _last_step, dist_args, final_val, losses, trace
 
-from blt.train.distributed import free_port
+from blt.net import free_port
 
 from conftest import CONFIGS
 

@@ -52,6 +52,8 @@ def test_export_carries_the_router_and_hf_export_refuses(tmp_path, capsys, cache
     for before, p in zip(patches[1:], patches[2:]):
         assert p["probabilities"][0] >= 0.5 or before["bytes"] == 12
     assert all(q < 0.5 for p in patches for q in p["probabilities"][1:])
+    code, out, err = run_cli(capsys, "patch", tmp_path / "exp", "--text", "To be, or not to be")
+    assert code == 0 and "(learned, a patch starts where the router's probability is >= 0.5);" in out, err
     code, out, err = run_cli(capsys, "export", run, tmp_path / "hf", "--format", "hf")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "learned" in err and "patching.mode" in err
     assert not (tmp_path / "hf").exists()

@@ -16,7 +16,7 @@ import pytest
 from blt.config import load_config
 from blt.model.flops import flops_report
 from blt.monitor.wandb_sink import resolve_mode
-from blt.train.distributed import free_port
+from blt.net import free_port
 
 from conftest import CONFIGS, TINY_BLT, read_metrics, run_cli
 

@@ -117,7 +117,7 @@ def test_resume_refuses_a_malicious_local_checkpoint(static_run, tmp_path, cache
 @pytest.mark.slow
 def test_deepspeed_resume_refuses_a_malicious_shard(tmp_path, cache_dir):
     """A 2-process ZeRO-2 job resuming a checkpoint whose shard was replaced: every rank refuses."""
-    from blt.train.distributed import free_port
+    from blt.net import free_port
 
     run = tmp_path / "run"
     args = [

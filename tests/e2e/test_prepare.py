@@ -609,7 +609,7 @@ def test_entropies_on_two_ranks_equal_one_rank(tmp_path, entropy_run):
         prepare([str(src)], tmp_path / d, shard_mb=0.005, log=quiet)
     done = cli_prepare("--out", tmp_path / "one", "--entropy-model", entropy_run, "--seq-len", 64)
     assert done.returncode == 0, done.stderr
-    from blt.train.distributed import free_port
+    from blt.net import free_port
 
     two = subprocess.run(
         [

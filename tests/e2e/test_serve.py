@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,18 +19,13 @@ import pytest
 from blt.artifacts import load_model
 from blt.cli import main
 from blt.generation import Generator
+from blt.net import free_port
 from blt.serve.app import create_app
 from blt.serve.batcher import Batcher
 from blt.serve.protocol import CHAT_STOP, ChatMessage, Limits, render_chat
 
 from badinput import ROOT, assert_user_error
 from conftest import CONFIGS, TINY_BLT
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Served:
@@ -134,7 +128,16 @@ def test_openai_client_gets_the_generators_text(served, model_run, capsys):
         == 0
     )
     line = json.loads(capsys.readouterr().out.splitlines()[-1])
-    assert line["text"] == served.alone("ROMEO.", max_bytes=60, temperature=0.9, top_p=0.95, seed=7)
+    alone = served.alone("ROMEO.", max_bytes=60, temperature=0.9, top_p=0.95, seed=7)
+    assert line["text"] == alone
+    # a prompt prints the same bytes alone and in a batch, cached and uncached (one loop, a seeded RNG per row)
+    opts = ["--max-bytes", "60", "--temperature", "0.9", "--top-p", "0.95", "--seed", "7", "--json"]
+    for cache in ([], ["--no-cache"]):
+        batch = ["--prompt", "KING", "--prompt", "ROMEO.", "--prompt", "QUEEN"]
+        assert main(["generate", str(model_run), *batch, *opts, *cache]) == 0
+        lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()[-3:]]
+        assert [x["prompt"] for x in lines] == ["KING", "ROMEO.", "QUEEN"] and lines[1]["text"] == alone
+        assert lines[0]["text"] != lines[2]["text"]
     assert client.models.list().data[0].id == "tiny"
 
 
@@ -330,11 +333,11 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
 
 def test_serve_needs_its_extra(monkeypatch, tmp_path):
     from blt.errors import UserError
-    from blt.serve.server import serve
+    from blt.serve.server import ServeOptions, serve
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(UserError, match=r'uvicorn is not installed: install the .serve. extra \(pip install -e "'):
-        serve(str(tmp_path / "not_loaded"))  # refused before any model is looked for
+        serve(ServeOptions(str(tmp_path / "not_loaded")))  # refused before any model is looked for
 
 
 @pytest.mark.parametrize(

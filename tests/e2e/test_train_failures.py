@@ -331,7 +331,7 @@ def test_a_diverging_job_saves_on_every_rank_together(tmp_path, cache_dir):
     import subprocess
     import sys
 
-    from blt.train.distributed import free_port
+    from blt.net import free_port
 
     run = tmp_path / "job"
     env = {

@@ -46,6 +46,28 @@ def test_cached_greedy_equals_uncached_byte_for_byte(mode, hf, all_layers):
     assert 0 < stats["global_calls"] < stats["bytes"]  # the global model ran per patch, not per byte
 
 
+@pytest.mark.parametrize(
+    "mode,hf,cache",
+    [
+        ("static", False, True),
+        ("space", False, True),
+        ("entropy", True, True),
+        ("learned", False, True),
+        ("entropy", True, False),
+        ("learned", False, False),
+    ],
+)
+def test_a_prompt_gives_the_same_bytes_alone_and_in_a_batch(mode, hf, cache):
+    """Every row samples with its own RNG seeded with `seed` and restarts its context alone, so a
+    prompt's bytes do not depend on what else is generated with it (context 24: rows restart)."""
+    gen = make(mode, hf, context=24)
+    for opts in (dict(temperature=0.8, seed=3), dict(temperature=0, stop=[b"e"])):
+        batch = gen.generate(PROMPTS, max_bytes=50, cache=cache, **opts)
+        assert batch == [gen.generate([p], max_bytes=50, cache=cache, **opts)[0] for p in PROMPTS]
+        assert len(set(batch)) > 1  # the rows differ: the check can fail
+    assert gen.stats["context_restarts"] > 0 if cache else True
+
+
 @pytest.mark.parametrize("mode", ["static", "entropy", "learned"])
 def test_cached_sampling_equals_uncached_with_the_same_seed(mode):
     gen = make(mode)
@@ -189,7 +211,7 @@ def test_compiled_generation_equals_eager(mode, hf):
         kw = dict(max_bytes=70, stop=[stop], **opts)
         want = eager.generate(PROMPTS, **kw)
         before = dict(compiled.steps.calls)
-        assert compiled.generate(PROMPTS, **kw) == want
+        assert compiled.generate(PROMPTS, **kw) == want  # = eager, whose rows equal each prompt alone
         assert len({len(o) for o in want}) > 1  # rows stopped at different bytes
         calls = {k: v - before.get(k, 0) for k, v in compiled.steps.calls.items()}
         steps = max(len(o) for o in want)  # byte steps of this generation

@@ -110,6 +110,33 @@ def test_the_lm_loss_and_the_ratio_loss_both_reach_the_router():
     assert model.router.q_proj.weight.grad.abs().sum() > 0
 
 
+def test_the_mode_gives_the_trainer_its_weighted_ratio_loss_and_its_metrics():
+    """What the trainer adds for learned patching, from Patcher.forward and Patcher.training_terms:
+    ratio_loss_weight x the ratio loss over real bytes (with gradient to the router), and the three
+    metrics metrics.jsonl logs, by name, without gradient."""
+    cfg = small_config(ratio_loss_weight=0.25)
+    torch.manual_seed(1)
+    model = build_model(cfg.model, cfg.patching)
+    patcher = Patcher(cfg.patching)
+    inputs = next(batches(1))[:, :-1].clone()
+    inputs[0, -20:] = PAD_ID  # padding is no real byte
+    logits, ids, routing = patcher.forward(model, inputs)
+    assert torch.equal(ids, routing.patch_ids) and patcher.cut(inputs) is None  # the router cut them
+    extra, metrics = patcher.training_terms(routing, inputs)
+    real = inputs != PAD_ID
+    rl, _, mean_prob = ratio_loss(routing.probs, routing.starts, real, 4.0)
+    assert torch.equal(extra, 0.25 * rl)
+    assert list(metrics) == ["ratio_loss", "boundary_rate", "router_prob"]
+    assert not any(v.requires_grad for v in metrics.values())
+    assert (float(metrics["ratio_loss"]), float(metrics["router_prob"])) == (
+        float(rl.detach()),
+        float(mean_prob.detach()),
+    )
+    assert float(metrics["boundary_rate"]) == float((routing.router_starts & real).sum() / real.sum())
+    extra.backward()
+    assert model.router.q_proj.weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("target", [2.0, 8.0])
 def test_the_ratio_loss_moves_the_mean_patch_size_to_the_target(target):
     cfg = small_config(target_patch_size=target, ratio_loss_weight=1.0, max_patch_length=None)

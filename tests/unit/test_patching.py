@@ -123,3 +123,42 @@ def test_streaming_starts_equal_patch_starts(mode, threshold_mode, max_len, spli
     for b in range(3):
         ss = StreamingStarts(cfg)
         assert [ss.push(int(toks[b, t]), float(H[b, t])) for t in range(50)] == ref[b].tolist()
+
+
+def test_each_mode_says_what_its_signal_is_for_pictures_and_blt_patch():
+    """`blt patch` names the signal (its JSON key) and states the rule; pictures label the curve and
+    draw the threshold: all from the mode, the same words as before the modes owned them."""
+    from blt.patching import Patcher
+
+    learned = Patcher(PatchingConfig(mode="learned", target_patch_size=4.0)).signal
+    assert (learned.key, learned.label, learned.threshold) == ("probabilities", "boundary probability (router)", 0.5)
+    assert learned.rule == "a patch starts where the router's probability is >= 0.5"
+    entropy = Patcher(PatchingConfig(mode="entropy", threshold=1.25)).signal
+    assert (entropy.key, entropy.label) == ("entropies", "next-byte entropy (entropy model), nats")
+    assert (entropy.threshold, entropy.rule) == (1.25, "threshold 1.250")
+    static = Patcher(PatchingConfig(mode="static", patch_size=4)).signal
+    assert (static.key, static.threshold, static.rule) == ("entropies", None, "")
+
+
+@pytest.mark.parametrize("mode", ["static", "space", "entropy"])
+def test_a_mode_without_a_router_runs_the_model_on_its_own_cut_and_adds_no_training_terms(mode):
+    """The trainer calls Patcher.forward and training_terms for every mode: the model runs on the
+    patcher's own cut and gives no Routing; there is no extra loss and no extra metric."""
+    from blt.config import config_from_dict
+    from blt.model import build_model
+    from blt.patching import Patcher
+
+    small = {"encoder": {"dim": 16, "heads": 2}, "global_model": {"dim": 32, "layers": 1, "heads": 2}}
+    model_cfg = config_from_dict({"model": {**small, "decoder": {"dim": 16, "heads": 2}, "cross_attn_heads": 2}})
+    torch.manual_seed(0)
+    model = build_model(model_cfg.model, model_cfg.patching).eval()
+    cfg = PatchingConfig(mode=mode, patch_size=3, threshold=1.0)
+    tokens = ids_of(b"hello world, hello patches", bos=True)  # (1, T)
+    H = torch.rand(tokens.shape, generator=torch.Generator().manual_seed(0)) * 2  # (1, T) entropies
+    patcher = Patcher(cfg)
+    with torch.no_grad():
+        logits, ids, routing = patcher.forward(model, tokens, H)
+        want = patch_ids_from_starts(patch_starts(tokens, cfg, H))
+        assert torch.equal(ids, want) and torch.equal(patcher.cut(tokens, H), want)
+        assert torch.equal(logits, model(tokens, want))
+    assert routing is None and patcher.training_terms(routing, tokens) == (None, {})

@@ -126,3 +126,22 @@ def test_a_batch_that_does_not_fit_says_so_in_one_line():
     scorer.model.forward = oom
     with pytest.raises(BatchTooLargeError, match="does not fit in cpu memory; use a smaller batch size"):
         scorer.loglikelihood(REQUESTS)
+
+
+@pytest.mark.parametrize("mode,hf", [("entropy", False), ("static", True)])
+def test_generate_until_gives_the_generators_bytes_in_every_mode_of_the_harness(mode, hf):
+    """lm-eval's generate_until is the same loop as `blt generate`: the Generator's bytes for each
+    context, cut before the stop string, sampled with the same seed; also uncached and in lockstep
+    with other ranks (ZeRO-3: a `sync` that says another rank has more rows left)."""
+    scorer = random_scorer(mode, hf, context=32)
+    contexts, until = [b"The cat", b"", b"ab" * 30], [b"e"]
+    gen = Generator(scorer.model, scorer.patcher, scorer.context)
+    for opts in (dict(temperature=0.0), dict(temperature=0.8, seed=4)):
+        want = [o.split(b"e")[0] for o in gen.generate(contexts, max_bytes=40, stop=until, **opts)]
+        assert scorer.generate(contexts, until, 40, **opts) == want
+        assert len(set(want)) == len(want)
+    alone = Scorer(scorer.model, scorer.patcher, scorer.context, cached=False)
+    lockstep = Scorer(scorer.model, scorer.patcher, scorer.context, cached=False, sync=lambda n: n + 1 if n else 0)
+    want = [o.split(b"e")[0] for o in gen.generate(contexts, max_bytes=40, stop=until, temperature=0, cache=False)]
+    assert alone.generate(contexts, until, 40) == lockstep.generate(contexts, until, 40) == want
+    assert lockstep.forwards > alone.forwards  # padding forwards kept it in step with the other rank
