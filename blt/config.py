@@ -56,6 +56,7 @@ class TransformerConfig:
     dim: PosInt = 128  # hidden size
     layers: NonNegInt = 2  # number of Transformer blocks
     heads: PosInt = 4  # attention heads (dim must divide by heads)
+    kv_heads: PosInt | None = None  # key/value heads (grouped-query attention; 1 = multi-query); None = heads
     window: PosInt | None = None  # causal sliding-window length in positions; None = full causal
     ffn_mult: PosFloat = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
@@ -373,6 +374,11 @@ def check_config(cfg: Config) -> None:
             )
         if (t.dim // t.heads) % 2:
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
+        if t.kv_heads is not None and t.heads % t.kv_heads:
+            raise ConfigError(
+                f"model.{name}.kv_heads ({t.kv_heads}) must divide model.{name}.heads ({t.heads}): every "
+                f"key/value head serves heads/kv_heads query heads (1 = multi-query, {t.heads} = multi-head)"
+            )
         sp = t.sparse
         if sp.attention != "unidirectional" or sp.pattern == "block_causal":
             raise ConfigError(

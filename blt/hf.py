@@ -132,6 +132,13 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
     if m.encoder.dim != m.decoder.dim:
         raise _no("model.decoder.dim", "HF needs the same hidden size for encoder and decoder")
     for name in ("encoder", "decoder"):
+        t = getattr(m, name)
+        if (t.kv_heads or t.heads) != t.heads:
+            raise _no(
+                f"model.{name}.kv_heads",
+                f"HF's BLT groups its {name} cross-attention's keys and values too, which blt keeps "
+                f"multi-head; set it to null (the global model and entropy model may group)",
+            )
         if m.cross_attn_heads != getattr(m, name).heads:
             raise _no(
                 "model.cross_attn_heads",
@@ -166,7 +173,7 @@ def _sub(t: TransformerConfig, cfg: Config, **extra) -> dict:
     return dict(
         hidden_size=t.dim,
         num_attention_heads=t.heads,
-        num_key_value_heads=t.heads,
+        num_key_value_heads=t.kv_heads or t.heads,
         num_hidden_layers=t.layers,
         intermediate_size=ffn_hidden(t.dim, t.ffn_mult),
         rms_norm_eps=m.norm_eps,
@@ -179,9 +186,10 @@ def _sub(t: TransformerConfig, cfg: Config, **extra) -> dict:
     )
 
 
-def _rope_rows(dim: int, heads: int, to_hf: bool) -> torch.Tensor:
-    """Row order turning q/k_proj (dim, in) between our half-split and HF's interleaved RoPE pairs."""
-    hd = dim // heads
+def _rope_rows(rows: int, hd: int, to_hf: bool) -> torch.Tensor:
+    """Row order turning q/k_proj (rows, in), heads of `hd` rows each, between our half-split and
+    HF's interleaved RoPE pairs."""
+    heads = rows // hd
     perm = torch.cat([torch.arange(0, hd, 2), torch.arange(1, hd, 2)])  # ours[j] = hf[perm[j]]
     idx = torch.argsort(perm) if to_hf else perm
     return (torch.arange(heads)[:, None] * hd + idx[None]).flatten()
@@ -210,8 +218,9 @@ def _rename(key: str, names: list, to_hf: bool) -> str | None:
     return None if pair is None else pair[1] + key[len(pair[0]) :]
 
 
-def _convert(state: dict, names: list, heads: dict, to_hf: bool) -> dict:
-    """Rename by prefix (our -> HF or back) and permute self-attention q/k rows; copies every tensor."""
+def _convert(state: dict, names: list, head_dims: dict, to_hf: bool) -> dict:
+    """Rename by prefix (our -> HF or back) and permute self-attention q/k rows (head size by our
+    prefix in `head_dims`); copies every tensor."""
     out = {}
     for key, t in state.items():
         new = _rename(key, names, to_hf)
@@ -220,9 +229,9 @@ def _convert(state: dict, names: list, heads: dict, to_hf: bool) -> dict:
         ours = key if to_hf else new
         t = t.detach().cpu()
         if ours.endswith(("self_attn.q_proj.weight", "self_attn.k_proj.weight")):
-            n = next(v for k, v in heads.items() if ours.startswith(k))
-            if t.ndim == 2 and t.shape[0] % n == 0:  # else a shape that fit_hf_weights reports
-                t = t[_rope_rows(t.shape[0], n, to_hf)]
+            hd = next(v for k, v in head_dims.items() if ours.startswith(k))
+            if t.ndim == 2 and t.shape[0] % hd == 0:  # else a shape that fit_hf_weights reports
+                t = t[_rope_rows(t.shape[0], hd, to_hf)]
         out[new] = t.contiguous().clone()  # safetensors wants contiguous tensors with no shared storage
     return out
 
@@ -320,9 +329,9 @@ def write_hf(
         global_config=_sub(m.global_model, cfg, model_type="blt_global_transformer"),
     )
     heads = {
-        "local_encoder.": m.encoder.heads,
-        "global_transformer.": m.global_model.heads,
-        "local_decoder.": m.decoder.heads,
+        "local_encoder.": m.encoder.dim // m.encoder.heads,
+        "global_transformer.": m.global_model.dim // m.global_model.heads,
+        "local_decoder.": m.decoder.dim // m.decoder.heads,
     }
     state = dict(state)
     if m.encoder.dim * m.cross_attn_k == m.global_model.dim:
@@ -340,7 +349,7 @@ def write_hf(
             sliding_window=e.lm.window,
             tie_word_embeddings=False,
         )
-        tensors.update(_convert(entropy_state, PATCHER_NAMES, {"": e.lm.heads}, to_hf=True))
+        tensors.update(_convert(entropy_state, PATCHER_NAMES, {"": e.lm.dim // e.lm.heads}, to_hf=True))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n", encoding="utf-8")
@@ -423,9 +432,14 @@ def _stack(hf: dict, sec: str, window) -> tuple[dict, float, float]:
             f"config.json {sec}.hidden_size",
             f"{dim} must be a positive multiple of num_attention_heads ({heads}) with an even head size (RoPE)",
         )
-    if (_field(hf, sec, "num_key_value_heads") or heads) != heads:
+    kv_heads = _field(hf, sec, "num_key_value_heads") or heads
+    if kv_heads < 1 or heads % kv_heads:
+        raise _no(f"config.json {sec}.num_key_value_heads", f"is {kv_heads}; it must divide num_attention_heads")
+    if kv_heads != heads and sec in ("encoder_config", "decoder_config"):
         raise _no(
-            f"config.json {sec}.num_key_value_heads", "grouped-query attention is not supported; it must equal heads"
+            f"config.json {sec}.num_key_value_heads",
+            "grouped-query attention in HF's encoder or decoder is in their cross-attention too, which blt "
+            "keeps multi-head; it must equal num_attention_heads there (the global model and patcher may group)",
         )
     if _field(hf, sec, "hidden_act", "silu") != "silu":
         raise _no(f"config.json {sec}.hidden_act", "only silu (SwiGLU) is supported")
@@ -446,6 +460,8 @@ def _stack(hf: dict, sec: str, window) -> tuple[dict, float, float]:
     if layers < 0:
         raise _no(f"config.json {sec}.num_hidden_layers", f"is {layers}; expected 0 or more")
     t = dict(dim=dim, layers=layers, heads=heads, window=window, ffn_mult=mult)
+    if kv_heads != heads:
+        t["kv_heads"] = kv_heads
     return t, float(_field(hf, sec, "rms_norm_eps", 1e-5)), float(theta)
 
 
@@ -581,7 +597,11 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     )
     context = min(int(_field(hf, "", "max_position_embeddings") or 4096), 8192)  # eval/generation window in bytes
     cfg = _checked({"model": model, "patching": patching, "data": {"seq_len": context}}, placeholder_entropy=entropy)
-    heads = {"local_encoder.": enc["heads"], "global_transformer.": glob["heads"], "local_decoder.": dec["heads"]}
+    heads = {
+        "local_encoder.": enc["dim"] // enc["heads"],
+        "global_transformer.": glob["dim"] // glob["heads"],
+        "local_decoder.": dec["dim"] // dec["heads"],
+    }
     state = _convert(
         {key: t for key, t in tensors.items() if not key.startswith("model.patcher.")}, BLT_NAMES, heads, to_hf=False
     )
@@ -605,7 +625,7 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
             }
         }
     )
-    return cfg, state, ecfg, _convert(patcher, PATCHER_NAMES, {"": lm["heads"]}, to_hf=False)
+    return cfg, state, ecfg, _convert(patcher, PATCHER_NAMES, {"": lm["dim"] // lm["heads"]}, to_hf=False)
 
 
 def hf_patch_lengths(patch_ids: torch.Tensor) -> torch.Tensor:

@@ -23,17 +23,24 @@ BLT = {
 }
 
 
-def random_blt(mode: str, hf: bool = False, all_layers: bool = False, seed: int = 0) -> tuple:
-    """A random tiny BLT in patching `mode` and its Patcher (with a random entropy model for entropy)."""
+def grouped(kv_heads: int | None) -> dict:
+    """Every Transformer section of BLT with 4 query heads sharing `kv_heads` key/value heads (None: as BLT)."""
+    if kv_heads is None:
+        return {}
+    return {k: {**BLT[k], "heads": 4, "kv_heads": kv_heads} for k in ("encoder", "global_model", "decoder")}
+
+
+def random_blt(mode: str, hf: bool = False, all_layers: bool = False, seed: int = 0, kv_heads: int | None = None):
+    """A random tiny BLT in patching `mode` and its Patcher (with a random entropy model for entropy);
+    kv_heads: grouped-query attention (4 heads) in every section and the entropy model."""
     torch.manual_seed(seed)
-    lm = build_model(
-        config_from_dict(
-            {"model": {"arch": "byte_lm", "lm": {"dim": 32, "layers": 2, "heads": 2}, "init_std": 0.3}}
-        ).model
-    ).eval()
+    lm = {"dim": 32, "layers": 2, "heads": 2} if kv_heads is None else {"dim": 32, "layers": 2, "heads": 4}
+    if kv_heads is not None:
+        lm["kv_heads"] = kv_heads
+    lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": lm, "init_std": 0.3}}).model).eval()
     cfg = config_from_dict(
         {
-            "model": {**BLT, "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
+            "model": {**BLT, **grouped(kv_heads), "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
             "patching": {
                 "mode": mode,
                 "patch_size": 3,

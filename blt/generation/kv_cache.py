@@ -39,7 +39,7 @@ class KVCache:
     @classmethod
     def for_transformer(cls, transformer, batch: int, capacity: int, device=None, dtype=torch.float32) -> KVCache:
         c = transformer.cfg
-        return cls(max(1, c.layers), batch, c.heads, c.dim // c.heads, capacity, device, dtype)
+        return cls(max(1, c.layers), batch, c.kv_heads or c.heads, c.dim // c.heads, capacity, device, dtype)
 
     def check_room(self, n: int) -> None:
         if int(self.lens.max()) + n > self.capacity:

@@ -17,8 +17,10 @@ from blt.tokens import VOCAB_SIZE
 
 
 def block_params(t: TransformerConfig) -> int:
-    """Matmul parameters of a block stack (attention + SwiGLU; norms are negligible)."""
-    return t.layers * (4 * t.dim * t.dim + 3 * t.dim * ffn_hidden(t.dim, t.ffn_mult))
+    """Matmul parameters of a block stack (attention: q and o of dim x dim, k and v of dim x kv_heads
+    * head size; SwiGLU; norms are negligible)."""
+    kv_dim = (t.kv_heads or t.heads) * (t.dim // t.heads)
+    return t.layers * (2 * t.dim * t.dim + 2 * t.dim * kv_dim + 3 * t.dim * ffn_hidden(t.dim, t.ffn_mult))
 
 
 def attention_span(t: TransformerConfig, seq: int) -> float:

@@ -83,29 +83,47 @@ class SwiGLU(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    def __init__(self, dim: int, heads: int, window: int | None, sparse: SparseAttentionConfig | None = None):
+    """Causal self-attention with `heads` query heads sharing `kv_heads` key/value heads (grouped-query
+    attention, as in Llama: query head j reads key/value head j // (heads / kv_heads); kv_heads =
+    heads is multi-head attention, 1 multi-query). A KV cache holds kv_heads heads."""
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        window: int | None,
+        sparse: SparseAttentionConfig | None = None,
+        kv_heads: int | None = None,
+    ):
         super().__init__()
         self.heads, self.head_dim, self.window = heads, dim // heads, window
+        self.kv_heads = kv_heads or heads
         self.pattern = Pattern(sparse, heads) if sparse is not None and sparse.pattern != "none" else None
         self.backend = sparse.backend if sparse is not None else "auto"
         self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, dim, bias=False)
-        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
 
     def qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_qkv: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> q, k, v (B, H, T, hd), q and k rotated by RoPE (cos/sin broadcast to
-        (B, H, T, hd)). `w_qkv`: the three projections stacked (`stacked`), one matmul (generation)."""
+        """(B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), q and k rotated by RoPE (cos/sin
+        broadcast to (B, *, T, hd)). `w_qkv`: the three projections stacked (`stacked`), one matmul
+        (generation)."""
         B, T, _ = x.shape
-        H, hd = self.heads, self.head_dim
+        H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
         if w_qkv is None:
-            q, k, v = (p(x).view(B, T, H, hd).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj))
+            q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
+            k, v = (p(x).view(B, T, Hkv, hd).transpose(1, 2) for p in (self.k_proj, self.v_proj))  # (B, Hkv, T, hd)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-        qkv = F.linear(x, w_qkv).view(B, T, 3 * H, hd).transpose(1, 2)  # (B, 3H, T, hd): q, k, v heads
-        q, k = apply_rope(qkv[:, : 2 * H], cos, sin).chunk(2, dim=1)  # q and k rotated together
-        return q, k, qkv[:, 2 * H :]
+        qkv = F.linear(x, w_qkv).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd): q, k, v heads
+        qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # q and k rotated together
+        return qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
+
+    def grouped(self, kv: torch.Tensor) -> torch.Tensor:
+        """(B, Hkv, L, hd) keys or values -> (B, H, L, hd), each repeated for its group of query heads."""
+        return kv if self.kv_heads == self.heads else kv.repeat_interleave(self.heads // self.kv_heads, dim=1)
 
     def stacked(self) -> torch.Tensor:
         return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -116,7 +134,8 @@ class SelfAttention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.qkv(x, cos, sin)  # (B, H, T, hd)
+        q, k, v = self.qkv(x, cos, sin)
+        k, v = self.grouped(k), self.grouped(v)  # (B, H, T, hd)
         if self.pattern is not None:
             return self.out(sparse_attention(q, k, v, self.pattern, self.backend))
         return self.out(causal_self_attention(q, k, v, self.window))
@@ -125,8 +144,8 @@ class SelfAttention(nn.Module):
         """n new positions per row (B, n, D) against the cache's layer `layer`; rope = (cos, sin)
         (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen)."""
         q, k, v = self.qkv(x, *rope, w_qkv)
-        keys, values = cache.write(layer, k, v)  # (B, H, L, hd) every slot these positions may see
-        return self.out(F.scaled_dot_product_attention(q, keys, values, attn_mask=mask))
+        keys, values = cache.write(layer, k, v)  # (B, Hkv, L, hd) every slot these positions may see
+        return self.out(F.scaled_dot_product_attention(q, self.grouped(keys), self.grouped(values), attn_mask=mask))
 
 
 class Block(nn.Module):
@@ -136,7 +155,7 @@ class Block(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.input_layernorm = RMSNorm(cfg.dim, eps)
-        self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window, cfg.sparse)
+        self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window, cfg.sparse, cfg.kv_heads)
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps)
         self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, cfg.ffn_mult))
 

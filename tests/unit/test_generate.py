@@ -20,8 +20,10 @@ from random_models import BLT, random_blt
 PROMPTS = [b"h\xc3", "The cat sat on", "", "d"]
 
 
-def make(mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_layers: bool = False) -> Generator:
-    return Generator(*random_blt(mode, hf, all_layers, seed), context)
+def make(
+    mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_layers: bool = False, kv_heads=None
+) -> Generator:
+    return Generator(*random_blt(mode, hf, all_layers, seed, kv_heads), context)
 
 
 @pytest.mark.parametrize(
@@ -66,6 +68,21 @@ def test_a_prompt_gives_the_same_bytes_alone_and_in_a_batch(mode, hf, cache):
         assert batch == [gen.generate([p], max_bytes=50, cache=cache, **opts)[0] for p in PROMPTS]
         assert len(set(batch)) > 1  # the rows differ: the check can fail
     assert gen.stats["context_restarts"] > 0 if cache else True
+
+
+@pytest.mark.parametrize("mode,hf,kv_heads", [("entropy", False, 2), ("learned", False, 1), ("static", True, 1)])
+def test_grouped_and_multi_query_attention_generate_cached_as_uncached(mode, hf, kv_heads):
+    """Grouped-query (2 key/value heads of 4) and multi-query (1) attention in every Transformer: the
+    KV caches hold kv_heads heads, and cached greedy and sampled bytes equal the uncached reference."""
+    gen = make(mode, hf, kv_heads=kv_heads)
+    for opts in (dict(temperature=0), dict(temperature=0.9, seed=2)):
+        cached = gen.generate(PROMPTS, max_bytes=40, **opts)
+        assert cached == gen.generate(PROMPTS, max_bytes=40, cache=False, **opts)
+        assert sum(map(len, cached)) > 60
+    from blt.generation.incremental import IncrementalBLT
+
+    inc = IncrementalBLT(gen.model, batch=1, capacity=8)
+    assert inc.glob_cache.k.shape[2] == inc.enc_cache.k.shape[2] == kv_heads  # (layers, B, Hkv, C, hd)
 
 
 @pytest.mark.parametrize("mode", ["static", "entropy", "learned"])
@@ -195,15 +212,15 @@ def test_sampling_draws_each_id_with_its_filtered_probability():
     assert together.tolist() == alone
 
 
-@pytest.mark.parametrize("mode,hf", [("entropy", False), ("static", True), ("learned", False)])
-def test_compiled_generation_equals_eager(mode, hf):
+@pytest.mark.parametrize("mode,hf,kv_heads", [("entropy", False, None), ("static", True, None), ("learned", False, 2)])
+def test_compiled_generation_equals_eager(mode, hf, kv_heads):
     """compile=True: the one-byte steps run compiled at fixed shapes and give eager's bytes, greedy
     and sampled, for a batch of ragged prompts that stop at different bytes and pass the context;
     each step is one graph (no graph break), and the decoder stays compiled once rows have stopped
     (an HF-compatible decoder, which redoes the previous byte, stays eager)."""
     from torch._dynamo.utils import counters
 
-    eager = make(mode, hf, context=48, all_layers=True)
+    eager = make(mode, hf, context=48, all_layers=True, kv_heads=kv_heads)
     compiled = Generator(eager.model, eager.patcher, eager.context, compile=True)
     breaks = sum(counters["graph_break"].values())
     for opts in (dict(temperature=0), dict(temperature=0.9, top_p=0.95, seed=3)):

@@ -151,7 +151,8 @@ def test_ours_to_hf_same_logits(tmp_path, mode, all_layers):
         check_hf_own_patching(hf, patcher.model, patcher.threshold, ids, pid, ours)
 
 
-def hf_model(global_dim: int, patcher: bool, seed: int = 0, all_layers: bool = False):
+def hf_model(global_dim: int, patcher: bool, seed: int = 0, all_layers: bool = False, grouped: bool = False):
+    """grouped: the global model and the patcher use grouped-query attention (2 of 4, 1 of 2 key/value heads)."""
     torch.manual_seed(seed)
     local = dict(
         hidden_size=32,
@@ -169,12 +170,18 @@ def hf_model(global_dim: int, patcher: bool, seed: int = 0, all_layers: bool = F
         global_config=dict(
             hidden_size=global_dim,
             num_attention_heads=4,
+            num_key_value_heads=2 if grouped else None,
             num_hidden_layers=2,
             intermediate_size=128,
             rope_parameters={"rope_type": "default", "rope_theta": 1000.0},
         ),
         patcher_config=dict(
-            hidden_size=32, num_attention_heads=2, num_hidden_layers=1, intermediate_size=64, sliding_window=8
+            hidden_size=32,
+            num_attention_heads=2,
+            num_key_value_heads=1 if grouped else None,
+            num_hidden_layers=1,
+            intermediate_size=64,
+            sliding_window=8,
         ),
         patch_in_forward=patcher,
         patching_threshold=3.0,
@@ -194,13 +201,39 @@ def hf_model(global_dim: int, patcher: bool, seed: int = 0, all_layers: bool = F
     return hf.eval()
 
 
-@pytest.mark.parametrize("global_dim,patcher,all_layers", [(48, True, False), (64, False, False), (64, True, True)])
-def test_hf_to_ours_same_logits(tmp_path, global_dim, patcher, all_layers):  # 64 = 32 * k: HF's identity projection
-    hf = hf_model(global_dim, patcher, all_layers=all_layers)
+def test_a_grouped_query_global_model_exports_to_hf_with_our_logits(tmp_path):
+    """model.global_model.kv_heads=2 of 4 heads: HF's global transformer holds it (num_key_value_heads)."""
+    grouped = {"dim": 48, "layers": 2, "heads": 4, "kv_heads": 2}
+    cfg, model, _, patcher = ours_and_patcher("static", global_model=grouped)
+    assert model.global_transformer.transformer.layers[0].self_attn.k_proj.weight.shape == (24, 48)
+    write_hf(tmp_path, cfg, model.state_dict(), None, None, None)
+    hf = load_hf(tmp_path)
+    assert hf.config.global_config.num_key_value_heads == 2
+    ids = byte_ids(3, 40, seed=1)
+    pid = patcher(ids)
+    with torch.no_grad():
+        ours = model(ids, pid)
+    assert (hf_logits(hf, ids, pid) - ours).abs().max() <= TOL
+    back, state, _, _ = read_hf(tmp_path)  # and back: the same model
+    assert back.model.global_model.kv_heads == 2
+    again = build_model(back.model).eval()
+    again.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        assert (again(ids, pid) - ours).abs().max() <= TOL
+
+
+@pytest.mark.parametrize(
+    "global_dim,patcher,all_layers,grouped",
+    [(48, True, False, False), (64, False, False, False), (64, True, True, False), (48, True, False, True)],
+)
+def test_hf_to_ours_same_logits(tmp_path, global_dim, patcher, all_layers, grouped):  # 64 = 32 * k: HF's identity
+    hf = hf_model(global_dim, patcher, all_layers=all_layers, grouped=grouped)
     hf.save_pretrained(tmp_path)
     cfg, state, ecfg, estate = read_hf(tmp_path)
     check_hf_expressible(cfg, state)
     assert cfg.model.cross_attn_all_layers_decoder == all_layers
+    assert cfg.model.global_model.kv_heads == (2 if grouped else None)
+    assert ecfg is None or ecfg.model.lm.kv_heads == (1 if grouped else None)
     model = build_model(cfg.model).eval()
     model.load_state_dict(state, strict=True)
     ids = byte_ids(2, 40, seed=3)
@@ -290,6 +323,7 @@ def test_identity_projection(tmp_path):
         ({"model": {"decoder": {"window": 8}}}, "model.decoder.window"),
         ({"model": {"global_model": {"window": 8}}}, "model.global_model.window"),
         ({"model": {"cross_attn_heads": 4}}, "model.cross_attn_heads"),
+        ({"model": {"encoder": {"kv_heads": 1}}}, "model.encoder.kv_heads"),
         ({"model": {"arch": "byte_lm"}}, "model.arch"),
         ({"patching": {"threshold_mode": "monotonic", "mode": "entropy"}}, "patching.threshold_mode"),
     ],

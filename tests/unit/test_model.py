@@ -242,3 +242,94 @@ def test_sparse_hash_gradients_train_like_dense():
     assert norms[True] == pytest.approx(norms[False], rel=1e-5)
     assert losses[True][1] == pytest.approx(losses[False][1], abs=1e-3)  # first Adam step equal up to laziness
     assert losses[True][1] < losses[True][0]
+
+
+def _as_multi_head(grouped: torch.nn.Module, heads: int) -> torch.nn.Module:
+    """A copy of a Transformer whose attention is multi-head, each key/value head's weights repeated for
+    its group of query heads: the oracle of grouped-query attention."""
+    import copy
+
+    from blt.model.layers import Transformer
+
+    cfg = copy.deepcopy(grouped.cfg)
+    cfg.kv_heads = None
+    mha = Transformer(cfg, 1e-5, 10000.0)
+    state = {}
+    for name, w in grouped.state_dict().items():
+        if name.endswith(("k_proj.weight", "v_proj.weight")):
+            kv, hd = w.shape[0] // (cfg.dim // heads), cfg.dim // heads
+            w = w.view(kv, hd, -1).repeat_interleave(heads // kv, dim=0).reshape(cfg.dim, -1)
+        state[name] = w
+    mha.load_state_dict(state)
+    return mha.eval()
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.parametrize(
+    "attention",
+    [{}, {"window": 8}, {"sparse": {"pattern": "bigbird", "block": 4}}, {"sparse": {"pattern": "local", "block": 4}}],
+)
+def test_grouped_query_attention_is_multi_head_attention_with_shared_key_value_heads(kv_heads, attention):
+    """kv_heads of 4 heads (2: grouped, 1: multi-query), dense, windowed and sparse: the same outputs
+    and input gradients as multi-head attention whose key/value weights repeat per group."""
+    from blt.config import config_from_dict
+    from blt.model.layers import Transformer
+
+    section = {"dim": 32, "layers": 2, "heads": 4, "kv_heads": kv_heads, **attention}
+    cfg = config_from_dict({"model": {"global_model": section}}).model.global_model
+    torch.manual_seed(0)
+    gqa = Transformer(cfg, 1e-5, 10000.0).eval()
+    assert gqa.layers[0].self_attn.k_proj.weight.shape == (kv_heads * 8, 32)
+    mha = _as_multi_head(gqa, 4)
+    x = torch.randn(2, 40, 32, requires_grad=True)
+    out, ref = gqa(x), mha(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    (a,), (b,) = torch.autograd.grad((out * w).sum(), x), torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_heads_equal_to_heads_is_todays_multi_head_attention_bit_for_bit():
+    """Existing checkpoints keep loading: kv_heads = heads builds the same weights and gives the same logits."""
+    x = random_ids(2, 30, seed=1)
+    ids = _patch_ids(2, 30, seed=2)
+    outs = []
+    for kv in (None, 2):
+        torch.manual_seed(0)
+        sections = {
+            name: TransformerConfig(**{**vars(getattr(tiny_model_cfg(), name)), "kv_heads": kv})
+            for name in ("encoder", "global_model", "decoder")
+        }
+        model = BLT(tiny_model_cfg(**sections)).eval()
+        with torch.no_grad():
+            outs.append((model.state_dict(), model(x, ids)))
+    assert outs[0][0].keys() == outs[1][0].keys()
+    assert all(torch.equal(outs[0][0][k], outs[1][0][k]) for k in outs[0][0])
+    assert torch.equal(outs[0][1], outs[1][1])
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_a_grouped_query_blt_is_causal(kv_heads):
+    torch.manual_seed(0)
+    sections = {
+        name: TransformerConfig(**{**vars(getattr(tiny_model_cfg(), name)), "heads": 4, "kv_heads": kv_heads})
+        for name in ("encoder", "global_model", "decoder")
+    }
+    model = BLT(tiny_model_cfg(**sections)).eval()
+    x, ids = random_ids(1, 36, seed=3), _patch_ids(1, 36, seed=4)
+    with torch.no_grad():
+        base = model(x, ids)
+        for t in (3, 17, 35):
+            y = x.clone()
+            y[0, t] = OFFSET + 7
+            assert torch.equal(model(y, ids)[0, :t], base[0, :t])
+
+
+def test_kv_heads_that_do_not_divide_heads_are_refused_in_one_line():
+    from blt.config import check_config, config_from_dict
+    from blt.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        check_config(config_from_dict({"model": {"global_model": {"heads": 4, "kv_heads": 3}}}))
+    assert "model.global_model.kv_heads (3) must divide model.global_model.heads (4)" in str(e.value)
+    assert "\n" not in str(e.value)
