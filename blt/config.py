@@ -52,11 +52,24 @@ class SparseAttentionConfig:
 
 
 @dataclass
+class RopeScalingConfig:
+    """Llama 3's RoPE frequency scaling (rope_type llama3): off while factor is null."""
+
+    factor: PosFloat | None = None  # long wavelengths are divided by it (Llama 3.1: 8)
+    low_freq_factor: PosFloat = 1.0  # wavelengths above original / low_freq_factor are scaled fully
+    high_freq_factor: PosFloat = 4.0  # below original / high_freq_factor they are kept; between: smoothed
+    original_max_position_embeddings: PosInt = 8192  # the context the model was pretrained at
+
+
+@dataclass
 class TransformerConfig:
     dim: PosInt = 128  # hidden size
     layers: NonNegInt = 2  # number of Transformer blocks
     heads: PosInt = 4  # attention heads (dim must divide by heads)
     kv_heads: PosInt | None = None  # key/value heads (grouped-query attention; 1 = multi-query); None = heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (Qwen3)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3's (factor null: off)
     window: PosInt | None = None  # causal sliding-window length in positions; None = full causal
     ffn_mult: PosFloat = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
@@ -374,6 +387,12 @@ def check_config(cfg: Config) -> None:
             )
         if (t.dim // t.heads) % 2:
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
+        rs = t.rope_scaling
+        if rs.factor is not None and rs.high_freq_factor <= rs.low_freq_factor:
+            raise ConfigError(
+                f"model.{name}.rope_scaling.high_freq_factor ({rs.high_freq_factor}) must be above "
+                f"low_freq_factor ({rs.low_freq_factor}), as in Llama 3 (1 and 4)"
+            )
         if t.kv_heads is not None and t.heads % t.kv_heads:
             raise ConfigError(
                 f"model.{name}.kv_heads ({t.kv_heads}) must divide model.{name}.heads ({t.heads}): every "

@@ -117,6 +117,14 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
                 "patching.split_first_byte=true and train/fine-tune with it",
             )
     for name in ("encoder", "global_model", "decoder"):
+        t = getattr(m, name)
+        for key, on in (
+            ("qkv_bias", t.qkv_bias),
+            ("qk_norm", t.qk_norm),
+            ("rope_scaling.factor", t.rope_scaling.factor),
+        ):
+            if on:
+                raise _no(f"model.{name}.{key}", "HF's BLT has no place for it; leave it unset for --format hf")
         if getattr(m, name).sparse.pattern != "none":
             raise _no(f"model.{name}.sparse.pattern", "HF's BLT has dense attention only; set it to none")
         if getattr(m, name).layers < 1 and name != "global_model":

@@ -39,10 +39,28 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(head_dim: int, theta: float, scaling=None, device=None) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies theta^(-2i/hd); with Llama 3's scaling (a RopeScalingConfig
+    whose factor is set) long wavelengths are divided by the factor, short ones kept, and the band
+    between smoothed, as Meta's Llama 3.1 code and HF's rope_type llama3 do."""
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    if scaling is None or scaling.factor is None:
+        return inv
+    old = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / scaling.low_freq_factor, inv / scaling.factor, inv)
+    smooth = (old / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old / scaling.high_freq_factor) & (wavelen <= old / scaling.low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_tables(
+    positions: torch.Tensor, head_dim: int, theta: float, scaling=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and signed sin tables (..., head_dim) for integer `positions` (T,) or (B, n), float32:
     cos of each angle twice, sin as (-sin, sin), one per half of a head (what apply_rope reads)."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    inv = rope_frequencies(head_dim, theta, scaling, positions.device)
     ang = positions.float()[..., None] * inv  # (..., hd/2)
     cos, sin = ang.cos(), ang.sin()
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
@@ -94,30 +112,42 @@ class SelfAttention(nn.Module):
         window: int | None,
         sparse: SparseAttentionConfig | None = None,
         kv_heads: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm_eps: float | None = None,
     ):
+        """qkv_bias: biases on q/k/v (Qwen2); qk_norm_eps: RMSNorm every q and k head first (Qwen3)."""
         super().__init__()
         self.heads, self.head_dim, self.window = heads, dim // heads, window
         self.kv_heads = kv_heads or heads
         self.pattern = Pattern(sparse, heads) if sparse is not None and sparse.pattern != "none" else None
         self.backend = sparse.backend if sparse is not None else "auto"
-        self.q_proj = nn.Linear(dim, dim, bias=False)
-        self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=False)
+        self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(dim, self.kv_heads * self.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(dim, dim, bias=False)
+        if qk_norm_eps is not None:
+            self.q_norm, self.k_norm = RMSNorm(self.head_dim, qk_norm_eps), RMSNorm(self.head_dim, qk_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def qkv(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, w_qkv: torch.Tensor | None = None
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stacked: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), q and k rotated by RoPE (cos/sin
-        broadcast to (B, *, T, hd)). `w_qkv`: the three projections stacked (`stacked`), one matmul
-        (generation)."""
+        """(B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), q and k normed (qk_norm) and rotated
+        by RoPE (cos/sin broadcast to (B, *, T, hd)). `stacked`: the three projections' weights and
+        biases stacked (`stacked()`), one matmul (generation)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
-        if w_qkv is None:
+        if stacked is None:
             q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k, v = (p(x).view(B, T, Hkv, hd).transpose(1, 2) for p in (self.k_proj, self.v_proj))  # (B, Hkv, T, hd)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
             return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
-        qkv = F.linear(x, w_qkv).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd): q, k, v heads
+        qkv = F.linear(x, *stacked).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd): q, k, v heads
+        if self.q_norm is not None:
+            q, k = apply_rope(self.q_norm(qkv[:, :H]), cos, sin), apply_rope(self.k_norm(qkv[:, H : H + Hkv]), cos, sin)
+            return q, k, qkv[:, H + Hkv :]
         qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # q and k rotated together
         return qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
 
@@ -125,8 +155,11 @@ class SelfAttention(nn.Module):
         """(B, Hkv, L, hd) keys or values -> (B, H, L, hd), each repeated for its group of query heads."""
         return kv if self.kv_heads == self.heads else kv.repeat_interleave(self.heads // self.kv_heads, dim=1)
 
-    def stacked(self) -> torch.Tensor:
-        return torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+    def stacked(self) -> tuple:
+        """(weight, bias or None) of the q, k and v projections stacked."""
+        ps = (self.q_proj, self.k_proj, self.v_proj)
+        bias = torch.cat([p.bias for p in ps]) if self.q_proj.bias is not None else None
+        return torch.cat([p.weight for p in ps]), bias
 
     def out(self, y: torch.Tensor) -> torch.Tensor:
         """(B, H, T, hd) attention output -> (B, T, D)."""
@@ -140,7 +173,7 @@ class SelfAttention(nn.Module):
             return self.out(sparse_attention(q, k, v, self.pattern, self.backend))
         return self.out(causal_self_attention(q, k, v, self.window))
 
-    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, w_qkv: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, w_qkv: tuple) -> torch.Tensor:
         """n new positions per row (B, n, D) against the cache's layer `layer`; rope = (cos, sin)
         (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen)."""
         q, k, v = self.qkv(x, *rope, w_qkv)
@@ -155,7 +188,9 @@ class Block(nn.Module):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.input_layernorm = RMSNorm(cfg.dim, eps)
-        self.self_attn = SelfAttention(cfg.dim, cfg.heads, cfg.window, cfg.sparse, cfg.kv_heads)
+        self.self_attn = SelfAttention(
+            cfg.dim, cfg.heads, cfg.window, cfg.sparse, cfg.kv_heads, cfg.qkv_bias, eps if cfg.qk_norm else None
+        )
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps)
         self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, cfg.ffn_mult))
 
@@ -184,7 +219,7 @@ class Transformer(nn.Module):
         `before(i, x)`, if given, transforms x before block i (the decoder's cross-attention)."""
         x = self.dropout(x)
         T = x.shape[1]
-        cos, sin = rope_tables(torch.arange(T, device=x.device), self.head_dim, self.rope_theta)  # (T, hd)
+        cos, sin = rope_tables(torch.arange(T, device=x.device), self.head_dim, self.rope_theta, self.cfg.rope_scaling)
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
             x = layer(x, cos, sin)
@@ -203,7 +238,8 @@ class Transformer(nn.Module):
         """What every step of one cache reads: RoPE cos/sin of positions 0..capacity-1 (C, 1, hd),
         and every block's stacked weights (made once per cache: the weights do not change while
         generating)."""
-        cos, sin = rope_tables(torch.arange(capacity, device=device), self.head_dim, self.rope_theta)  # (C, hd)
+        positions = torch.arange(capacity, device=device)
+        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.cfg.rope_scaling)  # (C, hd)
         stacked = [(b.self_attn.stacked(), b.mlp.stacked()) for b in self.layers]
         return cos[:, None], sin[:, None], stacked
 

@@ -324,6 +324,8 @@ def test_identity_projection(tmp_path):
         ({"model": {"global_model": {"window": 8}}}, "model.global_model.window"),
         ({"model": {"cross_attn_heads": 4}}, "model.cross_attn_heads"),
         ({"model": {"encoder": {"kv_heads": 1}}}, "model.encoder.kv_heads"),
+        ({"model": {"global_model": {"qkv_bias": True}}}, "model.global_model.qkv_bias"),
+        ({"model": {"decoder": {"qk_norm": True}}}, "model.decoder.qk_norm"),
         ({"model": {"arch": "byte_lm"}}, "model.arch"),
         ({"patching": {"threshold_mode": "monotonic", "mode": "entropy"}}, "patching.threshold_mode"),
     ],
