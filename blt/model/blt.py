@@ -299,13 +299,15 @@ class BLT(nn.Module):
 
 
 def init_weights(model: nn.Module, std: float) -> None:
-    """Normal(0, std) for Linear and Embedding weights; residual output projections (o_proj,
+    """Normal(0, std) for Linear and Embedding weights, zeros for biases; residual output projections (o_proj,
     down_proj) get std / sqrt(2 * number of blocks), as in GPT-2."""
     names = [n for n, _ in model.named_parameters()]
     depth = max(1, sum(n.endswith("down_proj.weight") for n in names))
     for mod in model.modules():
         if isinstance(mod, (nn.Linear, nn.Embedding)):
             nn.init.normal_(mod.weight, mean=0.0, std=std)
+        if isinstance(mod, nn.Linear) and mod.bias is not None:  # q/k/v biases (model.*.qkv_bias) start at 0
+            nn.init.zeros_(mod.bias)
     for name, p in model.named_parameters():
         if name.endswith(("o_proj.weight", "down_proj.weight")):
             nn.init.normal_(p, mean=0.0, std=std / (2 * depth) ** 0.5)

@@ -173,10 +173,11 @@ class SelfAttention(nn.Module):
             return self.out(sparse_attention(q, k, v, self.pattern, self.backend))
         return self.out(causal_self_attention(q, k, v, self.window))
 
-    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, w_qkv: tuple) -> torch.Tensor:
+    def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, stacked: tuple) -> torch.Tensor:
         """n new positions per row (B, n, D) against the cache's layer `layer`; rope = (cos, sin)
-        (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen)."""
-        q, k, v = self.qkv(x, *rope, w_qkv)
+        (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen); `stacked`:
+        the q/k/v weights and biases stacked."""
+        q, k, v = self.qkv(x, *rope, stacked)
         keys, values = cache.write(layer, k, v)  # (B, Hkv, L, hd) every slot these positions may see
         return self.out(F.scaled_dot_product_attention(q, self.grouped(keys), self.grouped(values), attn_mask=mask))
 

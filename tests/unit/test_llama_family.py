@@ -131,3 +131,12 @@ def test_bad_rope_scaling_is_refused_in_one_line():
     with pytest.raises(ConfigError) as e:
         check_config(config_from_dict({"model": {"decoder": {"rope_scaling": bad}}}))
     assert "model.decoder.rope_scaling.high_freq_factor (1.0) must be above low_freq_factor (4.0)" in str(e.value)
+
+
+def test_a_new_model_starts_its_biases_at_zero():
+    from blt.model import build_model
+
+    cfg = config_from_dict({"model": {"global_model": {"qkv_bias": True}, "encoder": {"qkv_bias": True}}})
+    biases = {n: p for n, p in build_model(cfg.model).named_parameters() if n.endswith("bias")}
+    assert len(biases) == 3 * (cfg.model.global_model.layers + cfg.model.encoder.layers)
+    assert all(not p.any() for p in biases.values())
