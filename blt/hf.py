@@ -336,7 +336,7 @@ def write_hf(
         ),
         global_config=_sub(m.global_model, cfg, model_type="blt_global_transformer"),
     )
-    heads = {
+    head_dims = {
         "local_encoder.": m.encoder.dim // m.encoder.heads,
         "global_transformer.": m.global_model.dim // m.global_model.heads,
         "local_decoder.": m.decoder.dim // m.decoder.heads,
@@ -344,7 +344,7 @@ def write_hf(
     state = dict(state)
     if m.encoder.dim * m.cross_attn_k == m.global_model.dim:
         state.pop(PROJ, None)  # identity (checked above); HF builds nn.Identity here
-    tensors = _convert(state, BLT_NAMES, heads, to_hf=True)
+    tensors = _convert(state, BLT_NAMES, head_dims, to_hf=True)
     if not hashed:
         tensors["model.encoder_hash_tok_embedding.weight"] = torch.zeros(0, m.encoder.dim, dtype=dtype)
     if entropy:
@@ -605,13 +605,16 @@ def read_hf(src_dir) -> tuple[Config, dict, Config | None, dict | None]:
     )
     context = min(int(_field(hf, "", "max_position_embeddings") or 4096), 8192)  # eval/generation window in bytes
     cfg = _checked({"model": model, "patching": patching, "data": {"seq_len": context}}, placeholder_entropy=entropy)
-    heads = {
+    head_dims = {
         "local_encoder.": enc["dim"] // enc["heads"],
         "global_transformer.": glob["dim"] // glob["heads"],
         "local_decoder.": dec["dim"] // dec["heads"],
     }
     state = _convert(
-        {key: t for key, t in tensors.items() if not key.startswith("model.patcher.")}, BLT_NAMES, heads, to_hf=False
+        {key: t for key, t in tensors.items() if not key.startswith("model.patcher.")},
+        BLT_NAMES,
+        head_dims,
+        to_hf=False,
     )
     if enc["dim"] * k == glob["dim"]:  # HF's nn.Identity
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)

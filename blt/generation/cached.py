@@ -53,13 +53,13 @@ class CachedState:
             return logits if every else logits[torch.arange(B), (valid - 1).clamp(min=0)]
         # entropy of predicting the byte after each new byte (B, n), from the entropy model if any
         ent = entropy(self.elm.feed(tokens, valid)).cpu() if self.elm is not None else None
-        return self.net.feed(tokens, lambda probs: self._decide(rows, probs, ent), valid, every)
+        return self.net.feed(tokens, lambda probs: self._decide(rows, n, probs, ent), valid, every)
 
-    def _decide(self, rows: Sequence[Sequence[int]], probs: torch.Tensor | None, ent) -> torch.Tensor:
+    def _decide(self, rows: Sequence[Sequence[int]], n: int, probs: torch.Tensor | None, ent) -> torch.Tensor:
         """(B, n) starts of the new bytes, each row's rule fed every byte's signal: the router's
         probability for it (`probs`, a model with a router), else the entropy of predicting it."""
         p = probs.cpu() if probs is not None else None
-        starts = torch.zeros(len(rows), max(1, max(len(r) for r in rows)), dtype=torch.bool)
+        starts = torch.zeros(len(rows), n, dtype=torch.bool)
         for b, r in enumerate(rows):
             for i, tok in enumerate(r):
                 if p is not None:

@@ -46,12 +46,6 @@ def _decoder_logits(dec: nn.Module, h, kv: list, kernel, k, v, lens, tables):
     return dec.logits(dec.step(h, kv, kernel, None, FixedSlots(k, v, lens, tables))[:, 0])
 
 
-def _tables(tf: nn.Module, cache: KVCache) -> tuple:
-    if cache.tables is None:
-        cache.tables = tf.step_constants(cache.capacity, cache.k.device)
-    return cache.tables
-
-
 class OneByteSteps:
     """The compiled one-byte steps, shared by every cached state of one Generator. Each call runs
     the component's graph and advances its cache by `valid` (B,): 1 for a row with a new byte, 0 for
@@ -72,7 +66,7 @@ class OneByteSteps:
     def _run(self, name: str, fn, tf: nn.Module, cache: KVCache, valid: torch.Tensor, *args):
         cache.check_room(1)
         self.calls[name] += 1
-        out = fn(*args, cache.k.unbind(0), cache.v.unbind(0), cache.lens, _tables(tf, cache))
+        out = fn(*args, cache.k.unbind(0), cache.v.unbind(0), cache.lens, tf.tables_of(cache))
         cache.advance(valid)
         return out
 

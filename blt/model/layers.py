@@ -244,15 +244,19 @@ class Transformer(nn.Module):
         stacked = [(b.self_attn.stacked(), b.mlp.stacked()) for b in self.layers]
         return cos[:, None], sin[:, None], stacked
 
+    def tables_of(self, cache) -> tuple:
+        """The cache's step_constants, made on its first step."""
+        if cache.tables is None:
+            cache.tables = self.step_constants(cache.capacity, cache.k[0].device)
+        return cache.tables
+
     def step(self, x: torch.Tensor, cache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
         """forward for new positions: (B, n, D) -> (B, n, D), the values the full forward gives at
         those positions; the first valid[b] (default n) of row b are kept in the cache. Run under
         torch.no_grad() or torch.inference_mode()."""
         n = x.shape[1]
         mask = cache.begin(n, self.cfg.window if self.pattern is None else None, self.pattern)
-        if cache.tables is None:
-            cache.tables = self.step_constants(cache.capacity, x.device)
-        cos_t, sin_t, stacked = cache.tables
+        cos_t, sin_t, stacked = self.tables_of(cache)
         rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2))  # (B, 1, n, hd)
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)

@@ -33,7 +33,6 @@ class Batcher:
     def __init__(self, model, patcher, context: int, max_batch: int = 16, max_queue: int = 256):
         self.model, self.patcher, self.context = model, patcher, context
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.device = next(model.parameters()).device
         self._waiting: collections.deque[Row] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
