@@ -70,6 +70,7 @@ class TransformerConfig:
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
     qk_norm: bool = False  # RMSNorm of every query and key head before RoPE (Qwen3)
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)  # Llama 3's (factor null: off)
+    position: Literal["rope", "alibi", "none"] = "rope"  # rotary positions, ALiBi's per-head distance bias, or none
     window: PosInt | None = None  # causal sliding-window length in positions; None = full causal
     ffn_mult: PosFloat = 2.6667  # SwiGLU hidden = ffn_mult * dim, rounded up to a multiple of 16
     sparse: SparseAttentionConfig = field(default_factory=SparseAttentionConfig)  # block-sparse self-attention
@@ -385,9 +386,19 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(
                 f"model.{name}.dim ({t.dim}) must be a positive multiple of model.{name}.heads ({t.heads})"
             )
-        if (t.dim // t.heads) % 2:
+        if (t.dim // t.heads) % 2 and t.position == "rope":
             raise ConfigError(f"model.{name}: head size dim/heads = {t.dim // t.heads} must be even for RoPE")
         rs = t.rope_scaling
+        if rs.factor is not None and t.position != "rope":
+            raise ConfigError(
+                f"model.{name}.rope_scaling scales RoPE, but model.{name}.position is {t.position}; "
+                f"unset rope_scaling.factor or set position=rope"
+            )
+        if t.position != "rope" and m.hf_compat and name != "lm":
+            raise ConfigError(
+                f"model.{name}.position={t.position} with model.hf_compat=true: HF's BLT has RoPE only; "
+                f"set model.{name}.position=rope or model.hf_compat=false"
+            )
         if rs.factor is not None and rs.high_freq_factor <= rs.low_freq_factor:
             raise ConfigError(
                 f"model.{name}.rope_scaling.high_freq_factor ({rs.high_freq_factor}) must be above "

@@ -122,6 +122,7 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
             ("qkv_bias", t.qkv_bias),
             ("qk_norm", t.qk_norm),
             ("rope_scaling.factor", t.rope_scaling.factor),
+            ("position", t.position != "rope"),
         ):
             if on:
                 raise _no(f"model.{name}.{key}", "HF's BLT has no place for it; leave it unset for --format hf")
@@ -172,8 +173,17 @@ def check_entropy_expressible(ecfg: Config) -> None:
     """What HF's BltPatcherConfig cannot hold (keys of the entropy model's own config)."""
     if ecfg.model.arch != "byte_lm":
         raise _no("patching.entropy_model", f"is a {ecfg.model.arch} model; HF's patcher is a byte_lm")
-    if ecfg.model.lm.sparse.pattern != "none":
+    t = ecfg.model.lm
+    if t.sparse.pattern != "none":
         raise _no("model.lm.sparse.pattern", "(entropy model) HF's patcher has dense attention; set it to none")
+    for key, on in (
+        ("qkv_bias", t.qkv_bias),
+        ("qk_norm", t.qk_norm),
+        ("rope_scaling.factor", t.rope_scaling.factor),
+        ("position", t.position != "rope"),
+    ):
+        if on:
+            raise _no(f"model.lm.{key}", "(entropy model) HF's patcher has no place for it; leave it unset")
 
 
 def _sub(t: TransformerConfig, cfg: Config, **extra) -> dict:

@@ -23,24 +23,41 @@ BLT = {
 }
 
 
-def grouped(kv_heads: int | None) -> dict:
-    """Every Transformer section of BLT with 4 query heads sharing `kv_heads` key/value heads (None: as BLT)."""
+def grouped(kv_heads: int | None, position: str = "rope") -> dict:
+    """Every Transformer section of BLT with 4 query heads sharing `kv_heads` key/value heads (None: as
+    BLT), positions given by `position` (rope, alibi or none)."""
+    sections = ("encoder", "global_model", "decoder")
+    out = {k: {**BLT[k], "position": position} for k in sections}
     if kv_heads is None:
-        return {}
-    return {k: {**BLT[k], "heads": 4, "kv_heads": kv_heads} for k in ("encoder", "global_model", "decoder")}
+        return out
+    return {k: {**out[k], "heads": 4, "kv_heads": kv_heads} for k in sections}
 
 
-def random_blt(mode: str, hf: bool = False, all_layers: bool = False, seed: int = 0, kv_heads: int | None = None):
+def random_blt(
+    mode: str,
+    hf: bool = False,
+    all_layers: bool = False,
+    seed: int = 0,
+    kv_heads: int | None = None,
+    position: str = "rope",
+):
     """A random tiny BLT in patching `mode` and its Patcher (with a random entropy model for entropy);
-    kv_heads: grouped-query attention (4 heads) in every section and the entropy model."""
+    kv_heads: grouped-query attention (4 heads) in every section and the entropy model; position:
+    every section's and the entropy model's."""
     torch.manual_seed(seed)
     lm = {"dim": 32, "layers": 2, "heads": 2} if kv_heads is None else {"dim": 32, "layers": 2, "heads": 4}
+    lm["position"] = position
     if kv_heads is not None:
         lm["kv_heads"] = kv_heads
     lm = build_model(config_from_dict({"model": {"arch": "byte_lm", "lm": lm, "init_std": 0.3}}).model).eval()
     cfg = config_from_dict(
         {
-            "model": {**BLT, **grouped(kv_heads), "hf_compat": hf, "cross_attn_all_layers_decoder": all_layers},
+            "model": {
+                **BLT,
+                **grouped(kv_heads, position),
+                "hf_compat": hf,
+                "cross_attn_all_layers_decoder": all_layers,
+            },
             "patching": {
                 "mode": mode,
                 "patch_size": 3,

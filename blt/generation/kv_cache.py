@@ -56,6 +56,7 @@ class KVCache:
         self.pos = self.lens[:, None] + self.steps[:n]  # (B, n)
         self.L, self.lo = top + n, max(0, low - window + 1) if window is not None else 0
         self.in_step = top == low  # all rows write the same slots: a slice, not a scatter
+        self.key_pos = self.steps[self.lo : self.L]  # (L - lo,) the positions of the slots `write` returns
         if n == 1 and self.in_step and pattern is None:
             return None
         q = self.pos[:, None, :, None]  # (B, 1, n, 1)
@@ -118,8 +119,10 @@ class FixedSlots:
         if window is not None and window < self.capacity:  # each row's last W slots (before slot 0: masked)
             wanted = self.lens[:, None] - window + 1 + torch.arange(window, device=self.lens.device)[None]  # (B, W)
             self.slots, seen = wanted.clamp(min=0), wanted >= 0
+            self.key_pos = self.slots  # (B, W) the positions of the slots `write` returns
         else:
-            seen = torch.arange(self.capacity, device=self.lens.device)[None] <= self.lens[:, None]  # (B, C)
+            self.key_pos = torch.arange(self.capacity, device=self.lens.device)  # (C,)
+            seen = self.key_pos[None] <= self.lens[:, None]  # (B, C)
         return seen[:, None, None, :]  # (B, 1, 1, W or C)
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 """Attention kernels for BLT on any device, with dense masked references for the tests.
 
-Self-attention is causal SDPA (optionally a sliding window). The two cross-attentions of BLT are
-exact gather/segment kernels, linear in bytes (on a 2-core CPU with torch 2.13 they measured
-10-14x faster than SDPA with a boolean mask):
+Self-attention is causal SDPA (optionally a sliding window, optionally with ALiBi's bias). The two
+cross-attentions of BLT are exact gather/segment kernels, linear in bytes (on a 2-core CPU with
+torch 2.13 they measured 10-14x faster than SDPA with a boolean mask):
 - encoder pooling: each patch query attends only to the bytes of its own patch (segment softmax);
 - decoder: each byte attends only to the k states of one earlier patch (the one before its own).
 All tensors are (B, H, L, hd); `patch_ids` (B, T) is the patch index of every byte.
@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from blt.model.alibi import alibi_bias, with_bias
+
 
 def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     """(T, T) bool, True where query i may see key j: i - window < j <= i."""
@@ -21,19 +23,31 @@ def sliding_window_mask(T: int, window: int, device=None) -> torch.Tensor:
     return (j <= i) & (j > i - window)
 
 
-def causal_self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-    """Causal attention over (B, H, T, hd), limited to the last `window` positions when window < T."""
+def causal_self_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Causal attention over (B, H, T, hd), limited to the last `window` positions when window < T;
+    `slopes` (H,): ALiBi's per-head distance penalty added to the scores (alibi.py)."""
     T = q.shape[-2]
     if window is None or window >= T:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if slopes is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        window = T
     if T <= 2 * window:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=sliding_window_mask(T, window, q.device))
-    return blocked_window_attention(q, k, v, window)
+        mask = sliding_window_mask(T, window, q.device)  # (T, T)
+        if slopes is not None:
+            pos = torch.arange(T, device=q.device)
+            mask = with_bias(mask, alibi_bias(slopes, pos, pos)).to(q.dtype)  # (H, T, T)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return blocked_window_attention(q, k, v, window, slopes)
 
 
-def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int) -> torch.Tensor:
+def blocked_window_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
     """Exact sliding-window attention, linear in T: queries in blocks of `window` positions, each
-    block attending to its own and the previous block's keys (2 * window keys) under a band mask."""
+    block attending to its own and the previous block's keys (2 * window keys) under a band mask;
+    with ALiBi `slopes` the band carries each head's distance penalty (the same in every block)."""
     B, H, T, hd = q.shape
     W = window
     nb = -(-T // W)
@@ -53,9 +67,18 @@ def blocked_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     j = torch.arange(2 * W, device=q.device)[None, :]  # key offset from the previous block's start
     band = (j - W <= i) & (j - W > i - W)  # (W, 2W): key position within (query - W, query]
     first = band & (j >= W)  # block 0 has no previous block
-    mask = torch.stack([first] + [band] * (nb - 1)).repeat(B, 1, 1)[:, None]  # (B*nb, 1, W, 2W)
-    out = F.scaled_dot_product_attention(blocks(q), with_previous(k), with_previous(v), attn_mask=mask)
-    out = out.view(B, nb, H, W, hd).transpose(1, 2).reshape(B, H, nb * W, hd)
+    qb, kb, vb = blocks(q), with_previous(k), with_previous(v)
+    if slopes is None:
+        mask = torch.stack([first] + [band] * (nb - 1)).repeat(B, 1, 1)[:, None]  # (B*nb, 1, W, 2W)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask)
+    else:  # one (H, W, 2W) band for every block, then block 0 again under its own mask
+        bias = alibi_bias(slopes, i[:, 0], j[0] - W)  # (H, W, 2W): key at block start - W + j
+        band, first = with_bias(band, bias).to(q.dtype), with_bias(first, bias).to(q.dtype)
+        out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=band).view(B, nb, H, W, hd)
+        at0 = torch.arange(B, device=q.device) * nb  # block 0 of every row
+        out0 = F.scaled_dot_product_attention(qb[at0], kb[at0], vb[at0], attn_mask=first)  # (B, H, W, hd)
+        out = torch.cat([out0[:, None], out[:, 1:]], dim=1)
+    out = out.reshape(B, nb, H, W, hd).transpose(1, 2).reshape(B, H, nb * W, hd)
     return out[:, :, :T]
 
 

@@ -23,6 +23,26 @@ def block_params(t: TransformerConfig) -> int:
     return t.layers * (2 * t.dim * t.dim + 2 * t.dim * kv_dim + 3 * t.dim * ffn_hidden(t.dim, t.ffn_mult))
 
 
+def kv_bytes_per_position(t: TransformerConfig, elem: int) -> int:
+    """Bytes a generation KV cache keeps per position of this stack: keys and values of kv_heads
+    heads in every layer (a grouped-query stack keeps heads / kv_heads times less)."""
+    return 2 * t.layers * (t.kv_heads or t.heads) * (t.dim // t.heads) * elem
+
+
+def kv_cache_bytes(model: ModelConfig, patching: PatchingConfig, seq: int, elem: int) -> dict[str, float]:
+    """Generation KV-cache bytes of one sequence of `seq` bytes, per stack: the byte-level stacks hold
+    every byte (at most their window under a windowed paged cache), the global model every patch
+    (seq / the assumed patch size); the entropy model's own cache is not counted."""
+    if model.arch == "byte_lm":
+        return {"lm": seq * kv_bytes_per_position(model.lm, elem)}
+    patches = seq / assumed_patch_size(model, patching)
+    return {
+        "encoder": seq * kv_bytes_per_position(model.encoder, elem),
+        "global_model": patches * kv_bytes_per_position(model.global_model, elem),
+        "decoder": seq * kv_bytes_per_position(model.decoder, elem),
+    }
+
+
 def attention_span(t: TransformerConfig, seq: int) -> float:
     """Mean number of keys a query attends to: the causal window, or the sparse pattern's blocks."""
     if t.sparse.pattern != "none":

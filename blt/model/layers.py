@@ -5,8 +5,9 @@ Each module defines its math once, with two entry points side by side: `forward`
 full recomputation: a whole sequence) and `step` (generation: n new positions of every row against
 a KV cache). The cache decides which slots a step writes and sees (blt/generation/kv_cache.py:
 `KVCache` grows with the sequence, `FixedSlots` keeps every shape fixed for torch.compile); it
-implements `begin(n, window, pattern) -> mask`, `pos` (B, n), `write(layer, k, v) -> (keys,
-values)`, `advance(valid)` and holds the Transformer's `step_constants` in `tables`.
+implements `begin(n, window, pattern) -> mask`, `pos` (B, n) the new positions, `key_pos` ((L,) or
+(B, L)) the positions of the slots `write` returns, `write(layer, k, v) -> (keys, values)`,
+`advance(valid)`, `lens` (B,), `capacity`, and holds the Transformer's `step_constants` in `tables`.
 
     y = transformer(x)                      # (B, L, D), L bytes or patches
     y = transformer.step(x, cache, valid)   # (B, n, D) new positions of each row -> (B, n, D)
@@ -21,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from blt.config import SparseAttentionConfig, TransformerConfig
+from blt.model.alibi import alibi_bias, alibi_slopes, with_bias
 from blt.model.attention import causal_self_attention
 from blt.model.sparse_attention import sparse_attention
 from blt.model.sparse_patterns import Pattern
@@ -114,10 +116,12 @@ class SelfAttention(nn.Module):
         kv_heads: int | None = None,
         qkv_bias: bool = False,
         qk_norm_eps: float | None = None,
+        position: str = "rope",
     ):
-        """qkv_bias: biases on q/k/v (Qwen2); qk_norm_eps: RMSNorm every q and k head first (Qwen3)."""
+        """qkv_bias: biases on q/k/v (Qwen2); qk_norm_eps: RMSNorm every q and k head first (Qwen3);
+        position: rope (q and k rotated), alibi (a per-head distance penalty on the scores) or none."""
         super().__init__()
-        self.heads, self.head_dim, self.window = heads, dim // heads, window
+        self.heads, self.head_dim, self.window, self.position = heads, dim // heads, window, position
         self.kv_heads = kv_heads or heads
         self.pattern = Pattern(sparse, heads) if sparse is not None and sparse.pattern != "none" else None
         self.backend = sparse.backend if sparse is not None else "auto"
@@ -134,19 +138,23 @@ class SelfAttention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, stacked: tuple | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, T, D) -> q (B, H, T, hd), k and v (B, Hkv, T, hd), q and k normed (qk_norm) and rotated
-        by RoPE (cos/sin broadcast to (B, *, T, hd)). `stacked`: the three projections' weights and
-        biases stacked (`stacked()`), one matmul (generation)."""
+        by RoPE (cos/sin broadcast to (B, *, T, hd); None: not rotated, position alibi or none).
+        `stacked`: the three projections' weights and biases stacked (`stacked()`), one matmul
+        (generation)."""
         B, T, _ = x.shape
         H, Hkv, hd = self.heads, self.kv_heads, self.head_dim
+        rope = apply_rope if cos is not None else (lambda t, c, s: t)
         if stacked is None:
             q = self.q_proj(x).view(B, T, H, hd).transpose(1, 2)  # (B, H, T, hd)
             k, v = (p(x).view(B, T, Hkv, hd).transpose(1, 2) for p in (self.k_proj, self.v_proj))  # (B, Hkv, T, hd)
             if self.q_norm is not None:
                 q, k = self.q_norm(q), self.k_norm(k)
-            return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+            return rope(q, cos, sin), rope(k, cos, sin), v
         qkv = F.linear(x, *stacked).view(B, T, H + 2 * Hkv, hd).transpose(1, 2)  # (B, H + 2Hkv, T, hd): q, k, v heads
+        if cos is None and self.q_norm is None:
+            return qkv[:, :H], qkv[:, H : H + Hkv], qkv[:, H + Hkv :]
         if self.q_norm is not None:
-            q, k = apply_rope(self.q_norm(qkv[:, :H]), cos, sin), apply_rope(self.k_norm(qkv[:, H : H + Hkv]), cos, sin)
+            q, k = rope(self.q_norm(qkv[:, :H]), cos, sin), rope(self.k_norm(qkv[:, H : H + Hkv]), cos, sin)
             return q, k, qkv[:, H + Hkv :]
         qk = apply_rope(qkv[:, : H + Hkv], cos, sin)  # q and k rotated together
         return qk[:, :H], qk[:, H:], qkv[:, H + Hkv :]
@@ -166,17 +174,22 @@ class SelfAttention(nn.Module):
         B, H, T, hd = y.shape
         return self.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def slopes(self, device) -> torch.Tensor | None:
+        """ALiBi's per-head slopes (H,), None unless position is alibi."""
+        return alibi_slopes(self.heads, device) if self.position == "alibi" else None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None) -> torch.Tensor:
         q, k, v = self.qkv(x, cos, sin)
         k, v = self.grouped(k), self.grouped(v)  # (B, H, T, hd)
         if self.pattern is not None:
-            return self.out(sparse_attention(q, k, v, self.pattern, self.backend))
-        return self.out(causal_self_attention(q, k, v, self.window))
+            return self.out(sparse_attention(q, k, v, self.pattern, self.backend, self.slopes(x.device)))
+        return self.out(causal_self_attention(q, k, v, self.window, self.slopes(x.device)))
 
     def step(self, x: torch.Tensor, rope: tuple, cache, layer: int, mask, stacked: tuple) -> torch.Tensor:
         """n new positions per row (B, n, D) against the cache's layer `layer`; rope = (cos, sin)
-        (B, 1, n, hd) at the new positions; mask from cache.begin (None: every slot seen); `stacked`:
-        the q/k/v weights and biases stacked."""
+        (B, 1, n, hd) at the new positions ((None, None) without RoPE); mask from cache.begin (None:
+        every slot seen; float with ALiBi's bias, Transformer.step); `stacked`: the q/k/v weights
+        and biases stacked."""
         q, k, v = self.qkv(x, *rope, stacked)
         keys, values = cache.write(layer, k, v)  # (B, Hkv, L, hd) every slot these positions may see
         return self.out(F.scaled_dot_product_attention(q, self.grouped(keys), self.grouped(values), attn_mask=mask))
@@ -190,7 +203,14 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.input_layernorm = RMSNorm(cfg.dim, eps)
         self.self_attn = SelfAttention(
-            cfg.dim, cfg.heads, cfg.window, cfg.sparse, cfg.kv_heads, cfg.qkv_bias, eps if cfg.qk_norm else None
+            cfg.dim,
+            cfg.heads,
+            cfg.window,
+            cfg.sparse,
+            cfg.kv_heads,
+            cfg.qkv_bias,
+            eps if cfg.qk_norm else None,
+            cfg.position,
         )
         self.post_attention_layernorm = RMSNorm(cfg.dim, eps)
         self.mlp = SwiGLU(cfg.dim, ffn_hidden(cfg.dim, cfg.ffn_mult))
@@ -207,7 +227,8 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of causal blocks over one sequence axis (bytes or patches), RoPE on positions 0..T-1."""
+    """A stack of causal blocks over one sequence axis (bytes or patches), positions 0..T-1 given by
+    RoPE, ALiBi or nothing (cfg.position)."""
 
     def __init__(self, cfg: TransformerConfig, eps: float, rope_theta: float, dropout: float = 0.0):
         super().__init__()
@@ -219,8 +240,7 @@ class Transformer(nn.Module):
         """(B, L, D) -> (B, L, D); L is bytes or patches. Dropout on the input, then the blocks;
         `before(i, x)`, if given, transforms x before block i (the decoder's cross-attention)."""
         x = self.dropout(x)
-        T = x.shape[1]
-        cos, sin = rope_tables(torch.arange(T, device=x.device), self.head_dim, self.rope_theta, self.cfg.rope_scaling)
+        cos, sin = self._rope(torch.arange(x.shape[1], device=x.device))  # (T, hd) each, or None
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
             x = layer(x, cos, sin)
@@ -230,24 +250,30 @@ class Transformer(nn.Module):
     def head_dim(self) -> int:
         return self.cfg.dim // self.cfg.heads
 
+    def _rope(self, positions: torch.Tensor) -> tuple:
+        """RoPE's (cos, sin) tables at `positions`, (None, None) for position alibi or none."""
+        if self.cfg.position != "rope":
+            return None, None
+        return rope_tables(positions, self.head_dim, self.rope_theta, self.cfg.rope_scaling)
+
     @property
     def pattern(self):
         """The sparse attention pattern of its blocks (None: dense or windowed)."""
         return self.layers[0].self_attn.pattern if len(self.layers) else None
 
     def step_constants(self, capacity: int, device) -> tuple:
-        """What every step of one cache reads: RoPE cos/sin of positions 0..capacity-1 (C, 1, hd),
-        and every block's stacked weights (made once per cache: the weights do not change while
-        generating)."""
-        positions = torch.arange(capacity, device=device)
-        cos, sin = rope_tables(positions, self.head_dim, self.rope_theta, self.cfg.rope_scaling)  # (C, hd)
+        """What every step of one cache reads: RoPE cos/sin of positions 0..capacity-1 (C, 1, hd;
+        None without RoPE), ALiBi's slopes (H,; None without), and every block's stacked weights
+        (made once per cache: the weights do not change while generating)."""
+        cos, sin = self._rope(torch.arange(capacity, device=device))  # (C, hd)
+        slopes = self.layers[0].self_attn.slopes(device) if len(self.layers) else None
         stacked = [(b.self_attn.stacked(), b.mlp.stacked()) for b in self.layers]
-        return cos[:, None], sin[:, None], stacked
+        return (cos if cos is None else cos[:, None]), (sin if sin is None else sin[:, None]), slopes, stacked
 
     def tables_of(self, cache) -> tuple:
         """The cache's step_constants, made on its first step."""
         if cache.tables is None:
-            cache.tables = self.step_constants(cache.capacity, cache.k[0].device)
+            cache.tables = self.step_constants(cache.capacity, cache.lens.device)
         return cache.tables
 
     def step(self, x: torch.Tensor, cache, valid: torch.Tensor | None = None, before=None) -> torch.Tensor:
@@ -256,8 +282,12 @@ class Transformer(nn.Module):
         torch.no_grad() or torch.inference_mode()."""
         n = x.shape[1]
         mask = cache.begin(n, self.cfg.window if self.pattern is None else None, self.pattern)
-        cos_t, sin_t, stacked = self.tables_of(cache)
-        rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2))  # (B, 1, n, hd)
+        cos_t, sin_t, slopes, stacked = self.tables_of(cache)
+        rope = (None, None)
+        if cos_t is not None:
+            rope = (cos_t[cache.pos].transpose(1, 2), sin_t[cache.pos].transpose(1, 2))  # (B, 1, n, hd)
+        if slopes is not None:  # ALiBi: the penalty of every new position against every slot it reads
+            mask = with_bias(mask, alibi_bias(slopes, cache.pos, cache.key_pos)).to(x.dtype)  # (B, H, n, L)
         for i, layer in enumerate(self.layers):
             x = x if before is None else before(i, x)
             x = layer.step(x, rope, cache, i, mask, stacked[i])

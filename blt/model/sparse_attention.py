@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from blt.errors import ConfigError
+from blt.model.alibi import alibi_bias, with_bias
 from blt.model.attention import causal_self_attention
 from blt.model.sparse_patterns import Pattern
 
@@ -42,10 +43,15 @@ def check_trainable(model_cfg, device: torch.device) -> None:
             )
 
 
-def dense_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def dense_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
     T = q.shape[-2]
     mask = pattern.dense_mask(T, q.device)[None]  # (1, Hl, T, T)
     scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (B, H, T, T)
+    if slopes is not None:
+        pos = torch.arange(T, device=q.device)
+        scores = scores + alibi_bias(slopes, pos, pos)
     has = mask.any(-1, keepdim=True)
     scores = torch.where(mask, scores, float("-inf"))
     scores = torch.where(has, scores, 0.0)  # fully masked rows: finite, zeroed below
@@ -64,9 +70,10 @@ def _split_rows(layout: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def _gather_plan(pattern: Pattern, T: int, H: int, dev: torch.device) -> dict:
-    """Index and mask tensors for one sequence length (cached on the pattern: layers and steps reuse it)."""
-    key = (T, H, str(dev))
+def _gather_plan(pattern: Pattern, T: int, H: int, dev: torch.device, slopes=None, dtype=None) -> dict:
+    """Index and mask tensors for one sequence length (cached on the pattern: layers and steps reuse
+    it); with ALiBi `slopes` (H,) the masks are float, each allowed key carrying its head's penalty."""
+    key = (T, H, str(dev), slopes is not None, dtype)
     plans = pattern._gather_plans
     if key in plans:
         return plans[key]
@@ -92,8 +99,12 @@ def _gather_plan(pattern: Pattern, T: int, H: int, dev: torch.device) -> dict:
         k_pos = (order[..., None] * bs + offs).reshape(H, nr, maxk * bs)  # (H, nr, maxk*bs)
         k_ok = valid[..., None].expand(H, nr, maxk, bs).reshape(H, nr, maxk * bs) & (k_pos < T)
         mask = k_ok[:, :, None, :] & pattern.token_rule(q_pos[None, :, :, None], k_pos[:, :, None, :])
-        mask = mask.reshape(1, H * nr, bs, maxk * bs)
-        groups.append({"sel": sel, "order": order, "mask": mask, "live": mask.any(-1, keepdim=True)})
+        live = mask.any(-1, keepdim=True)  # (H, nr, bs, 1)
+        if slopes is not None:  # (H, nr, bs, maxk*bs): each head's penalty of every gathered key
+            dist = (q_pos[None, :, :, None] - k_pos[:, :, None, :]).abs().float()
+            mask = with_bias(mask, -slopes[:, None, None, None] * dist, live).to(dtype)
+        mask, live = mask.reshape(1, H * nr, bs, maxk * bs), live.reshape(1, H * nr, bs, 1)
+        groups.append({"sel": sel, "order": order, "mask": mask, "live": live})
     dense = None
     if len(dense_rows):
         nd = len(dense_rows)
@@ -102,21 +113,26 @@ def _gather_plan(pattern: Pattern, T: int, H: int, dev: torch.device) -> dict:
         blk_ok = layout[:, dense_rows][:, :, None, :].expand(H, nd, bs, nb)  # (H, nd, bs, nb)
         blk_ok = blk_ok.reshape(H, nd * bs, nb).repeat_interleave(bs, dim=-1)  # (H, nd*bs, nb*bs)
         mask = (blk_ok & pattern.token_rule(q_pos[:, None], k_pos[None, :])[None] & (k_pos < T))[None]
-        dense = {"rows": dense_rows, "mask": mask, "live": mask.any(-1, keepdim=True)}
+        live = mask.any(-1, keepdim=True)  # (1, H, nd*bs, 1)
+        if slopes is not None:
+            mask = with_bias(mask, alibi_bias(slopes, q_pos, k_pos)[None], live).to(dtype)
+        dense = {"rows": dense_rows, "mask": mask, "live": live}
     plans[key] = {"groups": groups, "dense": dense}
     return plans[key]
 
 
-def gather_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def gather_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
     if pattern.cfg.pattern == "local" and pattern.causal:  # a causal token window: the banded kernel
-        return causal_self_attention(q, k, v, pattern.cfg.window)
+        return causal_self_attention(q, k, v, pattern.cfg.window, slopes)
     B, H, T, hd = q.shape
     bs = pattern.block
     nb = -(-T // bs)
     pad = nb * bs - T
     if pad:
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    plan = _gather_plan(pattern, T, H, q.device)
+    plan = _gather_plan(pattern, T, H, q.device, slopes, q.dtype if slopes is not None else None)
     out = torch.zeros_like(q).view(B, H, nb, bs, hd)
     qb, kb, vb = (x.view(B, H, nb, bs, hd) for x in (q, k, v))
     heads = torch.arange(H, device=q.device)[:, None, None]
@@ -140,7 +156,9 @@ def gather_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p
     return out.view(B, H, nb * bs, hd)[:, :, :T]
 
 
-def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern) -> torch.Tensor:
+def flex_sparse_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, slopes: torch.Tensor | None = None
+) -> torch.Tensor:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     B, H, T, hd = q.shape
@@ -156,13 +174,19 @@ def flex_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pat
         masks[key] = create_block_mask(
             pattern.mask_mod(T, q.device), B=None, H=hl if hl > 1 else None, Q_LEN=T, KV_LEN=T, device=q.device
         )
+    score_mod = None
+    if slopes is not None:  # ALiBi as a score_mod: each head's penalty of the query-key distance
+
+        def score_mod(score, b, h, qi, ki):
+            return score - slopes[h] * (qi - ki).abs()
+
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=masks[key])
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=masks[key])
     import warnings
 
     with warnings.catch_warnings():  # eager on CPU is exact, just slow: fine for inference and tests
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
-        return flex_attention(q, k, v, block_mask=masks[key])
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=masks[key])
 
 
 _COMPILED = None
@@ -178,15 +202,21 @@ def _compiled_flex():
 
 
 def sparse_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern: Pattern, backend: str = "auto"
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern: Pattern,
+    backend: str = "auto",
+    slopes: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Attention of (B, H, T, hd) under `pattern` with `backend` (auto: flex on GPU, gather on CPU)."""
+    """Attention of (B, H, T, hd) under `pattern` with `backend` (auto: flex on GPU, gather on CPU);
+    `slopes` (H,): ALiBi's per-head distance penalty (alibi.py)."""
     if backend == "auto":
         backend = "flex" if q.device.type == "cuda" else "gather"
     if backend == "gather":
-        return gather_sparse_attention(q, k, v, pattern)
+        return gather_sparse_attention(q, k, v, pattern, slopes)
     if backend == "flex":
-        return flex_sparse_attention(q, k, v, pattern)
+        return flex_sparse_attention(q, k, v, pattern, slopes)
     if backend == "dense":
-        return dense_sparse_attention(q, k, v, pattern)
+        return dense_sparse_attention(q, k, v, pattern, slopes)
     raise SparseBackendError(f"unknown sparse attention backend '{backend}' (use {', '.join(BACKENDS)})")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from blt.config import Config
-from blt.model.flops import assumed_patch_size
+from blt.model.flops import assumed_patch_size, kv_cache_bytes
 from blt.tokens import VOCAB_SIZE
 from blt.train.deepspeed_engine import deepspeed_config  # pure: deepspeed itself is not imported
 from blt.train.device import resolved_dtype
@@ -112,6 +112,7 @@ def make_plan(cfg: Config, nodes: int, procs_per_node: int, gpu: bool = True) ->
         "gpu": gpu,
         "deepspeed_config": deepspeed_config(cfg, world, dtype, gpu),
         "stages": stages,
+        "kv_cache": kv_cache_bytes(cfg.model, cfg.patching, cfg.data.seq_len, 4 if dtype == "fp32" else 2),
     }
 
 
@@ -136,4 +137,10 @@ def format_plan(plan: dict, gpu_mem_gb: float, chosen_stage: int) -> str:
             f"  {s.stage:<6}{s.weights / GiB:>9.2f}{s.grads / GiB:>9.2f}{s.optimizer / GiB:>9.2f}"
             f"{s.activations / GiB:>9.2f}{s.total / GiB:>9.2f}{s.cpu_offloaded / GiB:>10.2f}  {fits}{mark}"
         )
+    kv = plan["kv_cache"]
+    parts = ", ".join(f"{name} {b / 2**20:.2f}" for name, b in kv.items())
+    lines.append(
+        f"generation KV cache per sequence of data.seq_len bytes ({plan['dtype']}, MiB): {parts}; "
+        f"total {sum(kv.values()) / 2**20:.2f} (the global model's at the assumed patch size)"
+    )
     return "\n".join(lines)

@@ -195,6 +195,42 @@ def test_learned_patching_under_zero3_matches_single_process(tmp_path, cache_dir
 
 
 @slow
+def test_grouped_query_alibi_model_under_zero3_matches_single_process(tmp_path, cache_dir, entropy_run):
+    """Grouped- and multi-query attention with ALiBi and with no positions, under ZeRO-3's
+    partitioned k/v projections: 2 processes follow one process's curve."""
+    options = [
+        "training.steps=4",
+        "model.global_model.kv_heads=2",
+        "model.global_model.position=alibi",
+        "model.encoder.kv_heads=1",
+        "model.decoder.position=none",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "blt",
+            "train",
+            str(CONFIGS / "tiny.yaml"),
+            *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *options),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    done = launch("torchrun.sh", dist_args(two, cache_dir, entropy_run, "distributed.zero_stage=3", *options))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ref, got = losses(one), losses(two)
+    assert sorted(got) == sorted(ref) == [1, 2, 3, 4]
+    for step in ref:
+        assert got[step] == pytest.approx(ref[step], abs=1e-4), step
+    assert final_val(two) == pytest.approx(final_val(one), abs=1e-4)
+
+
+@slow
 def test_zero3_resume_continues_exactly(zero_run, tmp_path, cache_dir, entropy_run):
     """Resume a ZeRO-3 run from its step-4 checkpoint: steps 5-8 repeat the uninterrupted losses."""
     full = zero_run(3)

@@ -84,12 +84,28 @@ def test_plan_counts_parameters_without_allocating_them():
     assert offload["stages"][2].optimizer == 0 and offload["stages"][2].cpu_offloaded > 0
 
 
+def test_plan_reports_the_kv_cache_that_cached_generation_allocates():
+    """blt plan's generation KV cache per sequence: the byte-level stacks' equal the caches of an
+    incremental BLT of data.seq_len bytes, the global model's is per patch, and kv_heads divides it."""
+    from blt.generation.incremental import IncrementalBLT
+
+    cfg = tiny()
+    kv = make_plan(cfg, 1, 1, gpu=False)["kv_cache"]  # fp32 on CPU
+    inc = IncrementalBLT(build_model(cfg.model, cfg.patching), 1, cfg.data.seq_len)
+    assert kv["encoder"] == 2 * inc.enc_cache.k.numel() * 4 and kv["decoder"] == 2 * inc.dec_cache.k.numel() * 4
+    assert kv["global_model"] == 2 * inc.glob_cache.k.numel() * 4 / cfg.patching.patch_size
+    heads = cfg.model.global_model.heads
+    mqa = make_plan(tiny("model.global_model.kv_heads=1"), 1, 1, gpu=False)["kv_cache"]
+    assert mqa["global_model"] * heads == kv["global_model"] and mqa["encoder"] == kv["encoder"]
+
+
 def test_plan_cli(capsys):
     code, out, err = run_cli(
         capsys, "plan", CONFIGS / "blt_1b.yaml", "--nodes", 2, "--procs-per-node", 8, "training.grad_accum=4"
     )
     assert code == 0, err
     assert "world size 16" in out and '"gradient_accumulation_steps": 4' in out
+    assert "generation KV cache per sequence" in out
     code, _, err = run_cli(capsys, "plan", CONFIGS / "blt_1b.yaml", "--nodes", 0)
     assert code == 2 and "--nodes" in err
 

@@ -21,9 +21,15 @@ PROMPTS = [b"h\xc3", "The cat sat on", "", "d"]
 
 
 def make(
-    mode: str, hf: bool = False, context: int = 96, seed: int = 0, all_layers: bool = False, kv_heads=None
+    mode: str,
+    hf: bool = False,
+    context: int = 96,
+    seed: int = 0,
+    all_layers: bool = False,
+    kv_heads=None,
+    position: str = "rope",
 ) -> Generator:
-    return Generator(*random_blt(mode, hf, all_layers, seed, kv_heads), context)
+    return Generator(*random_blt(mode, hf, all_layers, seed, kv_heads, position), context)
 
 
 @pytest.mark.parametrize(
@@ -212,15 +218,19 @@ def test_sampling_draws_each_id_with_its_filtered_probability():
     assert together.tolist() == alone
 
 
-@pytest.mark.parametrize("mode,hf,kv_heads", [("entropy", False, None), ("static", True, None), ("learned", False, 2)])
-def test_compiled_generation_equals_eager(mode, hf, kv_heads):
+@pytest.mark.parametrize(
+    "mode,hf,kv_heads,position",
+    [("entropy", False, None, "rope"), ("static", True, None, "rope"), ("learned", False, 2, "alibi")],
+)
+def test_compiled_generation_equals_eager(mode, hf, kv_heads, position):
     """compile=True: the one-byte steps run compiled at fixed shapes and give eager's bytes, greedy
     and sampled, for a batch of ragged prompts that stop at different bytes and pass the context;
     each step is one graph (no graph break), and the decoder stays compiled once rows have stopped
-    (an HF-compatible decoder, which redoes the previous byte, stays eager)."""
+    (an HF-compatible decoder, which redoes the previous byte, stays eager). The learned case has
+    grouped-query attention and ALiBi (its bias over the windowed slots the compiled step gathers)."""
     from torch._dynamo.utils import counters
 
-    eager = make(mode, hf, context=48, all_layers=True, kv_heads=kv_heads)
+    eager = make(mode, hf, context=48, all_layers=True, kv_heads=kv_heads, position=position)
     compiled = Generator(eager.model, eager.patcher, eager.context, compile=True)
     breaks = sum(counters["graph_break"].values())
     for opts in (dict(temperature=0), dict(temperature=0.9, top_p=0.95, seed=3)):
