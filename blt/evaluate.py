@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from blt.config import SeqLen
 from blt.data import OFFSET, PAD_ID, DataError, eval_windows
 from blt.device import autocast_ctx, check_device
 from blt.patching import Patcher
@@ -31,6 +32,7 @@ class EvalOptions:
     batch_size: PosInt = 8  # windows per forward
     max_bytes: PosInt | None = None  # bytes scored at most; None: all
     device: str = "cpu"  # cpu, cuda, cuda:N, mps or auto
+    seq_len: SeqLen | None = None  # bytes per scored window; None: the model's data.seq_len (longer: extrapolation)
 
     def checked(self) -> EvalOptions:
         """Each flag checked (a one-line error naming it) before the (slow) load; device resolved."""

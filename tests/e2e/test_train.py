@@ -44,6 +44,11 @@ def test_quick_start_train_eval_generate_patch(tmp_path, capsys, cache_dir, entr
     assert code == 0, err
     result = json.loads(out)
     assert result["bytes"] == len(held_out.read_bytes()) and 0 < result["bpb"] < 9
+    # shorter windows than training's (--seq-len): the same bytes scored, each window with less context
+    code, out, err = run_cli(capsys, "eval", run, "--data", held_out, "--seq-len", "16")
+    assert code == 0, err
+    short = json.loads(out)
+    assert short["seq_len"] == 16 and short["bytes"] == result["bytes"] and short["bpb"] != result["bpb"]
 
     code, out, err = run_cli(
         capsys,

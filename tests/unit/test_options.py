@@ -73,6 +73,12 @@ def test_a_bad_serve_option_names_its_flag(change, message):
     assert str(e.value) == message
 
 
+def test_a_bad_eval_window_names_its_flag():
+    with pytest.raises(OptionError) as e:
+        check_fields(EvalOptions("m", seq_len=1), flag=True)
+    assert str(e.value) == "--seq-len must be >= 2, got 1"
+
+
 def test_checked_options_hold_the_checked_values():
     opts = check_fields(ServeOptions("m", drain=2, threads=None), flag=True)
     assert opts.drain == 2.0 and isinstance(opts.drain, float) and opts.threads is None
