@@ -8,13 +8,27 @@ Markdown table.
     python bench/serve.py exports/tiny --clients 1 4 16 --max-tokens 256 --repeats 3
 
 Each setting runs --repeats times, alternating with the one-at-a-time baseline; medians are shown.
-The server is started once (`--max-batch` = the largest client count) and warmed up first.
+The server is started once (`--max-batch` = the largest client count) and warmed up first;
+`--paged MB` starts it with `--kv-cache-mb MB` (paged KV caches).
+
+The paged KV cache, in this process (no server):
+
+    python bench/serve.py runs/tiny --kv-mb 64 --context 4096               # rows held at 64 MB
+    python bench/serve.py runs/tiny --kv-mb 16 --block-sizes 8 16 32 64 128 --threads 1   # and bytes/s
+
+Rows held at a fixed KV memory: prompts of mixed lengths (log-uniform, 64 to 4096 bytes, capped at
+the context) join an engine with `kv_cache_mb` MB of paged caches, 4 at a time, until one has to
+wait; against contiguous caches, where every row holds the whole context in every cached
+Transformer. Block sizes: a cached generation of 16 rows (prompts of 64 to 512 bytes, 64 bytes
+each, greedy) with the paged cache at each block size and with contiguous caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -106,6 +120,97 @@ def run(url: str, model: str, clients: int, requests: int, max_tokens: int) -> d
     }
 
 
+def mixed_prompts(n: int, lo: int, hi: int, seed: int = 0) -> list[list[int]]:
+    """n rows of byte ids ([BOS] + a held-out Shakespeare passage), lengths log-uniform in [lo, hi]."""
+    from blt.data.corpus import BUNDLED_DIR
+    from blt.tokens import BOS_ID, OFFSET
+
+    text = b"".join(p.read_bytes() for p in sorted((BUNDLED_DIR / "val").iterdir()))
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(math.exp(rng.uniform(math.log(lo), math.log(hi))))
+        at = rng.randrange(len(text) - length)
+        out.append([BOS_ID] + [b + OFFSET for b in text[at : at + length]])
+    return out
+
+
+def kv_section(args) -> None:
+    """Rows held at --kv-mb MB, contiguous against paged (at each of --block-sizes); with
+    --block-sizes, also cached generation's bytes/s at each."""
+    import torch
+
+    from blt.artifacts import load_model
+    from blt.device import check_device
+    from blt.generation.cached import cached_transformers
+    from blt.generation.engine import Engine, Params, Row
+    from blt.generation.paged import BLOCK_SIZE, BlockPool
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    loaded = load_model(args.model, check_device(args.device))
+    model, patcher = loaded.model, loaded.patcher
+    context = args.context or loaded.cfg.data.seq_len
+    per_position = sum(BlockPool.block_bytes(tf, 1, dt) for tf, _, dt in cached_transformers(model, patcher).values())
+    row_mb = per_position * context / 2**20  # a contiguous row: the whole context in every cached Transformer
+    contiguous = int(args.kv_mb // row_mb)
+    sizes = args.block_sizes or [BLOCK_SIZE]
+    hi = min(4096, context)
+    prompts = mixed_prompts(4096, min(64, hi), hi)
+    print(
+        f"`{args.model}` ({args.device}), context {context} bytes, {args.kv_mb:g} MB of KV cache "
+        f"({per_position} bytes per position of every cached Transformer), prompts {min(64, hi)}-{hi} bytes "
+        f"(log-uniform, admitted 4 at a time until one waits)\n"
+    )
+    print("| KV cache | rows held | mean prompt (bytes) | blocks used / total | at the full context | at 256 bytes |")
+    print("|---|---|---|---|---|---|")
+    print(f"| contiguous | {contiguous} | - | - | {contiguous} | {contiguous} |")
+    for size in sizes:
+        engine = Engine(model, patcher, context, kv_cache_mb=args.kv_mb, block_size=size)
+        limit = engine.pools.limit  # the longest prompt (ids) the pools hold
+        with torch.inference_mode():
+            for i in range(0, len(prompts), 4):
+                engine.add([Row(p[-limit:], Params(max_bytes=1 << 20, temperature=0)) for p in prompts[i : i + 4]])
+                if engine.waiting:
+                    break
+        pool, lengths = engine.pools.stats(), [len(r.ids) - 1 for r in engine.rows]
+        full, typical = engine.pools.rows_at(context), engine.pools.rows_at(min(256, context))
+        print(
+            f"| paged, blocks of {size} | {len(engine.rows)} | {statistics.mean(lengths or [0]):.0f} | "
+            f"{pool['used']} / {pool['blocks']} | {full} | {typical} |",
+            flush=True,
+        )
+    if not args.block_sizes:
+        return
+    rows = mixed_prompts(16, min(64, context // 2), min(512, context // 2), seed=1)
+    room = 16 * row_mb  # what 16 contiguous rows take: the paged pools hold all 16 rows too
+    settings = [None, *args.block_sizes]
+    times: dict = {b: [] for b in settings}
+
+    def generate(block_size) -> float:
+        budget = None if block_size is None else room
+        e = Engine(model, patcher, context, kv_cache_mb=budget, block_size=block_size or BLOCK_SIZE)
+        t = time.perf_counter()
+        with torch.inference_mode():
+            e.add([Row(list(p), Params(max_bytes=64, temperature=0)) for p in rows])
+            assert not e.waiting
+            while e.active:
+                e.step()
+        return 16 * 64 / (time.perf_counter() - t)
+
+    generate(None)  # warm-up
+    for _ in range(args.repeats):  # alternate: the machine's speed drifts
+        for b in settings:
+            times[b].append(generate(b))
+    print(f"\ncached generation, 16 rows x 64 bytes, greedy, {room:.0f} MB; medians of {args.repeats} runs\n")
+    print("| KV cache | bytes/s | against contiguous |")
+    print("|---|---|---|")
+    base = statistics.median(times[None])
+    for b in settings:
+        med = statistics.median(times[b])
+        print(f"| {'contiguous' if b is None else f'paged, blocks of {b}'} | {med:.0f} | {med / base:.2f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="run dir, checkpoint or export")
@@ -113,8 +218,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=256, help="bytes per request")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    ap.add_argument("--threads", type=int, default=None, help="the server's --threads (--kv-mb: this process's)")
+    ap.add_argument("--paged", type=float, default=None, metavar="MB", help="the server's --kv-cache-mb")
+    ap.add_argument("--kv-mb", type=float, default=None, help="the paged KV cache section instead (in process)")
+    ap.add_argument("--context", type=int, default=None, help="--kv-mb: the context (default: the model's)")
+    ap.add_argument("--block-sizes", type=int, nargs="*", default=[], help="--kv-mb: also time these block sizes")
     args = ap.parse_args()
+    if args.kv_mb is not None:
+        return kv_section(args)
     port, top = free_port(), max(args.clients)
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -133,6 +244,7 @@ def main() -> None:
             "--name",
             "bench",
             *(["--threads", str(args.threads)] if args.threads else []),
+            *(["--kv-cache-mb", str(args.paged)] if args.paged else []),
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -147,6 +259,7 @@ def main() -> None:
                 time.sleep(0.1)
         run(url, "bench", 4, 4, 32)  # warm-up
         threads = f", --threads {args.threads}" if args.threads else ""
+        threads += f", --kv-cache-mb {args.paged:g}" if args.paged else ""
         print(
             f"`blt serve {args.model}{threads}` ({args.device}), streaming, {args.max_tokens} bytes per request, "
             f"temperature 0.8, top-p 0.95; medians of {args.repeats} runs\n"
@@ -173,6 +286,7 @@ def main() -> None:
         print(
             f"\nserver: {stats['steps']} batched steps, mean {stats['mean_batch']:.1f} rows per step, "
             f"largest batch {stats['max_batch_seen']}"
+            + (f", {stats['preemptions']} preemptions" if "kv_cache" in stats else "")
         )
     finally:
         server.terminate()

@@ -51,6 +51,28 @@ def _cmd_prepare(args) -> None:
     run(from_args(PrepareOptions, args))
 
 
+def _cmd_tokenizer_train(args) -> None:
+    from blt.subword import TrainOptions, train
+    from blt.typed import from_args
+
+    train(from_args(TrainOptions, args))
+
+
+def add_tokenizer_parser(sub) -> None:
+    """`blt tokenizer train`: the flags of TrainOptions (blt/subword.py), which holds their defaults."""
+    tk = sub.add_parser("tokenizer", help="subword tokenizers for the token baseline (HF tokenizers)")
+    tsub = tk.add_subparsers(dest="tokenizer_command", required=True)
+    tr = tsub.add_parser("train", help="train a byte-level BPE on the inputs blt prepare reads")
+    tr.add_argument("sources", nargs="*", help="files, directories, globs (txt, jsonl, json, parquet; .gz/.zst)")
+    tr.add_argument("--out", required=True, help="the tokenizer directory to write (new, or empty)")
+    opt = functools.partial(tr.add_argument, default=argparse.SUPPRESS)
+    opt("--vocab", type=int, help="vocabulary size (256 bytes + <|endoftext|> + merges)")
+    opt("--min-frequency", type=int, help="a merged pair occurs at least this often")
+    opt("--text-field", help="the text column of json/jsonl/parquet (default: data.text_field's)")
+    opt("--sample-by", help="plain text: document, paragraph or line (default: data.sample_by's)")
+    tr.set_defaults(func=_cmd_tokenizer_train)
+
+
 def add_prepare_parser(sub) -> None:
     """The flags of PrepareOptions (blt/train/prepare_job.py), which holds their defaults: a flag
     left out is absent here (SUPPRESS) and keeps the field's default, data.*'s for the data settings."""
@@ -91,8 +113,9 @@ def _cmd_eval(args) -> None:
         val = prepare_data(cfg.data, log=log).val_tokens(opts.max_bytes)
         tokens = np.concatenate([t[0 : len(t)] for _, t in val])
         source = "validation split of the run's data config"
-    result = evaluate(model, patcher, tokens, cfg.data.seq_len, opts.batch_size, opts.max_bytes, opts.device)
-    print(json.dumps({**result, "checkpoint": str(step_dir), "data": source}))
+    seq_len = opts.seq_len or cfg.data.seq_len
+    result = evaluate(model, patcher, tokens, seq_len, opts.batch_size, opts.max_bytes, opts.device)
+    print(json.dumps({**result, "seq_len": seq_len, "checkpoint": str(step_dir), "data": source}))
 
 
 def _cmd_generate(args) -> None:
@@ -100,11 +123,18 @@ def _cmd_generate(args) -> None:
     from blt.errors import UserError
     from blt.generation import Generator, stream_text
     from blt.generation.sampling import check_sampling
+    from blt.typed import PosFloat, check_option
 
     check_sampling(args.max_bytes, args.temperature, args.top_k, args.top_p, args.seed, flag=True)
     if args.compile and args.no_cache:
         raise UserError("--compile compiles the cached path's one-byte steps; drop --no-cache or --compile")
-    gen = Generator.load(args.checkpoint, check_device(args.device, "--device"), compile=args.compile)
+    if args.kv_cache_mb is not None:
+        check_option("kv_cache_mb", args.kv_cache_mb, PosFloat, flag=True)
+        if args.compile:
+            raise UserError("--compile runs contiguous KV caches, not paged ones; drop --compile or --kv-cache-mb")
+    device = check_device(args.device, "--device")
+    kv = dict(kv_cache_mb=args.kv_cache_mb, budget_name="--kv-cache-mb")
+    gen = Generator.load(args.checkpoint, device, compile=args.compile, **kv)
     # argv arrives as str with surrogate escapes for bytes that are not UTF-8: os.fsencode gives them back
     prompts = [os.fsencode(p) for p in args.prompt or [""]]
     stops = [os.fsencode(s.replace("\\n", "\n").replace("\\t", "\t")) for s in args.stop or []]
@@ -331,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     add_prepare_parser(sub)
+    add_tokenizer_parser(sub)
 
     e = sub.add_parser("eval", help="bits per byte of a checkpoint on held-out text")
     e.add_argument("checkpoint", help="run dir or checkpoint dir")
@@ -339,6 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--batch-size", type=int)
     opt("--max-bytes", type=int)
     opt("--device")
+    opt("--seq-len", type=int, help="bytes per scored window (default: the model's data.seq_len)")
     e.set_defaults(func=_cmd_eval)
 
     g = sub.add_parser("generate", help="sample bytes from a checkpoint")
@@ -356,6 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="torch.compile the one-byte steps (tens of seconds of compiling first; in fp32 the same bytes)",
     )
+    g.add_argument("--kv-cache-mb", type=float, default=None, help="paged KV caches of this many MB in all")
     g.add_argument("--json", action="store_true", help="print {prompt, text} JSON lines instead of streaming")
     g.add_argument("--stats", action="store_true", help="print bytes/s and global-model calls to stderr")
     g.add_argument("--device", default="cpu")
@@ -443,6 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
     opt("--name", help="the model's name in the API (default: the MODEL dir's name)")
     opt("--drain", type=float, help="seconds Ctrl-C lets running requests finish")
     opt("--threads", type=int, help="CPU threads for the model (default on CPU: one fewer than the cores)")
+    opt("--kv-cache-mb", type=float, help="paged KV caches of this many MB in all (default: the context per row)")
     s.set_defaults(func=_cmd_serve)
     return p
 

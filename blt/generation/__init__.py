@@ -9,6 +9,7 @@ incremental.py  IncrementalBLT / IncrementalByteLM: the whole model fed bytes as
                 through the model's own `step` methods (no model math here)
 static_step.py  the compiled one-byte steps (the model's `step` at fixed shapes)
 kv_cache.py     one cache per Transformer (bytes or patches), rows of different lengths; FixedSlots
+paged.py        the paged KV cache (blocks from one pool per Transformer) and its MB budget
 
 from blt.generation import Generator
 Generator.load("exports/tiny").generate(["ROMEO."], max_bytes=100, temperature=0.8, seed=0)

@@ -6,7 +6,7 @@ lm-eval (up to float rounding of batched matrix products).
 
     engine = Engine(model, patcher, context=512)
     engine.add([Row(ids, Params(max_bytes=64, temperature=0.8, seed=0))])   # [BOS] + prompt ids
-    while engine.rows:
+    while engine.active:
         for row, byte in engine.step(): ...   # byte None: the row ended with EOS; row.finish says why
 
 A step samples one byte for every row from the logits of its last byte, then the rows that
@@ -15,6 +15,12 @@ are fed their new byte:
 - cached (default): one batched incremental step (cached.py); rows added are prefilled together
   (their whole prompt in one call) and join the batch; a row whose context is full restarts alone
   on the last half of its context (a fresh state, joined to the batch), the others go on.
+- paged (`kv_cache_mb`): the KV caches are paged (paged.py), every component's blocks from one
+  pool, the pools together `kv_cache_mb` MB. Rows wait (`waiting`) until the pools have room for
+  their prompt; when a step would run the pools dry, the newest rows are preempted: their blocks
+  go back and they wait to be prefilled again from their ids (their RNG kept, so their bytes do
+  not change). A prompt longer than the whole pools hold is refused (KVBudgetError); a row that
+  alone outgrows them restarts on the last half of its context, as a full context does.
 - uncached (`cached=False`): every step recomputes each row's last `context` bytes (re-patched),
   one forward per row (`forward`, default the patcher's); it needs no cache, so it also serves a
   model whose weights are partitioned (ZeRO-3: the driver keeps the ranks' forwards in step).
@@ -23,12 +29,14 @@ are fed their new byte:
 from __future__ import annotations
 
 import collections
+import itertools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from blt.generation.cached import CachedState
+from blt.generation.cached import CachedState, cached_transformers
+from blt.generation.paged import BLOCK_SIZE, KVBudgetError, KVPools, PoolFull
 from blt.generation.sampling import byte_logits, sample_next
 from blt.generation.static_step import OneByteSteps
 from blt.tokens import EOS_ID, OFFSET, VOCAB_SIZE
@@ -55,6 +63,7 @@ class Row:
     finish: str | None = None  # "stop", "length" or "cancelled" once it has ended
     cancelled: bool = False  # set by the driver (another thread may): the row leaves at the next step
     gen: torch.Generator | None = None  # its RNG, seeded with params.seed when it joins
+    start: int = 0  # where the context its cache holds begins in ids (set by the engine)
 
 
 class Engine:
@@ -66,10 +75,27 @@ class Engine:
         cached: bool = True,
         steps: OneByteSteps | None = None,
         forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        kv_cache_mb: float | None = None,
+        block_size: int = BLOCK_SIZE,
+        budget_name: str = "kv_cache_mb",
     ):
         """cached=False: recompute every row's context each step (`forward`: (1, T) ids -> (1, T, V)
-        logits, default the patcher's forward of the model). steps: the compiled one-byte steps."""
+        logits, default the patcher's forward of the model). steps: the compiled one-byte steps.
+        kv_cache_mb: paged KV caches in pools of that many MB together (None: a contiguous cache of
+        the whole context per row; not with `steps`); budget_name: the option errors name."""
         self.model, self.patcher, self.context, self.cached, self.steps = model, patcher, context, cached, steps
+        self.pools = None
+        if kv_cache_mb is not None and cached:
+            if steps is not None:
+                raise KVBudgetError(
+                    f"the compiled one-byte steps run contiguous KV caches: drop compile or {budget_name}"
+                )
+            p = next(model.parameters())
+            self.pools = KVPools(
+                cached_transformers(model, patcher), kv_cache_mb, context, block_size, p.device, budget_name
+            )
+        self.waiting: collections.deque[Row] = collections.deque()  # rows waiting for room in the pools
+        self._stuck = False  # a prefill ran the pools dry: admit no more until a row leaves
         self.forward = forward or (lambda ids: patcher.forward(model, ids)[0])
         self.device = next(model.parameters()).device
         self.rows: list[Row] = []
@@ -77,19 +103,32 @@ class Engine:
         self.logits: torch.Tensor | None = None  # (B, V) every row's next-byte logits (cached)
         self.counts = collections.Counter()  # global calls/patches of states let go, prefills, restarts
 
+    @property
+    def active(self) -> bool:
+        """Whether rows are running or waiting for room in the KV-cache pools."""
+        return bool(self.rows or self.waiting)
+
     def add(self, rows: Sequence[Row]) -> list[Row]:
-        """Rows join the batch (cached: prefilled together, one call); a row with max_bytes 0 ends at
-        once ("length"). Returns the rows that ended so."""
+        """Rows join the batch (cached: prefilled together, one call; paged: those the pools have
+        room for, the others wait); a row with max_bytes 0 ends at once ("length"). Returns the rows
+        that ended so. Paged, a prompt longer than the whole pools hold raises KVBudgetError first."""
+        if self.pools is not None:
+            for r in rows:
+                self.pools.check(len(r.ids))
         ended = []
         for r in rows:
             r.gen = torch.Generator(device=self.device).manual_seed(r.params.seed)
+            r.start = max(0, len(r.ids) - self.context)
             if r.params.max_bytes == 0:
                 r.finish = "length"
                 ended.append(r)
         new = [r for r in rows if r.finish is None]
+        if self.pools is not None:
+            self.waiting.extend(new)
+            self._admit()
+            return ended
         if new and self.cached:
-            state, logits = self._prefill([r.ids for r in new])
-            self._join(state, logits)
+            self._join(*self._prefill(new))
         self.rows += new
         return ended
 
@@ -97,6 +136,9 @@ class Engine:
         """One byte for every row -> (row, byte value) for each, None for a row that produced EOS;
         rows that ended (`finish` set) or were cancelled have left the batch afterwards."""
         self._keep([i for i, r in enumerate(self.rows) if not r.cancelled])
+        if self.waiting:
+            self.waiting = collections.deque(r for r in self.waiting if not r.cancelled)
+            self._admit()
         if not self.rows:
             return []
         logits = self.logits if self.cached else self._recompute()
@@ -121,12 +163,21 @@ class Engine:
         lens = self.state.lens.tolist()
         full = [self.rows[i] for i in alive if lens[i] + 1 > self.context]
         self._keep([i for i in alive if lens[i] + 1 <= self.context])
+        if self.pools is not None:
+            self._make_room()
         if self.rows:
             self.logits = self.state.feed([[r.ids[-1]] for r in self.rows])
         if full:
             self.counts["restarts"] += len(full)
-            self._join(*self._prefill([r.ids[-(self.context // 2) :] for r in full]))
-            self.rows += full
+            for r in full:
+                r.start = len(r.ids) - self.context // 2
+            if self.pools is None:
+                self._join(*self._prefill(full))
+                self.rows += full
+            else:
+                self.waiting.extendleft(reversed(full))  # first in line
+        if self.waiting:
+            self._admit()
         return events
 
     def global_counts(self) -> tuple[int, int]:
@@ -136,11 +187,77 @@ class Engine:
 
     # ------------------------------------------------------------------------- the batch
 
-    def _prefill(self, seqs: list[list[int]]) -> tuple[CachedState, torch.Tensor]:
-        """A fresh cached state for these rows, fed each one's last `context` ids -> (B, V) logits."""
+    def _prefill(self, rows: list[Row]) -> tuple[CachedState, torch.Tensor]:
+        """A fresh cached state for these rows, fed each one's ids from its `start` -> (B, V) logits.
+        Paged: PoolFull (the state's blocks given back) if the pools run dry."""
         self.counts["prefills"] += 1
-        state = CachedState(self.model, self.patcher, len(seqs), self.context, self.steps)
-        return state, state.feed([s[-self.context :] for s in seqs])
+        state = CachedState(self.model, self.patcher, len(rows), self.context, self.steps, self.pools)
+        try:
+            seqs = [r.ids[r.start :] for r in rows]
+            return state, state.feed(seqs) if self.pools is None else state.prefill(seqs, self.pools.chunk)
+        except PoolFull:
+            state.release()
+            raise
+
+    def _admit(self) -> None:
+        """Paged: waiting rows join in order (prefilled together) while the pools have room for their
+        prompts and the next byte of every row; a row alone that the pools cannot hold restarts on
+        the last half of its context."""
+        most = len(self.waiting)
+        while self.waiting and not self._stuck:
+            batch = self._fitting(most)
+            if not batch:
+                return
+            try:
+                self._join(*self._prefill(batch))
+            except PoolFull:  # more patches than the mean patch size gives
+                if len(batch) > 1:
+                    most = len(batch) // 2
+                elif self.rows:
+                    self._stuck = True
+                else:
+                    self._shorten(batch[0])
+                continue
+            for _ in batch:
+                self.waiting.popleft()
+            self.rows += batch
+            most = len(self.waiting)
+
+    def _fitting(self, most: int) -> list[Row]:
+        """The first waiting rows (at most `most`) whose prefills the pools have blocks for, leaving a
+        block per row for its next byte; the first row alone if nothing runs."""
+        free = {name: pool.free for name, pool in self.pools.pools.items()}
+        batch = []
+        for r in itertools.islice(self.waiting, most):
+            need = self.pools.need(len(r.ids) - r.start)
+            rows = len(self.rows) + len(batch) + 1
+            if any(need[name] + rows > free[name] for name in free):
+                if not batch and not self.rows:
+                    batch.append(r)  # alone: try it (the pools may hold it)
+                break
+            batch.append(r)
+            free = {name: f - need[name] for name, f in free.items()}
+        return batch
+
+    def _make_room(self) -> None:
+        """Paged: preempt the newest rows until every row's next byte fits in the pools; a preempted
+        row's blocks go back and it waits first in line, to be prefilled again from its ids."""
+        while self.rows and not self.state.room(1):
+            row = self.rows[-1]
+            if len(self.rows) == 1:
+                self._shorten(row)  # alone, it outgrew the pools
+            else:
+                self.counts["preemptions"] += 1
+            self._keep(list(range(len(self.rows) - 1)))
+            self.waiting.appendleft(row)
+
+    def _shorten(self, row: Row) -> None:
+        """The row restarts on the last half of its context (alone, the pools cannot hold it)."""
+        length = len(row.ids) - row.start
+        if length <= 1:
+            raise KVBudgetError(f"{self.pools.what} {self.pools.mb:g} holds no row: raise {self.pools.what}")
+        row.start = len(row.ids) - length // 2
+        self.counts["restarts"] += 1
 
     def _join(self, state: CachedState, logits: torch.Tensor) -> None:
         """Add a prefilled state's rows after the batch's."""
@@ -154,10 +271,11 @@ class Engine:
         """Only rows[keep] go on."""
         if len(keep) == len(self.rows):
             return
-        self.rows = [self.rows[i] for i in keep]
+        self.rows, self._stuck = [self.rows[i] for i in keep], False
         if self.state is None:
             return
-        if not keep:  # let the state go, keep its counts
+        if not keep:  # let the state go (its blocks back to the pools), keep its counts
+            self.state.release()
             calls, patches = self.state.counts()
             self.counts["global_calls"] += calls
             self.counts["global_patches"] += patches

@@ -16,6 +16,9 @@ whole sequence at the last byte.
     inc = IncrementalBLT(model, batch=2, capacity=1024)
     logits = inc.feed(tokens, starts, valid)   # (B, n) new bytes, (B, n) starts, (B,) how many -> (B, V)
     logits = inc.feed(tokens, decide, valid)   # decide((B, n) router probabilities or None) -> (B, n) starts
+
+With `pools` (paged.py: a BlockPool per component, "encoder", "decoder", "global"; the byte LM's
+one pool) the KV caches are paged: rows take blocks as they grow and give them back as they leave.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from functools import partial
 import torch
 
 from blt.generation.kv_cache import CacheFullError, KVCache
+from blt.generation.paged import BlockPool, PagedKVCache
 from blt.generation.static_step import OneByteSteps
 from blt.model.attention import one_patch_attention, patch_state_attention, source_patches_at
 
@@ -40,14 +44,35 @@ def _steps_for(tf, steps: OneByteSteps | None) -> OneByteSteps | None:
     return steps if steps is not None and tf.pattern is None else None
 
 
+def _new_cache(tf, batch: int, capacity: int, pool: BlockPool | None, device, dtype) -> KVCache:
+    """A paged cache on `pool`, or a contiguous one of `capacity` positions per row."""
+    return (
+        PagedKVCache(pool, batch, capacity)
+        if pool is not None
+        else KVCache.for_transformer(tf, batch, capacity, device, dtype)
+    )
+
+
+def _expect(cache: KVCache, valid: torch.Tensor) -> None:
+    """Tell a paged cache that its next step keeps valid[b] positions of row b (padding takes no blocks)."""
+    if isinstance(cache, PagedKVCache):
+        cache.expect(valid)
+
+
+def _check_paged(steps: OneByteSteps | None, pools) -> None:
+    if steps is not None and pools is not None:
+        raise ValueError("the compiled one-byte steps run contiguous KV caches, not paged ones")
+
+
 class IncrementalByteLM:
     """The byte LM (entropy model or baseline) one chunk of bytes at a time; `steps`: the compiled
     one-byte steps (static_step.py), used for one new byte per row."""
 
-    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None):
+    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None, pool=None):
+        _check_paged(steps, pool)
         p = next(model.parameters())
         self.model = model
-        self.cache = KVCache.for_transformer(model.transformer, batch, capacity, p.device, p.dtype)
+        self.cache = _new_cache(model.transformer, batch, capacity, pool, p.device, p.dtype)
         self.steps = _steps_for(model.transformer, steps)
 
     @property
@@ -62,19 +87,25 @@ class IncrementalByteLM:
         """Add the rows of `other` (the same model and capacity) after these."""
         self.cache.append(other.cache)
 
+    @property
+    def caches(self) -> list[KVCache]:
+        return [self.cache]
+
     @torch.no_grad()
     def feed(self, tokens: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """(B, n) new byte ids, (B,) valid counts -> (B, n, V) next-byte logits at each new byte."""
         m = self.model
         if self.steps is not None and tokens.shape[1] == 1:
             return self.steps.byte_lm(m, tokens, self.cache, valid)
+        _expect(self.cache, valid)
         return m.step(tokens, self.cache, valid)
 
 
 class IncrementalBLT:
     """BLT one chunk of bytes at a time; see the module docstring."""
 
-    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None):
+    def __init__(self, model, batch: int, capacity: int, steps: OneByteSteps | None = None, pools=None):
+        _check_paged(steps, pools)
         p = next(model.parameters())
         dev, dt, cfg = p.device, p.dtype, model.cfg
         self.model, self.capacity = model, capacity
@@ -82,9 +113,11 @@ class IncrementalBLT:
         # the compiled one-byte steps (static_step.py), per component that can use them
         self.enc_steps, self.dec_steps = _steps_for(enc.transformer, steps), _steps_for(dec.transformer, steps)
         self.k, self.hf, D = cfg.cross_attn_k, cfg.hf_compat, cfg.encoder.dim
-        self.enc_cache = KVCache.for_transformer(enc.transformer, batch, capacity, dev, dt)
-        self.dec_cache = KVCache.for_transformer(dec.transformer, batch, capacity, dev, dt)
-        self.glob_cache = KVCache.for_transformer(model.global_transformer.transformer, batch, capacity, dev, dt)
+        pool = (lambda name: None) if pools is None else pools.__getitem__
+        self.enc_cache = _new_cache(enc.transformer, batch, capacity, pool("encoder"), dev, dt)
+        self.dec_cache = _new_cache(dec.transformer, batch, capacity, pool("decoder"), dev, dt)
+        glob = model.global_transformer.transformer
+        self.glob_cache = _new_cache(glob, batch, capacity, pool("global"), dev, dt)  # patch-level
         self.tokens = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) bytes so far
         self.patch_ids = torch.zeros(batch, capacity, dtype=torch.long, device=dev)  # (B, C) patch of each byte
         self.h = torch.zeros(batch, capacity, D, device=dev, dtype=dt)  # (B, C, D) encoder states, byte-level
@@ -102,6 +135,10 @@ class IncrementalBLT:
         self.global_patches = 0  # patches the global Transformer processed
         self.patch_conf = torch.ones(batch, capacity, device=dev)  # (B, C) router confidence of patch p's start
         self.smoothed = torch.zeros(batch, cfg.global_model.dim, device=dev, dtype=dt)  # (B, Dg)
+
+    @property
+    def caches(self) -> list[KVCache]:
+        return [self.enc_cache, self.dec_cache, self.glob_cache]
 
     _ROWS = ("tokens", "patch_ids", "h", "patch_start", "lens", "done", "cur_pid", "patch_conf", "smoothed")
 
@@ -178,6 +215,7 @@ class IncrementalBLT:
         if self.enc_steps is not None and n == 1:
             h = self.enc_steps.encode(enc, tokens, context, self.enc_cache, valid)  # (B, 1, D)
         else:
+            _expect(self.enc_cache, valid)
             h = enc.step(tokens, context, self.enc_cache, valid)  # (B, n, D)
         self.h.scatter_(1, slots[..., None].expand_as(h), h)
         return h
@@ -230,6 +268,7 @@ class IncrementalBLT:
         order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
         packed = summaries.new_zeros(len(todo), m, summaries.shape[-1])
         packed[rows_t, order] = summaries
+        _expect(self.glob_cache, todo)
         g = glob.step(packed, self.glob_cache, todo)  # (B, m, Dg)
         if self.routed:
             g = self._smooth(g, todo)
@@ -266,6 +305,7 @@ class IncrementalBLT:
         at = (torch.arange(B, device=h.device)[:, None], src.clamp(min=0))  # each byte's source patch
         kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
         local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
+        _expect(self.dec_cache, count)
         x = dec.step(h, kv, partial(patch_state_attention, valid=src >= 0), local, self.dec_cache, count)  # (B, n2, D)
         if every:  # not HF: the n2 decoded bytes are the new ones (padding past valid[b])
             return dec.logits(x)  # (B, n2, V) byte-level

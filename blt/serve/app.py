@@ -6,13 +6,13 @@ events, or whole), the model list and a health check, over one continuous `Batch
     POST /v1/completions        prompt (a string, strings, or byte values), max_tokens (bytes), ...
     POST /v1/chat/completions   messages, rendered by protocol.render_chat
     GET  /v1/models             the one model served, named `name`
-    GET  /health                {"status": "ok", ...the batcher's counters}
+    GET  /health                {"status": "ok", ...the batcher's counters, "kv_cache": the pools (paged)}
     GET  /                      the model's name and these endpoints
 
 Errors use OpenAI's shape, {"error": {"message", "type", "param", "code"}}: 400 for a malformed
-body or a bad value (the field named), 401 without the bearer key when one is set (checked before
-the body is read), 404 for another model name, 429 when the queue is full, 503 when the server
-stops before a request is done.
+body or a bad value (the field named) or a prompt longer than the paged KV cache holds, 401
+without the bearer key when one is set (checked before the body is read), 404 for another model
+name, 429 when the queue is full, 503 when the server stops before a request is done.
 A client that goes away (a closed stream, a dropped connection) frees its rows at the next step.
 """
 
@@ -31,6 +31,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from blt.generation.engine import Row
+from blt.generation.paged import KVBudgetError
 from blt.serve.batcher import Batcher, QueueFull
 from blt.serve.protocol import ChatRequest, CompletionRequest, Limits, RequestError, chat_jobs, completion_jobs
 from blt.serve.text import ChoiceText
@@ -147,6 +148,11 @@ def create_app(batcher: Batcher, name: str, limits: Limits, api_key: str | None 
         rows = [
             Row([BOS_ID] + [b + OFFSET for b in prompt], params, emitter(i)) for i, (prompt, params) in enumerate(jobs)
         ]
+        try:  # a prompt the whole KV-cache pools cannot hold would never run
+            for r in rows:
+                batcher.check_prompt(len(r.ids))
+        except KVBudgetError as e:
+            raise RequestError(str(e), "messages" if isinstance(req, ChatRequest) else "prompt") from None
         texts = [ChoiceText(params.stop, prompt) for prompt, params in jobs]
         batcher.submit(rows)
         usage = {"prompt_tokens": sum(len(p) for p, _ in jobs[:: req.n]), "completion_tokens": 0}

@@ -8,11 +8,17 @@ instead of waiting in turn.
     batcher.submit([row])                             # QueueFull when the queue has no room
     # emit(data: bytes, finish: str | None) is called from the model thread after every step
     batcher.stop()                                    # every unfinished row ends with "cancelled"
+    Batcher(model, patcher, context=512, kv_cache_mb=64)   # paged KV caches, 64 MB in all
 
 One step: rows that arrived join the engine (prefilled together), the engine samples one byte for
 every row with the row's own seeded RNG and feeds the rest, and every row's byte (or end) is
 emitted. So a row's bytes are those `Generator` gives for its prompt alone with the same seed,
 whatever else shares the batch (up to float rounding of batched matrix products).
+
+With `kv_cache_mb` the KV caches are paged (blt/generation/paged.py): the batch is bounded by
+memory as well as by `max_batch`. Rows handed to the engine wait there until its pools have room
+for their prompts, and rows the pools cannot hold mid-generation are preempted and prefilled again
+later (the same bytes); `check_prompt` refuses a prompt the whole pools cannot hold.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import threading
 import torch
 
 from blt.generation.engine import Engine, Row
+from blt.generation.paged import KVPools
 
 
 class QueueFull(RuntimeError):
@@ -30,9 +37,14 @@ class QueueFull(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model, patcher, context: int, max_batch: int = 16, max_queue: int = 256):
+    def __init__(
+        self, model, patcher, context: int, max_batch: int = 16, max_queue: int = 256, kv_cache_mb: float | None = None
+    ):
+        """kv_cache_mb: paged KV caches of that many MB in all (None: a contiguous cache of the whole
+        context per row); a budget too small for one block per pool raises KVBudgetError here."""
         self.model, self.patcher, self.context = model, patcher, context
-        self.max_batch, self.max_queue = max_batch, max_queue
+        self.max_batch, self.max_queue, self.kv_cache_mb = max_batch, max_queue, kv_cache_mb
+        self._engine = self._new_engine()
         self._waiting: collections.deque[Row] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -49,7 +61,21 @@ class Batcher:
             "waiting": 0,
             "errors": 0,
             "cancelled": 0,
+            "preemptions": 0,
         }
+
+    def _new_engine(self) -> Engine:
+        return Engine(self.model, self.patcher, self.context, kv_cache_mb=self.kv_cache_mb, budget_name="--kv-cache-mb")
+
+    @property
+    def pools(self) -> KVPools | None:
+        """The engine's KV-cache pools (None: contiguous caches)."""
+        return self._engine.pools
+
+    def check_prompt(self, ids: int) -> None:
+        """KVBudgetError if a prompt of `ids` ids (BOS included) cannot fit in the whole pools."""
+        if self.pools is not None:
+            self.pools.check(ids)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="blt-batcher", daemon=True)
@@ -65,7 +91,7 @@ class Batcher:
                     f"{len(self._waiting)} sequences are waiting for the batch (at most {self.max_queue}); retry later"
                 )
             self._waiting.extend(rows)
-            self.counters["waiting"] = len(self._waiting)
+            self.counters["waiting"] = len(self._waiting) + len(self._engine.waiting)
             self._cond.notify()
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -77,29 +103,30 @@ class Batcher:
             self._thread.join(timeout)
 
     def _run(self) -> None:
-        engine = Engine(self.model, self.patcher, self.context)
+        engine = self._engine
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._waiting and not engine.rows and not self._stopping:
+                    while not self._waiting and not engine.active and not self._stopping:
                         self._cond.wait()
                     if self._stopping:
                         break
-                    room = self.max_batch - len(engine.rows)
+                    room = self.max_batch - len(engine.rows) - len(engine.waiting)  # the engine's waiting rows count
                     new = [self._waiting.popleft() for _ in range(min(room, len(self._waiting)))]
-                    self.counters["waiting"] = len(self._waiting)
+                    self.counters["waiting"] = len(self._waiting) + len(engine.waiting)
                 try:
                     self._step(engine, new)
                 except Exception as e:  # a failing step ends its rows, never the server
-                    for r in engine.rows + new:
+                    for r in engine.rows + list(engine.waiting) + new:
                         if r.finish is None:
                             r.finish = "error"
                             r.emit(f"{type(e).__name__}: {e}".encode(), "error")
-                    engine = Engine(self.model, self.patcher, self.context)
+                    engine = self._engine = self._new_engine()
                     self.counters["errors"] += 1
                 self.counters["running"] = len(engine.rows)
+                self.counters["waiting"] = len(self._waiting) + len(engine.waiting)
         with self._cond:
-            for r in engine.rows + list(self._waiting):
+            for r in engine.rows + list(engine.waiting) + list(self._waiting):
                 if r.finish is None:
                     r.finish = "cancelled"
                     r.emit(b"", "cancelled")
@@ -108,8 +135,8 @@ class Batcher:
     def _step(self, engine: Engine, new: list[Row]) -> None:
         """New rows join (rows cancelled while waiting do not); one engine step (one batched model
         step for every running row); every row's byte or end is emitted."""
-        self.counters["cancelled"] += sum(r.cancelled for r in engine.rows) + sum(r.cancelled for r in new)
-        prefills = engine.counts["prefills"]
+        self.counters["cancelled"] += sum(r.cancelled for r in [*engine.rows, *engine.waiting, *new])
+        prefills, preemptions = engine.counts["prefills"], engine.counts["preemptions"]
         for r in engine.add([r for r in new if not r.cancelled]):  # max_bytes 0: nothing to generate
             r.emit(b"", r.finish)
         events = engine.step()
@@ -118,6 +145,7 @@ class Batcher:
             r.emit(b"" if byte is None else bytes([byte]), r.finish)
         self.counters["rows_done"] += sum(r.finish is not None for r, _ in events)
         self.counters["prefills"] += engine.counts["prefills"] - prefills
+        self.counters["preemptions"] += engine.counts["preemptions"] - preemptions
         if events:
             self.counters["steps"] += 1
             self.counters["row_steps"] += len(events)
@@ -126,4 +154,6 @@ class Batcher:
     def stats(self) -> dict:
         c = dict(self.counters)
         c["mean_batch"] = c["row_steps"] / c["steps"] if c["steps"] else 0.0
+        if self.pools is not None:
+            c["kv_cache"] = self.pools.stats()
         return c

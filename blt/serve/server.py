@@ -2,6 +2,7 @@
 
     blt serve exports/tiny                                   # http://127.0.0.1:8000/v1
     blt serve runs/tiny --port 8001 --max-batch 16 --api-key "$KEY"
+    blt serve runs/tiny --kv-cache-mb 64 --max-batch 64       # paged KV caches: the batch bounded by memory
     serve(ServeOptions("runs/tiny", port=8001, max_batch=16))   # the same, from Python
 
     from openai import OpenAI
@@ -21,7 +22,9 @@ from pathlib import Path
 from typing import Annotated
 
 from blt.errors import require_extra
-from blt.typed import PosInt, Range, check_fields
+from blt.typed import PosFloat, PosInt, Range, check_fields
+
+TYPICAL_ROW = 256  # bytes of a typical row (prompt and completion) for the startup line's count
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ class ServeOptions:
     name: str | None = None  # the model's name in the API; None: the checkpoint dir's name
     drain: Annotated[float, Range(ge=0, says="a number of seconds >= 0")] = 5.0  # Ctrl-C lets requests finish
     threads: PosInt | None = None  # CPU threads for the model; None on CPU: one fewer than the cores
+    kv_cache_mb: PosFloat | None = None  # paged KV caches of this many MB in all; None: the whole context per row
 
 
 def serve(opts: ServeOptions) -> None:
@@ -68,7 +72,8 @@ def serve(opts: ServeOptions) -> None:
         torch.set_num_threads(threads)
     loaded = load_model(opts.checkpoint, device)
     name = opts.name or Path(opts.checkpoint).resolve().name
-    batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, opts.max_batch, opts.max_queue)
+    context = loaded.cfg.data.seq_len
+    batcher = Batcher(loaded.model, loaded.patcher, context, opts.max_batch, opts.max_queue, opts.kv_cache_mb)
     batcher.start()
     app = create_app(batcher, name, Limits(max_tokens=opts.max_tokens, max_n=opts.max_batch), api_key)
     url = f"{opts.host}:{opts.port}"
@@ -78,6 +83,15 @@ def serve(opts: ServeOptions) -> None:
         f"{'bearer key required' if api_key else 'no key'}); Ctrl-C stops it",
         flush=True,
     )
+    if batcher.pools is not None:
+        pools, typical = batcher.pools, min(TYPICAL_ROW, context)
+        print(
+            f"blt serve: KV cache {opts.kv_cache_mb:g} MB, paged in blocks of {pools.block_size} positions: it "
+            f"holds {pools.rows_at(context)} rows at the full context ({context} bytes), {pools.rows_at(typical)} "
+            f"at {typical} bytes (--max-batch {opts.max_batch} caps the batch); prompts up to "
+            f"{pools.limit - 1} bytes",
+            flush=True,
+        )
     config = uvicorn.Config(
         app, host=opts.host, port=opts.port, timeout_graceful_shutdown=opts.drain + 5, log_level="info"
     )

@@ -32,13 +32,22 @@ class Served:
     """uvicorn in a thread of this process, serving `path` on 127.0.0.1."""
 
     def __init__(
-        self, path: Path, max_batch: int = 16, max_queue: int = 256, max_tokens: int = 4096, api_key: str | None = None
+        self,
+        path: Path,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        max_tokens: int = 4096,
+        api_key: str | None = None,
+        kv_cache_mb: float | None = None,
+        context: int | None = None,
     ):
+        """kv_cache_mb: paged KV caches (--kv-cache-mb); context: another than the model's data.seq_len."""
         import uvicorn
 
         loaded = load_model(path)
-        self.gen = Generator(loaded.model, loaded.patcher, loaded.cfg.data.seq_len)
-        self.batcher = Batcher(loaded.model, loaded.patcher, loaded.cfg.data.seq_len, max_batch, max_queue)
+        context = context or loaded.cfg.data.seq_len
+        self.gen = Generator(loaded.model, loaded.patcher, context)
+        self.batcher = Batcher(loaded.model, loaded.patcher, context, max_batch, max_queue, kv_cache_mb)
         self.batcher.start()
         app = create_app(self.batcher, "tiny", Limits(max_tokens, max_batch), api_key)
         self.port = free_port()
@@ -329,6 +338,105 @@ def test_full_queue_is_429_and_the_key_is_401(model_run):
         assert client.completions.create(model="tiny", prompt="x", max_tokens=2).choices[0].finish_reason
     finally:
         s.close()
+
+
+def test_the_paged_server_reports_its_pool_and_gets_its_blocks_back(model_run):
+    """`blt serve --kv-cache-mb`: the startup line says how many rows the pool holds, /health shows
+    its blocks, 8 concurrent clients get their single-request text (from contiguous caches), blocks
+    are in use while a stream runs and all back in the pool once every request is done."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "blt", "serve", str(model_run), "--port", str(port), "--kv-cache-mb", "0.5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        loaded = load_model(model_run)
+        gen = Generator(loaded.model, loaded.patcher, loaded.cfg.data.seq_len)
+        prompts = ["ROMEO.", "JULIET. O", "KING HENRY", "To be, or not", "", "What", "Enter", "Exeunt all but"]
+        want = [
+            gen.generate([p], max_bytes=40, temperature=0.8, seed=i)[0].decode(errors="replace")
+            for i, p in enumerate(prompts)
+        ]
+        line = ""
+        while "KV cache" not in line:
+            line = proc.stdout.readline().decode()
+            assert line or proc.poll() is None, "the server exited"
+        assert (
+            "KV cache 0.5 MB, paged in blocks of 16 positions" in line and "rows at the full context (64 bytes)" in line
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                health = httpx.get(url + "/health").json()
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        pool = health["kv_cache"]
+        assert pool["block_size"] == 16 and pool["free"] == pool["blocks"] > 0 and pool["used"] == 0
+        assert set(pool["pools"]) == {"entropy_model", "encoder", "global", "decoder"}
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        name = model_run.name
+        got: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            out = client.completions.create(model=name, prompt=prompts[i], max_tokens=40, temperature=0.8, seed=i)
+            got[i] = out.choices[0].text
+
+        body = {"model": name, "prompt": "x", "max_tokens": 4000, "temperature": 0, "stream": True}
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()  # held: a dropped iterator closes the stream
+            assert next(ln for ln in lines if ln.startswith("data:"))
+            during = httpx.get(url + "/health").json()
+            assert during["kv_cache"]["used"] > 0 and during["running"] == 1, during
+            threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+        assert [got.get(i) for i in range(len(prompts))] == want
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the dropped stream leaves at the next step
+            after = httpx.get(url + "/health").json()
+            if after["running"] == 0:
+                break
+            time.sleep(0.05)
+        assert after["running"] == after["waiting"] == 0 and after["kv_cache"]["free"] == pool["blocks"], after
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_a_prompt_the_paged_cache_cannot_hold_is_a_400_naming_the_limit(model_run):
+    s = Served(model_run, kv_cache_mb=0.1, context=256)  # a global pool of 1 block: 16 patches, ~64 bytes
+    try:
+        limit = s.batcher.pools.limit
+        assert 1 < limit < 256
+        client = s.client()
+        with pytest.raises(
+            openai.BadRequestError, match=rf"--kv-cache-mb 0.1 holds prompts of at most {limit - 1} bytes"
+        ):
+            client.completions.create(model="tiny", prompt="x" * limit, max_tokens=5)
+        r = httpx.post(
+            s.url + "/v1/chat/completions",
+            json={"model": "tiny", "messages": [{"role": "user", "content": "x" * limit}], "max_tokens": 5},
+        )
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        fits = client.completions.create(model="tiny", prompt="x" * (limit - 1), max_tokens=5, temperature=0)
+        assert fits.choices[0].finish_reason in ("length", "stop")
+        assert s.batcher.stats()["kv_cache"]["used"] == 0
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("value", ["0", "0.001"])
+def test_bad_kv_cache_budgets_are_one_line(model_run, value):
+    assert_user_error(["serve", model_run, "--kv-cache-mb", value], contains="--kv-cache-mb")
 
 
 def test_serve_needs_its_extra(monkeypatch, tmp_path):
