@@ -118,14 +118,8 @@ def check_hf_expressible(cfg: Config, state: dict | None = None) -> None:
             )
     for name in ("encoder", "global_model", "decoder"):
         t = getattr(m, name)
-        for key, on in (
-            ("qkv_bias", t.qkv_bias),
-            ("qk_norm", t.qk_norm),
-            ("rope_scaling.factor", t.rope_scaling.factor),
-            ("position", t.position != "rope"),
-        ):
-            if on:
-                raise _no(f"model.{name}.{key}", "HF's BLT has no place for it; leave it unset for --format hf")
+        for key in _options_hf_lacks(t):
+            raise _no(f"model.{name}.{key}", "HF's BLT has no place for it; leave it unset for --format hf")
         if getattr(m, name).sparse.pattern != "none":
             raise _no(f"model.{name}.sparse.pattern", "HF's BLT has dense attention only; set it to none")
         if getattr(m, name).layers < 1 and name != "global_model":
@@ -176,14 +170,20 @@ def check_entropy_expressible(ecfg: Config) -> None:
     t = ecfg.model.lm
     if t.sparse.pattern != "none":
         raise _no("model.lm.sparse.pattern", "(entropy model) HF's patcher has dense attention; set it to none")
-    for key, on in (
-        ("qkv_bias", t.qkv_bias),
-        ("qk_norm", t.qk_norm),
-        ("rope_scaling.factor", t.rope_scaling.factor),
-        ("position", t.position != "rope"),
-    ):
-        if on:
-            raise _no(f"model.lm.{key}", "(entropy model) HF's patcher has no place for it; leave it unset")
+    for key in _options_hf_lacks(t):
+        raise _no(f"model.lm.{key}", "(entropy model) HF's patcher has no place for it; leave it unset")
+
+
+def _options_hf_lacks(t: TransformerConfig) -> list[str]:
+    """The keys of a section's Llama-family and position options that are set: HF's BLT (and its
+    patcher) has RoPE without scaling, no q/k/v biases and no q/k norms."""
+    options = {
+        "qkv_bias": t.qkv_bias,
+        "qk_norm": t.qk_norm,
+        "rope_scaling.factor": t.rope_scaling.factor is not None,
+        "position": t.position != "rope",
+    }
+    return [key for key, on in options.items() if on]
 
 
 def _sub(t: TransformerConfig, cfg: Config, **extra) -> dict:

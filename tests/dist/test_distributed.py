@@ -73,10 +73,8 @@ def final_val(run: Path) -> float:
     return [m for m in read_metrics(run) if "val_bpb" in m][-1]["val_bpb"]
 
 
-@pytest.fixture(scope="module")
-def single(tmp_path_factory, cache_dir, entropy_run) -> Path:
-    """The reference: one process with the global batch (4 sequences)."""
-    run = tmp_path_factory.mktemp("single") / "run"
+def train_alone(run: Path, cache_dir: Path, entropy_run: Path, *extra) -> None:
+    """One process with the global batch (4 sequences): what 2 processes of 2 are compared with."""
     out = subprocess.run(
         [
             sys.executable,
@@ -84,14 +82,21 @@ def single(tmp_path_factory, cache_dir, entropy_run) -> Path:
             "blt",
             "train",
             str(CONFIGS / "tiny.yaml"),
-            *dist_args(run, cache_dir, entropy_run, "training.batch_size=4"),
+            *dist_args(run, cache_dir, entropy_run, "training.batch_size=4", *extra),
         ],
         capture_output=True,
         text=True,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
         timeout=300,
     )
-    assert out.returncode == 0, out.stderr
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, cache_dir, entropy_run) -> Path:
+    """The reference: one process with the global batch (4 sequences)."""
+    run = tmp_path_factory.mktemp("single") / "run"
+    train_alone(run, cache_dir, entropy_run)
     return run
 
 
@@ -162,21 +167,7 @@ def test_learned_patching_under_zero3_matches_single_process(tmp_path, cache_dir
     processes follow one process's curve, ratio loss and mean patch size included."""
     learned = ["patching.mode=learned", "patching.target_patch_size=4.0"]
     one, two = tmp_path / "one", tmp_path / "two"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "blt",
-            "train",
-            str(CONFIGS / "tiny.yaml"),
-            *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *learned),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_alone(one, cache_dir, entropy_run, *learned)
     done = launch("torchrun.sh", dist_args(two, cache_dir, entropy_run, "distributed.zero_stage=3", *learned))
     assert done.returncode == 0, done.stderr[-3000:]
     ref = {m["step"]: m for m in read_metrics(one) if "loss" in m}
@@ -206,21 +197,7 @@ def test_grouped_query_alibi_model_under_zero3_matches_single_process(tmp_path, 
         "model.decoder.position=none",
     ]
     one, two = tmp_path / "one", tmp_path / "two"
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "blt",
-            "train",
-            str(CONFIGS / "tiny.yaml"),
-            *dist_args(one, cache_dir, entropy_run, "training.batch_size=4", *options),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
+    train_alone(one, cache_dir, entropy_run, *options)
     done = launch("torchrun.sh", dist_args(two, cache_dir, entropy_run, "distributed.zero_stage=3", *options))
     assert done.returncode == 0, done.stderr[-3000:]
     ref, got = losses(one), losses(two)
