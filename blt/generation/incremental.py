@@ -53,12 +53,6 @@ def _new_cache(tf, batch: int, capacity: int, pool: BlockPool | None, device, dt
     )
 
 
-def _expect(cache: KVCache, valid: torch.Tensor) -> None:
-    """Tell a paged cache that its next step keeps valid[b] positions of row b (padding takes no blocks)."""
-    if isinstance(cache, PagedKVCache):
-        cache.expect(valid)
-
-
 def _check_paged(steps: OneByteSteps | None, pools) -> None:
     if steps is not None and pools is not None:
         raise ValueError("the compiled one-byte steps run contiguous KV caches, not paged ones")
@@ -97,7 +91,6 @@ class IncrementalByteLM:
         m = self.model
         if self.steps is not None and tokens.shape[1] == 1:
             return self.steps.byte_lm(m, tokens, self.cache, valid)
-        _expect(self.cache, valid)
         return m.step(tokens, self.cache, valid)
 
 
@@ -215,7 +208,6 @@ class IncrementalBLT:
         if self.enc_steps is not None and n == 1:
             h = self.enc_steps.encode(enc, tokens, context, self.enc_cache, valid)  # (B, 1, D)
         else:
-            _expect(self.enc_cache, valid)
             h = enc.step(tokens, context, self.enc_cache, valid)  # (B, n, D)
         self.h.scatter_(1, slots[..., None].expand_as(h), h)
         return h
@@ -268,7 +260,6 @@ class IncrementalBLT:
         order = torch.tensor([p - done[b] for b, p in zip(rows, pids)], device=idx.device)
         packed = summaries.new_zeros(len(todo), m, summaries.shape[-1])
         packed[rows_t, order] = summaries
-        _expect(self.glob_cache, todo)
         g = glob.step(packed, self.glob_cache, todo)  # (B, m, Dg)
         if self.routed:
             g = self._smooth(g, todo)
@@ -305,7 +296,6 @@ class IncrementalBLT:
         at = (torch.arange(B, device=h.device)[:, None], src.clamp(min=0))  # each byte's source patch
         kv = [(keys[at].flatten(1, 2), values[at].flatten(1, 2)) for keys, values in zip(self.dec_k, self.dec_v)]
         local = torch.arange(n2, device=h.device).expand(B, n2)  # byte i reads its own gathered (B, n2*k, D)
-        _expect(self.dec_cache, count)
         x = dec.step(h, kv, partial(patch_state_attention, valid=src >= 0), local, self.dec_cache, count)  # (B, n2, D)
         if every:  # not HF: the n2 decoded bytes are the new ones (padding past valid[b])
             return dec.logits(x)  # (B, n2, V) byte-level

@@ -45,7 +45,7 @@ class KVCache:
         if int(self.lens.max()) + n > self.capacity:
             raise CacheFullError(f"KV cache holds {self.capacity} positions; {int(self.lens.max())} + {n} do not fit")
 
-    def begin(self, n: int, window: int | None, pattern=None) -> torch.Tensor | None:
+    def begin(self, n: int, window: int | None, pattern=None, valid=None) -> torch.Tensor | None:
         """Plan a step of n new positions per row (shared by every layer): their slots, the slots
         [lo, L) any of them can see, and the mask over those: (B, 1 or Hl, n, L - lo) bool, new
         position i of row b (at lens[b] + i) sees slot j iff j <= lens[b] + i, within the last
@@ -115,7 +115,7 @@ class FixedSlots:
         self.rows = torch.arange(lens.shape[0], device=lens.device)
         self.pos, self.slots = lens[:, None], None  # (B, 1) the new position of every row
 
-    def begin(self, n: int, window: int | None, pattern=None) -> torch.Tensor:
+    def begin(self, n: int, window: int | None, pattern=None, valid=None) -> torch.Tensor:
         if window is not None and window < self.capacity:  # each row's last W slots (before slot 0: masked)
             wanted = self.lens[:, None] - window + 1 + torch.arange(window, device=self.lens.device)[None]  # (B, W)
             self.slots, seen = wanted.clamp(min=0), wanted >= 0

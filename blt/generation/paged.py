@@ -7,7 +7,6 @@ holding the whole context.
 
     pool = BlockPool.for_transformer(model.transformer, blocks=256, block_size=16)
     cache = PagedKVCache(pool, batch=2, capacity=1024)   # KVCache's step interface (kv_cache.py)
-    cache.expect(valid)                                  # optional: the next step keeps valid[b] positions
     y = model.transformer.step(x, cache, valid)          # (B, n, D) new positions -> (B, n, D)
     cache.take(rows); cache.append(other)                # other: a cache on the same pool; no copy
 
@@ -97,22 +96,17 @@ class PagedKVCache(KVCache):
         self.steps = torch.arange(capacity, device=dev)
         self.dense = None
         self.window = None  # the window of the last step (early freeing)
-        self._keep = None  # (B,) positions the next step keeps per row (`expect`), else all n
         self._table, self._dirty = None, True
 
     # ------------------------------------------------------------------ the step interface
 
-    def expect(self, valid: torch.Tensor) -> None:
-        """The next step keeps only the first valid[b] of its n positions of row b: the rest are
-        padding, written to scratch, so they take no blocks."""
-        self._keep = valid
-
-    def begin(self, n: int, window: int | None, pattern=None) -> torch.Tensor | None:
+    def begin(self, n: int, window: int | None, pattern=None, valid=None) -> torch.Tensor | None:
+        """KVCache.begin, then blocks for the positions the step keeps: the first valid[b] of row b
+        (None: all n); the rest are padding, written to scratch, so they take no blocks."""
         mask = super().begin(n, window, pattern)  # pos, L, lo, key_pos and the mask, as KVCache plans them
         self.window, bs = window, self.bs
         lens = self.lens.tolist()
-        keep = [n] * len(lens) if self._keep is None else self._keep.tolist()
-        self._keep = None
+        keep = [n] * len(lens) if valid is None else valid.tolist()
         need = [max(0, -(-(length + k) // bs) - len(b)) for length, k, b in zip(lens, keep, self.blocks)]
         if sum(need):
             new = self.pool.alloc(sum(need))

@@ -5,7 +5,7 @@ Each module defines its math once, with two entry points side by side: `forward`
 full recomputation: a whole sequence) and `step` (generation: n new positions of every row against
 a KV cache). The cache decides which slots a step writes and sees (blt/generation/kv_cache.py:
 `KVCache` grows with the sequence, `FixedSlots` keeps every shape fixed for torch.compile); it
-implements `begin(n, window, pattern) -> mask`, `pos` (B, n) the new positions, `key_pos` ((L,) or
+implements `begin(n, window, pattern, valid) -> mask`, `pos` (B, n) the new positions, `key_pos` ((L,) or
 (B, L)) the positions of the slots `write` returns, `write(layer, k, v) -> (keys, values)`,
 `advance(valid)`, `lens` (B,), `capacity`, and holds the Transformer's `step_constants` in `tables`.
 
@@ -281,7 +281,7 @@ class Transformer(nn.Module):
         those positions; the first valid[b] (default n) of row b are kept in the cache. Run under
         torch.no_grad() or torch.inference_mode()."""
         n = x.shape[1]
-        mask = cache.begin(n, self.cfg.window if self.pattern is None else None, self.pattern)
+        mask = cache.begin(n, self.cfg.window if self.pattern is None else None, self.pattern, valid)
         cos_t, sin_t, slopes, stacked = self.tables_of(cache)
         rope = (None, None)
         if cos_t is not None:
